@@ -1,0 +1,178 @@
+"""Example models with long chains of repeated computation.
+
+Used by the demo, the inspection CLI's built-in targets, the tests and the benchmark harness, so that
+every one of them measures the same thing. Nothing here knows about the backend: these are ordinary
+eager PyTorch models, written the way users write them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
+
+
+class DeepMLP(nn.Module):
+    """`layers` x (Linear(width, width) + activation), as in DeepPCR's MLP experiments.
+
+    `gain` scales the default initialisation: below about 1 the chain is contractive (Newton converges
+    in a few iterations), well above it the chain is expansive.
+    """
+
+    def __init__(self, layers: int = 64, width: int = 8, activation: str = "tanh", gain: float = 1.0):
+        super().__init__()
+        mods = []
+        for _ in range(layers):
+            lin = nn.Linear(width, width)
+            with torch.no_grad():
+                lin.weight.mul_(gain)
+            mods += [lin, _activation(activation)]
+        self.layers = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class PreNormResidualBlock(nn.Module):
+    """`x + W2 act(W1 LayerNorm(x))`: the pre-norm residual MLP block of transformers and MLP-Mixers."""
+
+    def __init__(self, width: int, hidden: int | None = None, activation: str = "gelu", scale: float = 1.0):
+        super().__init__()
+        hidden = hidden or 2 * width
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = _activation(activation)
+        self.fc2 = nn.Linear(hidden, width)
+        with torch.no_grad():
+            self.fc2.weight.mul_(scale)
+            self.fc2.bias.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ResidualMLP(nn.Module):
+    """Linear stem, `blocks` pre-norm residual blocks, LayerNorm and a linear head."""
+
+    def __init__(self, blocks: int = 64, width: int = 16, in_features: int | None = None, out_features: int = 4,
+                 activation: str = "gelu", scale: float | None = None):
+        super().__init__()
+        in_features = in_features or width
+        scale = scale if scale is not None else 1.0 / math.sqrt(blocks)
+        self.stem = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList([PreNormResidualBlock(width, activation=activation, scale=scale)
+                                     for _ in range(blocks)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class ConvResidualBlock(nn.Module):
+    """`x + scale * conv(act(norm(x)))`, a pre-activation ResNet block (GroupNorm: batch-independent)."""
+
+    def __init__(self, channels: int, groups: int = 4, scale: float = 1.0):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(groups, channels), channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.mul_(scale)
+            self.conv.bias.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(F.silu(self.norm(x)))
+
+
+class ConvResNet(nn.Module):
+    """Conv stem, `blocks` residual blocks, global average pooling and a linear classifier."""
+
+    def __init__(self, blocks: int = 16, channels: int = 8, in_channels: int = 3, num_classes: int = 10,
+                 scale: float | None = None):
+        super().__init__()
+        scale = scale if scale is not None else 1.0 / math.sqrt(blocks)
+        self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*[ConvResidualBlock(channels, scale=scale) for _ in range(blocks)])
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class MLPDenoiser(nn.Module):
+    """Noise-prediction MLP for low-dimensional data, conditioned on the timestep (sinusoidal embedding)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 64, emb: int = 16, cond_dim: int = 0):
+        super().__init__()
+        self.emb = emb
+        self.net = nn.Sequential(nn.Linear(dim + emb + cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        half = self.emb // 2
+        freqs = torch.exp(torch.arange(half, device=x.device, dtype=x.dtype) * (-math.log(10000.0) / half))
+        ang = t.to(x.dtype).reshape(-1, 1) * freqs
+        e = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1).expand(x.shape[0], -1)
+        h = [x, e] if cond is None else [x, e, cond]
+        return self.net(torch.cat(h, dim=-1))
+
+
+def ddim_alphas_cumprod(train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """The linear beta schedule of DDPM (Ho et al. 2020), as cumulative products of alphas (float64)."""
+    betas = torch.linspace(beta_start, beta_end, train_steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class DDIMSampler(nn.Module):
+    """Deterministic DDIM sampling (eta = 0) written as a plain loop over Python-int timesteps.
+
+    Each step is `x <- c1(t) * x + c2(t) * eps(x, t)` with per-step Python-float coefficients, so
+    Dynamo traces the whole loop into one graph of `steps` repeated denoiser calls. `guidance` > 0 turns
+    on classifier-free guidance (two denoiser calls per step, with and without `cond`).
+    """
+
+    def __init__(self, denoiser: nn.Module, steps: int = 50, train_steps: int = 1000, guidance: float = 0.0):
+        super().__init__()
+        self.denoiser = denoiser
+        self.guidance = guidance
+        ac = ddim_alphas_cumprod(train_steps)
+        ts = torch.linspace(train_steps - 1, 0, steps).round().long().tolist()
+        self.timesteps = [int(t) for t in ts]
+        self.coefs = []
+        for i, t in enumerate(self.timesteps):
+            a_t = float(ac[t])
+            a_prev = float(ac[self.timesteps[i + 1]]) if i + 1 < steps else 1.0
+            # x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t);  x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
+            c1 = math.sqrt(a_prev / a_t)
+            c2 = math.sqrt(1 - a_prev) - math.sqrt(a_prev * (1 - a_t) / a_t)
+            self.coefs.append((c1, c2))
+
+    def eps(self, x: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
+        tt = torch.full((1,), float(t), device=x.device, dtype=x.dtype)
+        if cond is None:
+            return self.denoiser(x, tt)
+        if self.guidance:
+            e_c = self.denoiser(x, tt, cond)
+            e_u = self.denoiser(x, tt, torch.zeros_like(cond))
+            return e_u + self.guidance * (e_c - e_u)
+        return self.denoiser(x, tt, cond)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        for t, (c1, c2) in zip(self.timesteps, self.coefs):
+            x = c1 * x + c2 * self.eps(x, t, cond)
+        return x
