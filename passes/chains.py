@@ -1,0 +1,453 @@
+"""Finding chains of repeated computation in a Dynamo FX graph. Analysis only: nothing here mutates.
+
+A *chain* is a maximal run of L structurally identical blocks of nodes, where block i+1 reads block i's
+outputs (the carried state) and otherwise only its own inputs (per-step: layer parameters, per-step
+tensors), inputs shared by every block (loop-invariant), and constants (equal in every block, or lifted
+to per-step inputs when they differ, as a sampler's timestep and schedule coefficients do).
+
+Dynamo unrolls Python loops, so a `for layer in self.layers` arrives as the same node sequence repeated.
+The finder works in three steps:
+
+1. every compute node gets a structural signature (op, target, argument structure with nodes and
+   numbers abstracted, output shape and dtype); repeats of the signature sequence with period p are
+   found from the distances between equal signatures (tandem repeats);
+2. for each repeat, the phase of the block boundary minimising the carried tensors is chosen;
+3. the candidate is validated: every block must reference the same positions of its own block and of the
+   previous one; the first block's references to the previous block are the initial state; values
+   used after the chain must come from the last block's state. A violation splits the run (the longest
+   valid pieces stay candidates), and ineligible ops (randomness, in-place mutation, side effects)
+   decline it. Declined candidates are returned with their reasons.
+
+Prior art: `torch/_dynamo/graph_region_tracker.py` (repeated regions), `torch/fx/passes/utils/matcher_utils.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger(__name__)
+
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
+# Targets where a Python scalar argument may be replaced by a 0-d tensor with the same result.
+LIFTABLE_TARGETS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.mod,
+    operator.getitem, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.pow, torch.where,
+    torch.maximum, torch.minimum,
+}
+LIFTABLE_METHODS = {"add", "sub", "mul", "div", "pow", "__getitem__", "__add__", "__mul__", "__sub__",
+                    "__truediv__", "__radd__", "__rmul__", "__rsub__", "__rtruediv__"}
+# Tensor factories whose per-step variants are folded into a per-step input (computed once at rewrite).
+FOLDABLE_TARGETS = {torch.tensor, torch.full, torch.ones, torch.zeros, torch.arange, torch.as_tensor,
+                    torch.scalar_tensor, torch.linspace, torch.empty, torch.eye}
+RANDOM_NAMES = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
+                "multinomial", "normal", "poisson", "uniform_", "normal_", "bernoulli_", "exponential_",
+                "geometric_", "cauchy_", "log_normal_", "random_", "dropout", "dropout1d", "dropout2d",
+                "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu", "native_dropout"}
+INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                     operator.ipow, operator.imod, operator.iand, operator.ior, operator.ixor, operator.setitem,
+                     operator.imatmul, operator.ilshift, operator.irshift}
+
+
+@dataclass(frozen=True)
+class ArgRef:
+    """Where one leaf of a block node's arguments comes from.
+
+    kind: "internal" (node `index` of the same block), "state" (carried state number `index`),
+    "per_step" (per-step input group `index`), "invariant" (invariant input `index`), "lifted" (lifted
+    constant `index`), "const" (the literal, equal in every block).
+    """
+
+    kind: str
+    index: int = -1
+
+
+@dataclass(frozen=True)
+class ChainMatch:
+    """A validated chain. `blocks[i][j]` is node j of step i; everything else is derived from block 0."""
+
+    blocks: tuple[tuple[Node, ...], ...]
+    state_positions: tuple[int, ...]  # block positions whose outputs are the carried state
+    initial: tuple[Node, ...]  # z_0, one node per carried state
+    per_step: tuple[tuple[Node, ...], ...]  # per group: one node per step
+    invariants: tuple[Node, ...]
+    lifted: tuple[tuple[object, ...], ...]  # per lifted constant: one Python value per step
+    folded: tuple[int, ...]  # block positions computed from constants only, folded into per-step inputs
+    arg_refs: tuple[tuple[ArgRef, ...], ...]  # per block position: one ref per flattened argument leaf
+
+    @property
+    def length(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def nodes_per_step(self) -> int:
+        return len(self.blocks[0])
+
+    @property
+    def first(self) -> Node:
+        return self.blocks[0][0]
+
+    @property
+    def last(self) -> Node:
+        return self.blocks[-1][-1]
+
+    @property
+    def kind(self) -> str:
+        return "sampler" if (self.lifted or self.folded) else "layers"
+
+    @property
+    def outputs(self) -> tuple[Node, ...]:
+        """The last block's state nodes: the chain's results, in state order."""
+        return tuple(self.blocks[-1][q] for q in self.state_positions)
+
+    def state_values(self) -> list:
+        return [n.meta.get("example_value", n.meta.get("val")) for n in self.initial]
+
+
+@dataclass(frozen=True)
+class Declined:
+    """A repeated region that is not rewritten, and why."""
+
+    first: str
+    last: str
+    length: int
+    nodes_per_step: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Analysis:
+    chains: tuple[ChainMatch, ...]
+    declined: tuple[Declined, ...]
+
+
+# --- signatures ---------------------------------------------------------------------------------------
+
+
+def _value_sig(v) -> object:
+    if isinstance(v, torch.Tensor):
+        return ("T", tuple(str(s) for s in v.shape), str(v.dtype), str(v.device))
+    if isinstance(v, (list, tuple)):
+        return tuple(_value_sig(x) for x in v)
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("S", type(v).__name__)
+    return type(v).__name__
+
+
+def _leaf_sig(x) -> object:
+    if isinstance(x, Node):
+        return "N"
+    if isinstance(x, bool) or x is None:
+        return repr(x)
+    if isinstance(x, (int, float)):
+        return type(x).__name__  # numbers may differ per step (lifted later)
+    return repr(x)
+
+
+def node_signature(n: Node) -> tuple:
+    leaves, spec = tree_flatten((n.args, n.kwargs))
+    val = n.meta.get("example_value", n.meta.get("val"))
+    return (n.op, n.target if n.op != "call_module" else "module", str(spec), tuple(_leaf_sig(x) for x in leaves),
+            _value_sig(val))
+
+
+def _leaves(n: Node) -> list:
+    return tree_flatten((n.args, n.kwargs))[0]
+
+
+def _val(n: Node):
+    return n.meta.get("example_value", n.meta.get("val"))
+
+
+# --- eligibility --------------------------------------------------------------------------------------
+
+
+def ineligibility(n: Node) -> str | None:
+    """Why a node cannot be part of a chain solved out of order, or None."""
+    if n.op == "call_module":
+        return f"call_module node {n.name} (module calls are not inlined)"
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    if name in RANDOM_NAMES or (isinstance(name, str) and name.startswith("rand")):
+        if name.startswith("dropout") or name in ("alpha_dropout", "feature_alpha_dropout", "rrelu"):
+            training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+            p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
+            if training is False or p == 0:
+                return None
+        return f"random op {name} (node {n.name})"
+    if n.target in INPLACE_OPERATORS or n.kwargs.get("inplace") is True:
+        return f"in-place op {name} (node {n.name})"
+    if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+        return f"in-place op {name} (node {n.name})"
+    if n.is_impure():
+        return f"op with side effects {name} (node {n.name})"
+    return None
+
+
+# --- candidate periods and phases -----------------------------------------------------------------------
+
+
+def _candidate_runs(sig_ids: list[int], min_length: int, max_periods: int = 32) -> list[tuple[int, int, int]]:
+    """(period, start, end) of maximal regions [start, end) where sig[j] == sig[j + period]."""
+    N = len(sig_ids)
+    last: dict[int, int] = {}
+    dist = Counter()
+    for j in range(N - 1, -1, -1):
+        s = sig_ids[j]
+        if s in last:
+            dist[last[s] - j] += 1
+        last[s] = j
+    periods = [p for p, c in dist.most_common(max_periods) if c >= max(1, min_length - 1)]
+    runs = []
+    for p in periods:
+        j = 0
+        while j < N - p:
+            if sig_ids[j] != sig_ids[j + p]:
+                j += 1
+                continue
+            a = j
+            while j < N - p and sig_ids[j] == sig_ids[j + p]:
+                j += 1
+            end = j + p  # region [a, end): every block of p repeats the previous one
+            if (end - a) // p >= min_length:
+                runs.append((p, a, end))
+    return runs
+
+
+def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> int:
+    """Block-boundary offset in [0, p) with the fewest carried values; ties go to the earliest."""
+    best, best_cost = 0, None
+    for phi in range(p):
+        if (end - a - phi) // p < min_length:
+            break
+        A = set(seq[a + phi: a + phi + p])
+        B = seq[a + phi + p: a + phi + 2 * p]
+        carried = {x for n in B for x in n.all_input_nodes if x in A}
+        cost = len(carried)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = phi, cost
+    return best
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+
+class _Split(Exception):
+    def __init__(self, pieces: list[tuple[int, int]], reason: str):
+        self.pieces, self.reason = pieces, reason
+
+
+def _is_tensor_node(n: Node) -> bool:
+    return isinstance(_val(n), torch.Tensor)
+
+
+def _same_tensor_meta(a: Node, b: Node) -> bool:
+    va, vb = _val(a), _val(b)
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+            and va.dtype == vb.dtype and va.device == vb.device)
+
+
+def _liftable(n: Node, leaf_index: int) -> bool:
+    if n.kwargs:
+        n_pos = len(tree_flatten(n.args)[0])
+        if leaf_index >= n_pos:
+            return False
+    if n.op == "call_function":
+        return n.target in LIFTABLE_TARGETS
+    return n.op == "call_method" and n.target in LIFTABLE_METHODS
+
+
+def _validate(blocks: list[tuple[Node, ...]]) -> ChainMatch:
+    """Validate blocks as a chain or raise _Split with the sub-ranges worth trying and the reason."""
+    k = len(blocks)
+    p = len(blocks[0])
+    where = {n: (i, j) for i, blk in enumerate(blocks) for j, n in enumerate(blk)}
+    for n in blocks[0]:
+        why = ineligibility(n)
+        if why:
+            raise _Split([], f"block contains {why}")
+
+    def tags(i: int):
+        out = []
+        for n in blocks[i]:
+            row = []
+            for x in _leaves(n):
+                if isinstance(x, Node):
+                    if x in where:
+                        bi, q = where[x]
+                        row.append(("internal", q) if bi == i else ("state", q) if bi == i - 1 else ("far", q))
+                    else:
+                        row.append(("out",))
+                else:
+                    row.append(("c",))
+            out.append(tuple(row))
+        return tuple(out)
+
+    ref = tags(1)
+    for i in range(2, k):
+        if tags(i) != ref:
+            raise _Split([(0, i), (i, k)], f"step {i} reads different values than step 1")
+    t0 = tags(0)
+    for j in range(p):
+        for a, b in zip(t0[j], ref[j]):
+            if a != b and not (b[0] == "state" and a == ("out",)):
+                raise _Split([(1, k)], "the first step differs from the others")
+    state_positions = tuple(sorted({t[1] for row in ref for t in row if t[0] == "state"}))
+    if not state_positions:
+        raise _Split([], "steps do not depend on each other (no carried state)")
+    sidx = {q: s for s, q in enumerate(state_positions)}
+
+    # Initial state: block 0's references at the state slots.
+    initial: dict[int, Node] = {}
+    for j in range(p):
+        leaves0 = _leaves(blocks[0][j])
+        for t, x in zip(ref[j], leaves0):
+            if t[0] == "state":
+                q = t[1]
+                if initial.setdefault(q, x) is not x:
+                    raise _Split([(1, k)], "the first step reads two different initial values for one state")
+    for q, node in initial.items():
+        if not _is_tensor_node(node) or not _same_tensor_meta(node, blocks[0][q]):
+            raise _Split([(1, k)], f"the initial value {node.name} is not a tensor of the state's shape and dtype")
+
+    # Values used outside the chain: only the last block's state nodes may be.
+    for i, blk in enumerate(blocks):
+        for j, n in enumerate(blk):
+            for u in n.users:
+                wu = where.get(u)
+                if wu is not None and wu[0] in (i, i + 1):
+                    continue
+                if i == k - 1 and j in sidx:
+                    continue
+                if i == k - 1:
+                    raise _Split([(0, k - 1)], f"{n.name} of the last step is used after the chain")
+                raise _Split([(0, i + 1), (i + 1, k)], f"{n.name} of step {i} is used outside the chain")
+
+    # Outside references and constants, across blocks.
+    per_step_groups: dict[tuple[Node, ...], int] = {}
+    invariants: dict[Node, int] = {}
+    lifted_groups: dict[tuple, int] = {}
+    folded: list[int] = []
+    arg_refs = []
+    leaves_by_block = [[_leaves(n) for n in blk] for blk in blocks]
+    for j in range(p):
+        node0 = blocks[0][j]
+        row_refs = []
+        const_differs = [
+            li for li, t in enumerate(ref[j]) if t[0] == "c"
+            and any(not _const_equal(leaves_by_block[i][j][li], leaves_by_block[0][j][li]) for i in range(1, k))
+        ]
+        fold = bool(const_differs) and node0.target in FOLDABLE_TARGETS and all(t[0] == "c" for t in ref[j])
+        if fold:
+            folded.append(j)
+        for li, t in enumerate(ref[j]):
+            if t[0] == "internal":
+                row_refs.append(ArgRef("internal", t[1]))
+            elif t[0] == "state":
+                row_refs.append(ArgRef("state", sidx[t[1]]))
+            elif t[0] == "far":
+                raise _Split([], f"{node0.name} reads a value from more than one step back")
+            elif t[0] == "out":
+                nodes = tuple(leaves_by_block[i][j][li] for i in range(k))
+                if all(x is nodes[0] for x in nodes):
+                    if not _is_tensor_node(nodes[0]):
+                        raise _Split([], f"{node0.name} reads a non-tensor value {nodes[0].name}")
+                    row_refs.append(ArgRef("invariant", invariants.setdefault(nodes[0], len(invariants))))
+                else:
+                    for i, x in enumerate(nodes):
+                        if not _same_tensor_meta(x, nodes[0]):
+                            pieces = [(0, i), (i, k)] if i > 1 else [(1, k)]
+                            raise _Split(pieces, f"per-step input {x.name} differs in shape or type from "
+                                                 f"{nodes[0].name}")
+                    row_refs.append(ArgRef("per_step", per_step_groups.setdefault(nodes, len(per_step_groups))))
+            else:  # constant
+                if li in const_differs and not fold:
+                    values = tuple(leaves_by_block[i][j][li] for i in range(k))
+                    if not (_liftable(node0, li) and all(type(v) in (int, float) for v in values)):
+                        raise _Split([], f"constant argument {li} of {node0.name} differs between steps and "
+                                         "cannot be lifted to a tensor")
+                    row_refs.append(ArgRef("lifted", lifted_groups.setdefault(values, len(lifted_groups))))
+                else:
+                    row_refs.append(ArgRef("const"))
+        arg_refs.append(tuple(row_refs))
+
+    return ChainMatch(
+        blocks=tuple(tuple(b) for b in blocks),
+        state_positions=state_positions,
+        initial=tuple(initial[q] for q in state_positions),
+        per_step=tuple(per_step_groups),
+        invariants=tuple(invariants),
+        lifted=tuple(lifted_groups),
+        folded=tuple(folded),
+        arg_refs=tuple(arg_refs),
+    )
+
+
+def _const_equal(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def _describe(blocks, reason: str) -> Declined:
+    return Declined(first=blocks[0][0].name, last=blocks[-1][-1].name, length=len(blocks),
+                    nodes_per_step=len(blocks[0]), reason=reason)
+
+
+def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: int, chains: list,
+                     declined: list) -> None:
+    blocks = [tuple(seq[start + i * p: start + (i + 1) * p]) for i in range(k)]
+    if k < min_length:
+        declined.append(_describe(blocks, f"{k} steps < min_chain_length={min_length}"))
+        return
+    try:
+        chains.append(_validate(blocks))
+    except _Split as e:
+        useful = [(a, b) for a, b in e.pieces if b - a >= min_length]
+        if not useful:
+            declined.append(_describe(blocks, e.reason))
+        log.debug("candidate %s..%s (%d steps) split: %s", blocks[0][0].name, blocks[-1][-1].name, k, e.reason)
+        for a, b in useful:
+            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined)
+
+
+def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
+    """Find the chains of `graph` (read only). Chains are returned in graph order."""
+    seq = [n for n in graph.nodes if n.op in COMPUTE_OPS]
+    interned: dict[tuple, int] = {}
+    sig_ids = [interned.setdefault(node_signature(n), len(interned)) for n in seq]
+    runs = _candidate_runs(sig_ids, max(2, min_length))
+    cands = []
+    for p, a, end in runs:
+        phi = _best_phase(seq, p, a, end, max(2, min_length))
+        k = (end - a - phi) // p
+        cands.append((p * k, p, a + phi, k))
+    cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+    occupied = [False] * len(seq)
+    chains: list[ChainMatch] = []
+    declined: list[Declined] = []
+    for _cover, p, start, k in cands:
+        if any(occupied[start: start + p * k]):
+            continue
+        found: list[ChainMatch] = []
+        _validate_region(seq, start, p, k, min_length, found, declined)
+        for c in found:
+            pos = {n: i for i, n in enumerate(seq[start: start + p * k], start)}
+            lo, hi = pos[c.first], pos[c.last]
+            for i in range(lo, hi + 1):
+                occupied[i] = True
+        chains.extend(found)
+    order = {n: i for i, n in enumerate(seq)}
+    chains.sort(key=lambda c: order[c.first])
+    for c in chains:
+        log.debug("chain %s..%s: %d steps of %d nodes", c.first.name, c.last.name, c.length, c.nodes_per_step)
+    return Analysis(chains=tuple(chains), declined=tuple(declined))

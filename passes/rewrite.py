@@ -1,0 +1,127 @@
+"""Rewriting chosen chains into chain-op calls. Rewriting never searches: it takes `ChainMatch`es.
+
+For each chain: build the one-step template (an FX graph of block 0 with every outside reference turned
+into a placeholder), register its op, insert one call of the op after the chain, route the users of the
+last step's state to the op's results, and delete the chain's nodes. All checks run before the first
+mutation; afterwards dead code is eliminated, the graph linted and recompiled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .chains import ChainMatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Template:
+    gm: GraphModule
+    key: str  # hash of the template's code and input layout
+    n_state: int
+    n_per_step: int
+    n_consts: int
+    n_invariants: int
+
+
+def build_template(match: ChainMatch) -> Template:
+    """One step of the chain as a GraphModule: (*states, *per_step, *consts, *invariants) -> tuple(states)."""
+    g = Graph()
+    states = [g.placeholder(f"state_{i}") for i in range(len(match.initial))]
+    per_step = [g.placeholder(f"step_{i}") for i in range(len(match.per_step))]
+    n_lift = len(match.lifted)
+    lifted = [g.placeholder(f"const_{i}") for i in range(n_lift)]
+    folded = [g.placeholder(f"const_{n_lift + i}") for i in range(len(match.folded))]
+    invariants = [g.placeholder(f"shared_{i}") for i in range(len(match.invariants))]
+    env: dict[int, Node] = {}
+    for j, node in enumerate(match.blocks[0]):
+        if j in match.folded:
+            env[j] = folded[match.folded.index(j)]
+            continue
+        leaves, spec = tree_flatten((node.args, node.kwargs))
+        new_leaves = []
+        for ref, x in zip(match.arg_refs[j], leaves):
+            if ref.kind == "internal":
+                new_leaves.append(env[ref.index])
+            elif ref.kind == "state":
+                new_leaves.append(states[ref.index])
+            elif ref.kind == "per_step":
+                new_leaves.append(per_step[ref.index])
+            elif ref.kind == "invariant":
+                new_leaves.append(invariants[ref.index])
+            elif ref.kind == "lifted":
+                new_leaves.append(lifted[ref.index])
+            else:
+                new_leaves.append(x)
+        args, kwargs = tree_unflatten(new_leaves, spec)
+        env[j] = g.create_node(node.op, node.target, args, kwargs, name=f"n{j}")
+    g.output(tuple(env[q] for q in match.state_positions))
+    g.eliminate_dead_code()
+    gm = GraphModule(torch.nn.Module(), g, class_name="ChainStep")
+    layout = (len(states), len(per_step), n_lift + len(folded), len(invariants))
+    key = hashlib.sha1((gm.code + repr(layout)).encode()).hexdigest()[:16]
+    return Template(gm, key, *layout)
+
+
+def folded_values(match: ChainMatch) -> list[torch.Tensor]:
+    """Per-step values of the folded constant nodes, each stacked (L, ...)."""
+    out = []
+    for j in match.folded:
+        vals = []
+        for blk in match.blocks:
+            n = blk[j]
+            vals.append(n.target(*n.args, **n.kwargs))
+        out.append(torch.stack(vals))
+    return out
+
+
+def lifted_values(match: ChainMatch, device) -> list[torch.Tensor]:
+    """Per-step lifted Python scalars as tensors (L,): float64 for floats (0-d tensors do not change the
+    result dtype of an op with a dimensioned tensor), int64 for ints."""
+    out = []
+    for values in match.lifted:
+        dtype = torch.float64 if any(isinstance(v, float) for v in values) else torch.int64
+        out.append(torch.tensor(values, dtype=dtype, device=device))
+    return out
+
+
+def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_iters: int, jacobian: str,
+                  save_trajectory: bool, const_prefix: str) -> Node:
+    """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile."""
+    graph = gm.graph
+    outputs = match.outputs
+    device = match.state_values()[0].device
+    consts = lifted_values(match, device) + [v.to(device) for v in folded_values(match)]
+    L = match.length
+    with graph.inserting_after(match.last):
+        const_nodes = []
+        for i, value in enumerate(consts):
+            name = f"{const_prefix}_{i}"
+            gm.register_buffer(name, value)
+            const_nodes.append(graph.get_attr(name))
+    with graph.inserting_after(const_nodes[-1] if const_nodes else match.last):
+        per_step_flat = [group[l] for l in range(L) for group in match.per_step]
+        call = graph.call_function(
+            op, (list(match.initial), per_step_flat, const_nodes, list(match.invariants), L, float(tol),
+                 int(max_iters), jacobian, bool(save_trajectory)))
+    results = []
+    with graph.inserting_after(call):
+        for s, out in enumerate(outputs):
+            r = graph.call_function(operator.getitem, (call, s))
+            r.meta.update({k: v for k, v in out.meta.items() if k in ("example_value", "val", "tensor_meta")})
+            results.append(r)
+    chain_nodes = [n for blk in match.blocks for n in blk]
+    inside = set(chain_nodes)
+    for out, r in zip(outputs, results):
+        out.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside and u is not call and u not in results)
+    for n in reversed(chain_nodes):
+        graph.erase_node(n)
+    return call

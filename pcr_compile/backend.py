@@ -1,0 +1,111 @@
+"""The `deeppcr` torch.compile backend: find chains, decide, rewrite, hand the graph to Inductor.
+
+    torch.compile(model, backend="deeppcr", options={...})
+
+One entry function, one fallback: options are parsed into a frozen :class:`Options` (unknown keys and
+bad values raise `ValueError`); an internal error logs a warning with the traceback and compiles the
+*original* graph with Inductor, unless `strict=True`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule
+
+from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
+from pcr_compile.passes.rewrite import build_template, rewrite_chain
+
+from . import ops
+from .cost import Decision, decide
+from .options import Options
+from .solve import ChainSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedChain:
+    match: ChainMatch
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    chains: tuple[PlannedChain, ...]
+    declined: tuple  # passes.chains.Declined
+
+
+def plan_graph(gm: GraphModule, options: Options) -> GraphPlan:
+    """Analysis and decisions for one graph; does not mutate it."""
+    analysis: Analysis = find_chains(gm.graph, min_length=options.min_chain_length)
+    planned = []
+    for m in analysis.chains:
+        device = m.state_values()[0].device
+        planned.append(PlannedChain(m, decide(m, options, device)))
+    return GraphPlan(tuple(planned), analysis.declined)
+
+
+def _needs_grad(match: ChainMatch) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    nodes = [*match.initial, *(n for g in match.per_step for n in g), *match.invariants]
+    return any(getattr(n.meta.get("example_value"), "requires_grad", False) for n in nodes)
+
+
+def chain_spec(match: ChainMatch) -> ChainSpec:
+    t = build_template(match)
+    return ChainSpec(name=f"chain_{t.key}", template=t.gm, n_state=t.n_state, n_per_step=t.n_per_step,
+                     n_consts=t.n_consts, n_invariants=t.n_invariants, kind=match.kind)
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    g = Graph()
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    return GraphModule(gm, g, class_name=type(gm).__name__)
+
+
+def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, list[str]]:
+    """A rewritten copy of `gm` with every chain decided "parallel" replaced by its chain op."""
+    new = copy_graph_module(gm)
+    plan = plan_graph(new, options)
+    chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
+    specs = [chain_spec(pc.match) for pc in chosen]  # every check before the first mutation
+    names = []
+    for i, (pc, spec) in enumerate(zip(chosen, specs)):
+        op = ops.get_chain_op(spec)
+        rewrite_chain(new, pc.match, op, tol=options.tol or 0.0, max_iters=options.max_iters,
+                      jacobian=pc.decision.jacobian, save_trajectory=_needs_grad(pc.match),
+                      const_prefix=f"_pcr_chain{i}_const")
+        names.append(f"{ops.NAMESPACE}::{spec.name}")
+        log.info("deeppcr: chain of %d steps (%d nodes each) -> %s [%s]", pc.match.length,
+                 pc.match.nodes_per_step, spec.name, pc.decision.jacobian)
+    if chosen:
+        new.graph.eliminate_dead_code()
+        new.graph.lint()
+        new.recompile()
+    return new, plan, names
+
+
+def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """The backend function (registered as "deeppcr" through the torch_dynamo_backends entry point)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    if mode is not None:
+        raise ValueError(f"backend 'deeppcr' takes no torch.compile mode (got mode={mode!r}); "
+                         "pass options={'mode': 'auto' | 'parallel' | 'sequential'} instead")
+    opts = Options.parse(options)
+    try:
+        new, plan, names = rewrite(gm, opts)
+    except Exception:
+        if opts.strict:
+            raise
+        log.warning("deeppcr: internal error while rewriting chains; compiling the original graph with Inductor",
+                    exc_info=True)
+        return compile_fx(gm, example_inputs)
+    if not names:
+        return compile_fx(gm, example_inputs)
+    return compile_fx(new, example_inputs)

@@ -1,0 +1,81 @@
+"""Per-chain decisions: solve in parallel or leave sequential, and with which Jacobian strategy.
+
+The cost model is deliberately simple and explicit; every decision carries its reason, shown by
+`pcr_compile.explain` and the inspection CLI. Measured facts it encodes (see DESIGN.md and
+benchmarks/RESULTS.md): on CPU, Inductor's unrolled sequential code beats the parallel solve on every
+chain we measured, so `mode="auto"` keeps CPU chains sequential; the parallel solve is a GPU effect.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from .options import Options
+
+RESIDUAL_TARGETS = {operator.add, torch.add, "add", "__add__"}
+# A chain must be at least this long for "auto" to solve it in parallel on a GPU: below it, the fixed
+# cost of a few batched iterations exceeds L sequential small kernels.
+MIN_PARALLEL_LENGTH_GPU = 64
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: str  # "parallel" | "sequential"
+    jacobian: str  # dense | diagonal | identity | zero
+    reason: str
+
+
+def state_geometry(match) -> tuple[int, int]:
+    """(rows B, features w) of the packed state, as the solver packs it."""
+    vals = match.state_values()
+    shapes = [tuple(v.shape) for v in vals]
+    leading = {s[0] if len(s) >= 2 else None for s in shapes}
+    if len(leading) == 1 and None not in leading:
+        return int(shapes[0][0]), sum(math.prod(s[1:]) for s in shapes)
+    return 1, sum(math.prod(s) for s in shapes)
+
+
+def is_residual(match) -> bool:
+    """Every carried state is updated as `state + g(state)` (possibly through other nodes)."""
+    for s, q in enumerate(match.state_positions):
+        node = match.blocks[0][q]
+        if node.target not in RESIDUAL_TARGETS:
+            return False
+        refs = match.arg_refs[q]
+        if not any(r.kind == "state" and r.index == s for r in refs[:2]):
+            return False
+    return True
+
+
+def auto_jacobian(match, options: Options) -> tuple[str, str]:
+    B, w = state_geometry(match)
+    L = match.length
+    elems = L * B * w * w
+    if elems <= options.dense_budget:
+        return "dense", f"dense Jacobians fit ({L}x{B}x{w}x{w} = {elems:,} elements <= dense_budget)"
+    if is_residual(match):
+        return "identity", f"residual block with a large state (w={w}): Picard, matrix-free"
+    return "zero", f"state too large for dense Jacobians (w={w}) and not residual: Jacobi"
+
+
+def decide(match, options: Options, device: torch.device) -> Decision:
+    if options.jacobian == "auto":
+        jac, why = auto_jacobian(match, options)
+    else:
+        jac, why = options.jacobian, f"jacobian={options.jacobian!r} forced"
+    if options.mode == "sequential":
+        return Decision("sequential", jac, "mode='sequential'")
+    if options.mode == "parallel":
+        return Decision("parallel", jac, f"mode='parallel'; {why}")
+    if device.type != "cuda":
+        return Decision("sequential", jac, f"auto on {device.type}: sequential code is faster off-GPU "
+                                           "(use mode='parallel' to force)")
+    if match.length < MIN_PARALLEL_LENGTH_GPU:
+        return Decision("sequential", jac, f"auto: {match.length} steps < {MIN_PARALLEL_LENGTH_GPU}")
+    if jac == "zero":
+        return Decision("sequential", jac, "auto: no Jacobian strategy converges faster than sequential")
+    return Decision("parallel", jac, f"auto on cuda; {why}")

@@ -1,0 +1,122 @@
+"""The chain ops: one `torch.library.custom_op` per chain template, with its adjoint as a second op.
+
+`pcr_compile::chain_<hash>(states, per_step, consts, invariants, length, tol, max_iters, jacobian,
+save_trajectory) -> [*finals, *trajectories]` solves the chain (see ``solve.py``); its autograd formula
+calls `pcr_compile::chain_<hash>_adjoint(...)`, so AOTAutograd places the chain op in the forward graph
+and the adjoint op in the backward graph, and Inductor compiles around both.
+
+Ops are named by a hash of their template, not a counter: they outlive `torch._dynamo.reset()` within a
+process, and Inductor caches compiled graphs by their content, so equal names must mean equal ops.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+from pcr_compile import solve
+from pcr_compile.solve import ChainSpec
+
+NAMESPACE = "pcr_compile"
+_SPECS: dict[str, ChainSpec] = {}
+_OPS: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def registered_spec(name: str) -> ChainSpec:
+    return _SPECS[name]
+
+
+def _like(template: Tensor, value: Tensor) -> Tensor:
+    """`value` as a fresh tensor laid out like `torch.empty_like(template)`, as the fake kernels promise.
+
+    Custom ops may not return views of their inputs or of each other, and Inductor checks strides.
+    """
+    out = torch.empty_like(template)
+    if value._base is None and value.stride() == out.stride() and value.dtype == out.dtype:
+        return value
+    return out.copy_(value)
+
+
+def _fresh(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.clone() if t._base is not None else t for t in tensors]
+
+
+def get_chain_op(spec: ChainSpec):
+    """The `OpOverload` for this chain template, created (once per process) on first use."""
+    with _lock:
+        if spec.name in _OPS:
+            return _OPS[spec.name]
+        _SPECS[spec.name] = spec
+        op = _define(spec.name)
+        _OPS[spec.name] = op
+        return op
+
+
+def _define(name: str):
+    qual = f"{NAMESPACE}::{name}"
+
+    @torch.library.custom_op(qual, mutates_args=())
+    def chain(states: list[Tensor], per_step: list[Tensor], consts: list[Tensor], invariants: list[Tensor],
+              length: int, tol: float, max_iters: int, jacobian: str, save_trajectory: bool) -> list[Tensor]:
+        spec = _SPECS[name]
+        trajs = solve.run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian)
+        finals = [_like(s, t[-1]) for s, t in zip(states, trajs)]
+        if not save_trajectory:
+            trajs = [t.new_empty((0,)) for t in trajs]
+        return _fresh(finals + trajs)
+
+    @chain.register_fake
+    def _(states, per_step, consts, invariants, length, tol, max_iters, jacobian, save_trajectory):
+        finals = [torch.empty_like(s) for s in states]
+        if save_trajectory:
+            trajs = [s.new_empty((length, *s.shape)) for s in states]
+        else:
+            trajs = [s.new_empty((0,)) for s in states]
+        return finals + trajs
+
+    @torch.library.custom_op(qual + "_adjoint", mutates_args=())
+    def adjoint(trajs: list[Tensor], states: list[Tensor], per_step: list[Tensor], consts: list[Tensor],
+                invariants: list[Tensor], grads: list[Tensor], length: int, tol: float, max_iters: int,
+                jacobian: str) -> list[Tensor]:
+        spec = _SPECS[name]
+        d_states, d_per_step, d_inv = solve.run_backward(spec, trajs, states, per_step, consts, invariants, grads,
+                                                         length, tol, max_iters, jacobian)
+        # custom ops return no None: non-differentiable inputs get zeros.
+        inputs = [*states, *per_step, *invariants]
+        grads = [*d_states, *d_per_step, *d_inv]
+        return [torch.zeros_like(x) if g is None else _like(x, g) for x, g in zip(inputs, grads)]
+
+    @adjoint.register_fake
+    def _(trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian):
+        return [torch.empty_like(t) for t in [*states, *per_step, *invariants]]
+
+    def setup_context(ctx, inputs, output):
+        states, per_step, consts, invariants, length, tol, max_iters, jacobian, save_trajectory = inputs
+        n = len(states)
+        ctx.n = (len(states), len(per_step), len(consts), len(invariants))
+        ctx.cfg = (length, tol, max_iters, jacobian, save_trajectory)
+        ctx.save_for_backward(*output[n:], *states, *per_step, *consts, *invariants)
+
+    def backward(ctx, grads):
+        n_s, n_p, n_c, n_i = ctx.n
+        length, tol, max_iters, jacobian, save_trajectory = ctx.cfg
+        if not save_trajectory:
+            raise RuntimeError(
+                f"{qual}: backward through a chain compiled without gradients (no input required grad and "
+                "grad mode was off when it was compiled); recompile with grad enabled")
+        saved = list(ctx.saved_tensors)
+        trajs, rest = saved[:n_s], saved[n_s:]
+        states, rest = rest[:n_s], rest[n_s:]
+        per_step, rest = rest[:n_p], rest[n_p:]
+        consts, invariants = rest[:n_c], rest[n_c:]
+        g_finals = [torch.zeros_like(s) if g is None else g for s, g in zip(states, grads[:n_s])]
+        flat = adjoint(trajs, states, per_step, consts, invariants, g_finals, length, tol, max_iters, jacobian)
+        d_states, flat = flat[:n_s], flat[n_s:]
+        d_per_step, d_inv = flat[:n_p], flat[n_p:]
+        return d_states, d_per_step, [None] * n_c, d_inv, None, None, None, None, None
+
+    chain.register_autograd(backward, setup_context=setup_context)
+    return getattr(getattr(torch.ops, NAMESPACE), name).default

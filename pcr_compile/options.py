@@ -1,0 +1,71 @@
+"""Backend options: parsed once into a frozen dataclass; unknown keys and bad values are errors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+MODES = ("auto", "parallel", "sequential")
+JACOBIANS = ("auto", "dense", "diagonal", "identity", "zero")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of `torch.compile(model, backend="deeppcr", options={...})`.
+
+    mode: "auto" (a cost model decides per chain), "parallel" (solve every chain found in parallel),
+        "sequential" (find chains, rewrite none: the same code as Inductor).
+    tol: relative tolerance of the solves (residual <= tol * max|state|); None: by dtype
+        (float64 1e-10, float32 1e-5, float16 2e-3, bfloat16 1e-2).
+    max_iters: Newton / Picard iterations before finishing sequentially from the converged prefix.
+    min_chain_length: shorter repeats are left alone.
+    jacobian: "auto" (by block structure and state size), "dense", "diagonal", "identity", "zero".
+    window: steps evaluated per batched call by sampler solves (0: the whole chain).
+    dense_budget: largest dense Jacobian (elements, L * B * w * w) "auto" may materialise.
+    strict: re-raise internal errors instead of falling back to Inductor on the original graph.
+    """
+
+    mode: str = "auto"
+    tol: float | None = None
+    max_iters: int = 50
+    min_chain_length: int = 8
+    jacobian: str = "auto"
+    window: int = 0
+    dense_budget: int = 1 << 26
+    strict: bool = False
+
+    @classmethod
+    def parse(cls, options: dict | Options | None) -> Options:
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, dict):
+            raise ValueError(f"options must be a dict, got {type(options).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown deeppcr option(s) {unknown}; accepted options: {sorted(known)}")
+        o = cls(**options)
+        o.check()
+        return o
+
+    def check(self) -> None:
+        def bad(key, accepted):
+            raise ValueError(f"deeppcr option {key!r} must be {accepted}, got {getattr(self, key)!r}")
+
+        if self.mode not in MODES:
+            bad("mode", f"one of {MODES}")
+        if self.jacobian not in JACOBIANS:
+            bad("jacobian", f"one of {JACOBIANS}")
+        if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
+                                     or not 0 < self.tol < 1):
+            bad("tol", "None or a number in (0, 1)")
+        for key, lo in (("max_iters", 0), ("min_chain_length", 2), ("window", 0), ("dense_budget", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                bad(key, f"an int >= {lo}")
+        if not isinstance(self.strict, bool):
+            bad("strict", "a bool")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
