@@ -94,11 +94,11 @@ def linear_recurrence_sequential(
         return (m @ v.unsqueeze(-1)).squeeze(-1)
 
     steps = range(L - 1, -1, -1) if reverse else range(L)
-    for n, l in enumerate(steps):
+    for n, pos in enumerate(steps):
         if n == 0:
-            z[l] = b[l]
+            z[pos] = b[pos]
         else:
-            a = None if A is None else (A[l + 1] if reverse else A[l])
-            z[l] = apply(a, prev, transpose=reverse) + b[l]
-        prev = z[l]
+            a = None if A is None else (A[pos + 1] if reverse else A[pos])
+            z[pos] = apply(a, prev, transpose=reverse) + b[pos]
+        prev = z[pos]
     return z
