@@ -1,0 +1,180 @@
+"""Tests of ``pcr_compile.kernels.fused_newton.newton_linear_pointwise`` against an eager sequential loop.
+
+Chains ``z_l = act(z_{l-1} @ W_l^T + b_l)`` (and the residual form ``z_{l-1} + act(...)``) with weights
+scaled so the chain contracts; the reference runs the layers one by one in float64. Triton cases run on
+CUDA, or on CPU under ``TRITON_INTERPRET=1`` with small shapes (interpreted Triton is slow).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pcr_compile.kernels.fused_newton import ACTIVATIONS, NewtonResult, _newton_triton, newton_linear_pointwise
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"))]
+ACT_FN = {
+    "identity": lambda a: a,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+}
+# tolerance passed to the solver, and the accepted error against the float64 loop (relative to its scale)
+TOL = {torch.float64: (1e-11, 1e-9), torch.float32: (1e-6, 1e-4), torch.bfloat16: (1e-6, 3e-2),
+       torch.float16: (1e-6, 5e-3)}
+
+
+def skip_unless_runnable(impl: str, device: str) -> None:
+    if impl == "triton" and device == "cpu" and not INTERPRET:
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before Triton is imported")
+
+
+def make_chain(L, w, batch, *, residual, bias=True, device="cpu", seed=0):
+    """float64 weights with a contracting chain: ||W_l|| about 0.6 (plain) or 0.2 (residual form)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = (0.1 if residual else 0.3) / w**0.5
+    W = torch.randn(L, w, w, generator=g, dtype=torch.float64) * scale
+    b = torch.randn(L, w, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    z0 = torch.randn(*batch, w, generator=g, dtype=torch.float64)
+    return z0.to(device), W.to(device), None if b is None else b.to(device)
+
+
+def sequential(z0, W, bias, activation, residual):
+    """Eager layer-by-layer loop in float64: the oracle."""
+    z, out = z0.double(), []
+    for layer in range(W.shape[0]):
+        a = z @ W[layer].double().T + (0 if bias is None else bias[layer].double())
+        z = z + ACT_FN[activation](a) if residual else ACT_FN[activation](a)
+        out.append(z)
+    return torch.stack(out)
+
+
+def assert_solved(res: NewtonResult, ref: torch.Tensor, dtype: torch.dtype, max_iters: int | None = None):
+    assert isinstance(res, NewtonResult)
+    assert res.converged, res.residuals
+    assert res.traj.shape == ref.shape and res.traj.dtype == dtype
+    assert len(res.residuals) == res.iterations + 1 and res.residual == res.residuals[-1]
+    if max_iters is not None:
+        assert res.iterations <= max_iters
+    err = TOL[dtype][1] * max(ref.abs().max().item(), 1.0)
+    torch.testing.assert_close(res.traj.double().cpu(), ref.cpu(), atol=err, rtol=TOL[dtype][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_sequential(activation, residual, impl, device):
+    skip_unless_runnable(impl, device)
+    interpreted = impl == "triton" and device == "cpu"
+    L, w, batch = (5, 3, (1,)) if interpreted else (37, 5, (3,))
+    z0, W, bias = make_chain(L, w, batch, residual=residual, device=device, seed=L + w)
+    for dtype in (torch.float64,) if interpreted else (torch.float64, torch.float32):
+        z0_, W_, b_ = z0.to(dtype), W.to(dtype), bias.to(dtype)
+        res = newton_linear_pointwise(
+            z0_, W_, b_, activation=activation, residual=residual, tol=TOL[dtype][0], max_iters=L, impl=impl
+        )
+        assert_solved(res, sequential(z0_, W_, b_, activation, residual), dtype)
+
+
+CHUNKED = [("tanh", 5, False, 2), ("gelu", 3, True, 3), ("silu", 17, False, 3), ("relu", 4, True, 2)]
+CHUNKED_IDS = [f"{a}-w{w}-r{r:d}-c{c}" for a, w, r, c in CHUNKED]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation,w,residual,chunk", CHUNKED, ids=CHUNKED_IDS)
+def test_triton_chunked_newton(activation, w, residual, chunk, device):
+    """The two-level Newton step (chunk maps, carries, rescan), forced with small chunks; w=17 uses tl.dot."""
+    skip_unless_runnable("triton", device)
+    z0, W, bias = make_chain(6, w, (1,), residual=residual, device=device, seed=chunk)
+    Z, it, conv, residuals = _newton_triton(z0, W, bias, activation, residual, 1e-11, 6, chunk=chunk, check_every=2)
+    assert conv and len(residuals) == it + 1
+    torch.testing.assert_close(Z, sequential(z0, W, bias, activation, residual), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_triton_and_torch_agree_on_iterations(impl, device):
+    skip_unless_runnable(impl, device)
+    z0, W, bias = make_chain(6, 4, (1,), residual=False, device=device, seed=5)
+    res = newton_linear_pointwise(z0, W, bias, activation="tanh", tol=1e-12, max_iters=6, impl=impl)
+    args = (z0.cpu(), W.cpu(), bias.cpu())
+    ref = newton_linear_pointwise(*args, activation="tanh", tol=1e-12, max_iters=6, impl="torch")
+    assert res.converged and ref.converged
+    assert res.iterations == ref.iterations
+    assert res.residuals == pytest.approx(ref.residuals, rel=1e-3, abs=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_256_layer_tanh_chain_converges_fast(impl, device):
+    """DeepPCR's regime: a deep, narrow, contractive chain converges in a handful of Newton iterations."""
+    skip_unless_runnable(impl, device)
+    if impl == "triton" and device == "cpu":
+        pytest.skip("256 layers through the Triton interpreter is too slow; runs on CUDA")
+    z0, W, bias = make_chain(256, 8, (4,), residual=False, device=device, seed=11)
+    res = newton_linear_pointwise(z0.float(), W.float(), bias.float(), activation="tanh", tol=1e-6, max_iters=30,
+                                  impl=impl)
+    assert_solved(res, sequential(z0, W, bias, "tanh", False), torch.float32, max_iters=10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_types_iterate_in_float32(dtype, impl, device):
+    skip_unless_runnable(impl, device)
+    z0, W, bias = make_chain(4, 3, (1,), residual=True, device=device, seed=2)
+    z0, W, bias = z0.to(dtype), W.to(dtype), bias.to(dtype)
+    res = newton_linear_pointwise(z0, W, bias, activation="silu", residual=True, tol=1e-6, max_iters=5, impl=impl)
+    assert_solved(res, sequential(z0, W, bias, "silu", True), dtype)
+
+
+@pytest.mark.parametrize("batch", [(), (2, 3)], ids=["unbatched", "2x3"])
+def test_batch_shapes_and_no_bias(batch):
+    z0, W, _ = make_chain(9, 4, batch, residual=False, bias=False)
+    res = newton_linear_pointwise(z0, W, None, activation="sigmoid", tol=1e-12, max_iters=9, impl="torch")
+    assert res.traj.shape == (9, *batch, 4)
+    assert_solved(res, sequential(z0, W, None, "sigmoid", False), torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_not_converged_is_reported(impl, device):
+    """Too few iterations: reported as not converged with a residual history; no fallback here."""
+    skip_unless_runnable(impl, device)
+    z0, W, bias = make_chain(5, 3, (1,), residual=False, device=device)
+    res = newton_linear_pointwise(z0, W * 5, bias, activation="tanh", tol=1e-12, max_iters=2, impl=impl)
+    assert not res.converged and res.iterations == 2 and len(res.residuals) == 3
+    res0 = newton_linear_pointwise(z0, W, bias, activation="tanh", tol=1e-12, max_iters=0, impl=impl)
+    assert not res0.converged and res0.iterations == 0 and len(res0.residuals) == 1
+    assert torch.equal(res0.traj, z0.expand(5, *z0.shape))  # the initial guess
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_non_finite_stops_early(impl, device):
+    skip_unless_runnable(impl, device)
+    z0, W, bias = make_chain(5, 3, (1,), residual=False, device=device)
+    W[3, 0, 0] = float("nan")
+    res = newton_linear_pointwise(z0, W, bias, activation="tanh", tol=1e-12, max_iters=6, impl=impl)
+    assert not res.converged and res.iterations == 0 and res.residual == float("inf")
+
+
+def test_bad_arguments_raise():
+    z0, W, bias = make_chain(4, 3, (2,), residual=False)
+    with pytest.raises(ValueError, match=r"W must have shape \(L, w, w\)"):
+        newton_linear_pointwise(z0, W[:, :2], bias, activation="tanh", tol=1e-6, max_iters=3)
+    with pytest.raises(ValueError, match=r"bias must have shape \(L, w\)"):
+        newton_linear_pointwise(z0, W, bias[:2], activation="tanh", tol=1e-6, max_iters=3)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        newton_linear_pointwise(z0, W, bias, activation="softplus", tol=1e-6, max_iters=3)
+    with pytest.raises(ValueError, match="z0 must be a floating tensor"):
+        newton_linear_pointwise(z0.long(), W, bias, activation="tanh", tol=1e-6, max_iters=3)
+    with pytest.raises(ValueError, match="impl must be"):
+        newton_linear_pointwise(z0, W, bias, activation="tanh", tol=1e-6, max_iters=3, impl="cuda")
