@@ -10,11 +10,16 @@ float, and returns a module whose forward is a plain loop of tensor arithmetic: 
     xin  = x * s_i                                              # Euler only: scale_model_input
     m    = unet(xin, t, **unet_kwargs)                          # .sample / [0] taken when not a tensor
     x'   = x * a_i + m * b_i                                    # the linear part of step()
-         (+ clamp(x * p_i + m * q_i, -r, r) * c_i)              # only when config.clip_sample
-         (+ noise[i] * d_i)                                     # only for stochastic samplers
+         + clamp(x * p_i + m * q_i, -r, r) * c_i                # only when config.clip_sample
+         + noise[i] * d_i                                       # only for stochastic samplers
 
-with different Python constants, which is what `torch.compile(loop, backend="deeppcr")` lifts into per-step
-inputs. In eager mode the loop reproduces `for t in scheduler.timesteps: x = scheduler.step(unet(x, t).sample, t,
+with different Python constants (float64 values, applied in the latents' dtype), which is what
+`torch.compile(loop, backend="deeppcr")` lifts into per-step inputs. Which terms exist is decided once for the
+whole loop (a term whose constant is zero at every step is left out; one that is zero at some steps stays, with
+constant 0.0 there), so no step has ops of its own. In the captured graph a step starts at its `torch.full`
+node; the per-step values are the fill value of that node, the float second operand of the `operator.mul`
+nodes, and the int index of the `operator.getitem(noise, i)` node; the clamp bounds are the same at every step.
+In eager mode the loop reproduces `for t in scheduler.timesteps: x = scheduler.step(unet(x, t).sample, t,
 x).prev_sample` (with `scale_model_input` for Euler) to float rounding.
 
 Supported: `DDIMScheduler` (any eta; `use_clipped_model_output`), `DDPMScheduler` (variance types fixed_small,
@@ -26,6 +31,9 @@ config (timestep_spacing, steps_offset, set_alpha_to_one, Karras / exponential s
 Stochastic samplers (DDPM, DDIM with eta > 0, Euler with churn) pre-draw all per-step noise before the first
 step, one `randn_tensor(latents.shape, generator=...)` per step that diffusers' `step` would draw, in the same
 order, so the same `torch.Generator` seed gives the same samples as diffusers. Steps that draw nothing get zeros.
+The draws run eagerly (`torch.compiler.disable`) before any graph op, so under `torch.compile` they become graph
+inputs, stacked by `torch.stack` into `noise` at the head of the graph, at no graph break, and a compiled loop
+draws the same noise as an eager one (from the generator, or from the global RNG when there is none).
 
 References: Song et al., "Denoising Diffusion Implicit Models" (DDIM, arXiv 2010.02502); Ho et al., "Denoising
 Diffusion Probabilistic Models" (arXiv 2006.11239); Karras et al., "Elucidating the Design Space of
@@ -40,7 +48,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,10 +88,13 @@ class StepCoefficients:
 
 @dataclass(frozen=True)
 class SamplerPlan:
-    """Everything the loop needs from the scheduler, read once: which ops each step has, and their constants.
+    """Everything the loop needs from the scheduler, read once: the constants of each step, and which ops
+    every step has.
 
-    The op flags (`scales_input`, `clip_range`, `stochastic`) are the same for every step, so every step
-    traces to the same op sequence.
+    The op flags are decided once for all steps, so every step traces to the same op sequence: `scales_input`
+    (Euler's input scaling), `clip_range` (clamp the predicted original sample; None: no clamp), and, derived
+    from the steps, `stochastic` (some step draws noise), `uses_x` / `uses_m` (some step has a nonzero weight
+    on the sample / the model output; a term that is zero at every step is left out).
     """
 
     scheduler: str
@@ -92,7 +103,16 @@ class SamplerPlan:
     init_noise_sigma: float
     scales_input: bool
     clip_range: float | None
-    stochastic: bool
+    stochastic: bool = field(init=False)
+    uses_x: bool = field(init=False)
+    uses_m: bool = field(init=False)
+
+    def __post_init__(self):
+        uses_m = any(s.m_coef != 0.0 for s in self.steps)
+        uses_x = any(s.x_coef != 0.0 for s in self.steps) or not (uses_m or self.clip_range is not None)
+        object.__setattr__(self, "stochastic", any(s.draws_noise for s in self.steps))
+        object.__setattr__(self, "uses_x", uses_x)
+        object.__setattr__(self, "uses_m", uses_m)
 
 
 def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps: int, **kwargs: Any) -> SamplingLoop:
@@ -143,10 +163,10 @@ class SamplingLoop(nn.Module):
     `latents` must already be scaled by `init_noise_sigma` (1 for DDIM/DDPM). For stochastic samplers the
     per-step noise comes from `noise` (a `(steps, *latents.shape)` tensor, e.g. from `draw_noise`) when given,
     else it is drawn up front from `generator` (a `torch.Generator`, a list of them, one per sample, or None for
-    the global RNG) exactly as diffusers' `step` would draw it. Under `torch.compile`, draws from a generator run
-    outside the graph (Dynamo turns each into a graph input), so they stay reproducible; draws from the global RNG
-    are traced into the graph and follow the compiler's RNG instead. Deterministic samplers ignore `generator`.
-    Every other keyword goes to `unet` at every step (e.g. `encoder_hidden_states`).
+    the global RNG) exactly as diffusers' `step` would draw it. The draws run outside any compiled graph (they
+    enter it as inputs), so compiled and eager loops draw the same noise. Deterministic samplers ignore
+    `generator` and reject `noise`. Every other keyword goes to `unet` at every step (e.g.
+    `encoder_hidden_states`).
     """
 
     def __init__(self, unet: Callable[..., Any], plan: SamplerPlan):
@@ -197,17 +217,23 @@ class SamplingLoop(nn.Module):
         for i, s in enumerate(plan.steps):
             t = torch.full((), s.timestep, dtype=plan.timestep_dtype, device=x.device)
             m = self._denoise(x * s.in_scale if plan.scales_input else x, t, unet_kwargs)
-            out = x * s.x_coef + m * s.m_coef
+            terms = []  # which terms exist is decided once for all steps, so every step has the same ops
+            if plan.uses_x:
+                terms.append(x * s.x_coef)
+            if plan.uses_m:
+                terms.append(m * s.m_coef)
             if plan.clip_range is not None:
                 x0 = (x * s.x0_x_coef + m * s.x0_m_coef).clamp(-plan.clip_range, plan.clip_range)
-                out = out + x0 * s.clip_coef
+                terms.append(x0 * s.clip_coef)
             if plan.stochastic:
-                out = out + noise[i] * s.noise_coef
-            x = out
+                terms.append(noise[i] * s.noise_coef)
+            x = terms[0]
+            for term in terms[1:]:
+                x = x + term
         return x
 
 
-@torch._dynamo.disable
+@torch.compiler.disable
 def _draw_raw(latents: torch.Tensor, generator: Any, count: int) -> list[list[torch.Tensor]]:
     """`count` successive `_randn_parts` draws, always run eagerly.
 
@@ -221,9 +247,9 @@ def _draw_raw(latents: torch.Tensor, generator: Any, count: int) -> list[list[to
 def _randn_parts(latents: torch.Tensor, generator: Any) -> list[torch.Tensor]:
     """The draws of `diffusers.utils.torch_utils.randn_tensor(latents.shape, generator, latents.device, dtype)`.
 
-    Re-implemented (same draws, same order) because diffusers' version moves each draw to the target device
-    right away, a tensor op between draws, which makes every later draw a graph break under Dynamo. A CPU
-    generator draws on the CPU; a list of generators draws one sample from each. `_join_parts` finishes.
+    Re-implemented (same draws, same order) so that all draws come first and the device moves and
+    concatenations after them (`_join_parts`), inside the graph. A generator draws on its own device (a CPU
+    generator on the CPU, as diffusers does); a list of generators draws one sample from each.
     """
     if isinstance(generator, (list, tuple)) and len(generator) == 1:
         generator = generator[0]
@@ -299,8 +325,7 @@ def _plan_ddim(sched: Any, eta: float, use_clipped_model_output: bool) -> Sample
             c = StepCoefficients(t, x_coef=d * ex, m_coef=d * em, clip_coef=math.sqrt(a_prev), x0_x_coef=px,
                                  x0_m_coef=pm)
         steps.append(_with_noise(c, std, eta > 0))
-    return SamplerPlan("DDIMScheduler", tuple(steps), sched.timesteps.dtype, float(sched.init_noise_sigma),
-                       scales_input=False, clip_range=clip, stochastic=eta > 0)
+    return SamplerPlan("DDIMScheduler", tuple(steps), sched.timesteps.dtype, float(sched.init_noise_sigma), False, clip)
 
 
 def _plan_ddpm(sched: Any) -> SamplerPlan:
@@ -326,8 +351,7 @@ def _plan_ddpm(sched: Any) -> SamplerPlan:
         else:
             c = StepCoefficients(t, x_coef=x_w, clip_coef=x0_w, x0_x_coef=px, x0_m_coef=pm)
         steps.append(_with_noise(c, std, t > 0))
-    return SamplerPlan("DDPMScheduler", tuple(steps), sched.timesteps.dtype, float(sched.init_noise_sigma),
-                       scales_input=False, clip_range=clip, stochastic=any(s.draws_noise for s in steps))
+    return SamplerPlan("DDPMScheduler", tuple(steps), sched.timesteps.dtype, float(sched.init_noise_sigma), False, clip)
 
 
 def _plan_euler(sched: Any, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> SamplerPlan:
@@ -351,8 +375,7 @@ def _plan_euler(sched: Any, s_churn: float, s_tmin: float, s_tmax: float, s_nois
         c = StepCoefficients(float(t), in_scale=1.0 / math.sqrt(sigma**2 + 1.0), x_coef=a, m_coef=b)
         steps.append(_with_noise(c, a * churn, gamma > 0))
     return SamplerPlan("EulerDiscreteScheduler", tuple(steps), sched.timesteps.dtype,
-                       float(sched.init_noise_sigma), scales_input=True, clip_range=None,
-                       stochastic=any(s.draws_noise for s in steps))
+                       float(sched.init_noise_sigma), True, None)
 
 
 def _with_noise(c: StepCoefficients, coef: float, draws: bool) -> StepCoefficients:
