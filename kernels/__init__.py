@@ -1,15 +1,18 @@
 """Linear-recurrence kernels for the Newton-PCR solver: a PyTorch path everywhere, Triton on CUDA.
 
-Public entry point: :func:`linear_recurrence`. See ``reference.py`` for the math.
+Public entry points: :func:`linear_recurrence` (see ``reference.py`` for the math; Triton kernels in
+``triton_pcr.py``) and :func:`newton_linear_pointwise` (``fused_newton.py``), the fused Newton solve of
+chains of linear + pointwise layers.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .fused_newton import NewtonResult, newton_linear_pointwise
 from .reference import STRUCTURES, linear_recurrence_sequential, linear_recurrence_torch
 
-__all__ = ["linear_recurrence", "linear_recurrence_sequential", "STRUCTURES"]
+__all__ = ["linear_recurrence", "linear_recurrence_sequential", "STRUCTURES", "newton_linear_pointwise", "NewtonResult"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 IMPLS = ("auto", "triton", "torch")

@@ -22,7 +22,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import triton
 
 from .reference import compute_dtype, linear_recurrence_torch
 
@@ -111,6 +110,8 @@ def _newton_torch(z0, W, bias, activation, residual, tol, max_iters):
 
 
 def _newton_triton(z0, W, bias, activation, residual, tol, max_iters, chunk=None, check_every=CHECK_EVERY):
+    import triton  # lazily: the PyTorch path imports without Triton
+
     from .triton_newton import _newton_carry_kernel, _newton_eval_kernel, _newton_update_kernel
     from .triton_pcr import acc_dtype, plan_chunk
 
