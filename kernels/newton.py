@@ -5,12 +5,14 @@ The chain is given as callables over *packed* states: the trajectory is one tens
 
 Forward (DeepPCR, Danieli et al. 2023, Sec. 3): with `Zprev = [z_0, z_1 .. z_{L-1}]` at the current
 guess, one batched call gives `F_l = f_l(Zprev_l)` and an approximation `A_l` of `df_l/dz`; the next
-guess solves the linear recurrence `z_l = A_l z_{l-1} + (F_l - A_l Zprev_l)` (with `z_0` given) by PCR.
+guess solves the linear recurrence `z_l = A_l z_{l-1} + (F_l - A_l Zprev_l)` (with `z_0` given) by PCR,
+in update form (`d_l = A_l d_{l-1} - r_l` for `d = Z_next - Z`, residual `r = Z - F`) so that rounding
+scales with the residual rather than with the state.
 `A` is the exact Jacobian ("dense": Newton), its diagonal ("diagonal": quasi-Newton, as quasi-DEER),
 the identity ("identity": Picard, as ParaDiGMS) or zero ("zero": Jacobi). All share the fixed point, the
 sequential result, and all are exact after at most L iterations (iteration k fixes step k at least).
 
-Stopping: `max_l |z_l - F_l| <= tol * scale` (scale = max |F|). On non-finite residuals, divergence or
+Stopping: `max_l |z_l - F_l| / scale_l <= tol` (scale_l = max |F_l|, per step). On non-finite residuals, divergence or
 `max_iters`, the solve finishes sequentially from the converged prefix, so the answer is always within
 the tolerance of sequential evaluation.
 
@@ -32,7 +34,7 @@ from . import linear_recurrence
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 TINY = 1e-30
 
 
@@ -53,27 +55,26 @@ class SolveStats:
     reason: str = ""
 
 
-def _apply(A: torch.Tensor | None, z: torch.Tensor, structure: str, transpose: bool = False) -> torch.Tensor:
-    """`A z` for one structure; z: (..., w); A: (..., w, w) dense, (..., w) diagonal, None identity/zero."""
-    if structure == "dense":
-        m = A.transpose(-1, -2) if transpose else A
-        return (m @ z.unsqueeze(-1)).squeeze(-1)
-    if structure == "diagonal":
-        return A * z
-    if structure == "identity":
-        return z
-    return torch.zeros_like(z)
-
-
 def _solve(A: torch.Tensor | None, b: torch.Tensor, structure: str, reverse: bool) -> torch.Tensor:
     if structure == "zero":
         return b.clone()
     return linear_recurrence(A if structure != "identity" else None, b, structure=structure, reverse=reverse)
 
 
-def _converged_prefix(res_per_step: torch.Tensor, atol: float) -> int:
-    """Number of leading steps whose residual is finite and within atol."""
-    bad = ~(res_per_step <= atol)  # NaN counts as bad
+def _relative_residual(r: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-step residual relative to that step's scale, max |F_l| (floored at 1e-3 of the chain's scale so
+    that a step whose state is near zero is not held to an absolute zero)."""
+    if r.numel() == 0:
+        return torch.zeros(r.shape[0]), 0.0
+    scale = F.abs().flatten(1).amax(1)
+    floor = max(float(scale.max()) * 1e-3, TINY) if bool(torch.isfinite(scale).all()) else TINY
+    rel = r.abs().flatten(1).amax(1) / scale.clamp_min(floor)
+    return rel, float(rel.max())
+
+
+def _converged_prefix(res_per_step: torch.Tensor, tol: float) -> int:
+    """Number of leading steps whose (relative) residual is finite and within tol."""
+    bad = ~(res_per_step <= tol)  # NaN counts as bad
     idx = torch.nonzero(bad)
     return int(idx[0, 0]) if idx.numel() else res_per_step.shape[0]
 
@@ -108,14 +109,11 @@ def newton_forward(
         need_A = structure in ("dense", "diagonal") and stats.iterations < max_iters
         F, A = evaluate(Zprev, need_A)
         F = F.to(solve_dtype)
-        scale = float(F.abs().amax()) if F.numel() else 0.0
-        atol = tol * max(scale, TINY) if math.isfinite(scale) else 0.0
-        res_steps = (Z - F).abs().flatten(1).amax(1) if F.numel() else torch.zeros(L)  # (L,)
-        res = float(res_steps.max())
+        res_steps, res = _relative_residual(Z - F, F)  # (L,), max over steps
         stats.residuals.append(res)
         stats.residual = res
-        stats.prefix = _converged_prefix(res_steps, atol)
-        if res <= atol:
+        stats.prefix = _converged_prefix(res_steps, tol)
+        if res <= tol:
             stats.converged = True
             return Z, stats
         if not math.isfinite(res):
@@ -128,18 +126,15 @@ def newton_forward(
             stats.reason = "diverging"
             break
         best = min(best, res)
-        # Next guess: z_l = A_l z_{l-1} + (F_l - A_l Zprev_l), z_0 given (b[0] = F[0]).
+        # Next guess z_l = F_l + A_l (z_{l-1} - Zprev_l), solved for the update d = Z_next - Z, which keeps
+        # rounding proportional to the residual, not to the state: d_l = A_l d_{l-1} - r_l, d_{-1} = 0.
         A = None if A is None else A.to(solve_dtype)
-        b = F - _apply(A, Zprev, structure)
-        b[0] = F[0]
-        Z_new = _solve(A, b, structure, reverse=False)
-        if round_dtype is not None:
-            Z_new = Z_new.to(round_dtype).to(solve_dtype)
-        # Newton fixes at least one more leading step per iteration: keep the converged prefix exactly.
+        r = Z - F
         p = stats.prefix
-        if p > 0:
-            Z_new[:p] = Z[:p]
-        Z = Z_new
+        r[:p] = 0  # Newton fixes at least one more leading step per iteration: keep the converged prefix.
+        Z = Z - _solve(A, r, structure, reverse=False)
+        if round_dtype is not None:
+            Z = Z.to(round_dtype).to(solve_dtype)
         stats.iterations += 1
     # Fallback: sequential from the converged prefix (exact, like eager).
     stats.fell_back = True
@@ -182,12 +177,10 @@ def adjoint_solve(
         # residual r_m = cot_m + U_{m+1} - lam_m  (U_L = 0)
         r = cot - lam
         r[:-1] += U[1:]
-        scale = max(float(lam.abs().amax()) if lam.numel() else 0.0, float(cot.abs().amax()) if cot.numel() else 0.0)
-        atol = tol * max(scale, TINY) if math.isfinite(scale) else 0.0
-        res = float(r.abs().amax()) if r.numel() else 0.0
+        _, res = _relative_residual(r, lam)
         stats.residuals.append(res)
         stats.residual = res
-        if res <= atol:
+        if res <= tol:
             stats.converged = True
             return lam, stats
         if not math.isfinite(res):

@@ -101,13 +101,15 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_ite
     device = match.state_values()[0].device
     consts = lifted_values(match, device) + [v.to(device) for v in folded_values(match)]
     L = match.length
-    with graph.inserting_after(match.last):
-        const_nodes = []
-        for i, value in enumerate(consts):
-            name = f"{const_prefix}_{i}"
-            gm.register_buffer(name, value)
-            const_nodes.append(graph.get_attr(name))
-    with graph.inserting_after(const_nodes[-1] if const_nodes else match.last):
+    anchor = match.last
+    const_nodes = []
+    for i, value in enumerate(consts):
+        name = f"{const_prefix}_{i}"
+        gm.register_buffer(name, value)
+        with graph.inserting_after(anchor):
+            anchor = graph.get_attr(name)
+        const_nodes.append(anchor)
+    with graph.inserting_after(anchor):
         per_step_flat = [group[l] for l in range(L) for group in match.per_step]
         call = graph.call_function(
             op, (list(match.initial), per_step_flat, const_nodes, list(match.invariants), L, float(tol),

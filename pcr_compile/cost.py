@@ -20,6 +20,8 @@ RESIDUAL_TARGETS = {operator.add, torch.add, "add", "__add__"}
 # A chain must be at least this long for "auto" to solve it in parallel on a GPU: below it, the fixed
 # cost of a few batched iterations exceeds L sequential small kernels.
 MIN_PARALLEL_LENGTH_GPU = 64
+# Dense Jacobians cost w batched VJPs per iteration and w^3 per block product: small widths only.
+DENSE_MAX_WIDTH = 128
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,18 @@ class Decision:
     reason: str
 
 
+def _hint(size) -> int:
+    """A concrete size for the cost model; symbolic sizes (dynamic shapes) by their hint, without guarding."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else 1
+    return int(size)
+
+
 def state_geometry(match) -> tuple[int, int]:
     """(rows B, features w) of the packed state, as the solver packs it."""
     vals = match.state_values()
-    shapes = [tuple(v.shape) for v in vals]
+    shapes = [tuple(_hint(s) for s in v.shape) for v in vals]
     leading = {s[0] if len(s) >= 2 else None for s in shapes}
     if len(leading) == 1 and None not in leading:
         return int(shapes[0][0]), sum(math.prod(s[1:]) for s in shapes)
@@ -55,7 +65,7 @@ def auto_jacobian(match, options: Options) -> tuple[str, str]:
     B, w = state_geometry(match)
     L = match.length
     elems = L * B * w * w
-    if elems <= options.dense_budget:
+    if w <= DENSE_MAX_WIDTH and elems <= options.dense_budget:
         return "dense", f"dense Jacobians fit ({L}x{B}x{w}x{w} = {elems:,} elements <= dense_budget)"
     if is_residual(match):
         return "identity", f"residual block with a large state (w={w}): Picard, matrix-free"

@@ -30,18 +30,24 @@ def registered_spec(name: str) -> ChainSpec:
 
 
 def _like(template: Tensor, value: Tensor) -> Tensor:
-    """`value` as a fresh tensor laid out like `torch.empty_like(template)`, as the fake kernels promise.
-
-    Custom ops may not return views of their inputs or of each other, and Inductor checks strides.
-    """
-    out = torch.empty_like(template)
-    if value._base is None and value.stride() == out.stride() and value.dtype == out.dtype:
-        return value
-    return out.copy_(value)
+    """`value` copied into `torch.empty_like(template)`: the layout the fake kernels promise (Inductor checks
+    strides)."""
+    return torch.empty_like(template).copy_(value)
 
 
-def _fresh(tensors: list[Tensor]) -> list[Tensor]:
-    return [t.clone() if t._base is not None else t for t in tensors]
+def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:
+    """Custom ops may not return aliases of their inputs or of each other. Storages are compared directly:
+    inside compiled graphs view tracking is off, so `tensor._base` cannot be trusted."""
+    seen = {t.untyped_storage()._cdata for group in inputs for t in group}
+    out = []
+    for t in outputs:
+        key = t.untyped_storage()._cdata
+        if key in seen and t.numel():
+            t = t.clone()
+            key = t.untyped_storage()._cdata
+        seen.add(key)
+        out.append(t)
+    return out
 
 
 def get_chain_op(spec: ChainSpec):
@@ -66,7 +72,7 @@ def _define(name: str):
         finals = [_like(s, t[-1]) for s, t in zip(states, trajs)]
         if not save_trajectory:
             trajs = [t.new_empty((0,)) for t in trajs]
-        return _fresh(finals + trajs)
+        return _fresh(finals + trajs, [states, per_step, consts, invariants])
 
     @chain.register_fake
     def _(states, per_step, consts, invariants, length, tol, max_iters, jacobian, save_trajectory):
@@ -87,7 +93,9 @@ def _define(name: str):
         # custom ops return no None: non-differentiable inputs get zeros.
         inputs = [*states, *per_step, *invariants]
         grads = [*d_states, *d_per_step, *d_inv]
-        return [torch.zeros_like(x) if g is None else _like(x, g) for x, g in zip(inputs, grads)]
+        out = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, grads)]
+        return [_like(x, g) if g.stride() != torch.empty_like(x).stride() else g
+                for x, g in zip(inputs, _fresh(out, [trajs, states, per_step, consts, invariants, grads]))]
 
     @adjoint.register_fake
     def _(trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian):

@@ -1,0 +1,52 @@
+"""Helpers shared by the backend tests (imported as `helpers`)."""
+
+from __future__ import annotations
+
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+import pcr_compile
+from pcr_compile.backend import rewrite
+from pcr_compile.options import Options
+
+PARALLEL = {"mode": "parallel", "strict": True}
+
+
+def run_both(model, inputs, options=None, loss=lambda y: y.float().pow(2).mean()):
+    """Eager and deeppcr on the same inputs: (y_eager, grads_eager, y_pcr, grads_pcr, solves)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    y0 = model(*inputs)
+    g0 = torch.autograd.grad(loss(y0), params)
+    compiled = torch.compile(model, backend="deeppcr", options=options or PARALLEL)
+    with pcr_compile.record_solves() as solves:
+        y1 = compiled(*inputs)
+        g1 = torch.autograd.grad(loss(y1), params)
+    return y0, g0, y1, g1, solves
+
+
+def capture_graphs(model, inputs, options=None):
+    """Compile with a backend that rewrites like deeppcr and records the Dynamo graph after the rewrite and
+    the AOTAutograd forward and backward graphs; runs forward and backward once."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        new, plan, names = rewrite(gm, Options.parse(options or PARALLEL))
+        seen.update(dynamo=new, plan=plan, names=names)
+
+        def fw(g, _):
+            seen["forward"] = g
+            return make_boxed_func(g.forward)
+
+        def bw(g, _):
+            seen["backward"] = g
+            return make_boxed_func(g.forward)
+
+        return aot_module_simplified(new, example_inputs, fw_compiler=fw, bw_compiler=bw)
+
+    y = torch.compile(model, backend=backend)(*inputs)
+    y.float().sum().backward()
+    return seen
+
+
+def call_targets(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]

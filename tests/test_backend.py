@@ -1,0 +1,210 @@
+"""End-to-end tests of backend="deeppcr": values and gradients against eager, structure of the graphs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import grads_rel_err, rel_err
+from helpers import PARALLEL, call_targets, capture_graphs, run_both
+
+import pcr_compile
+from pcr_compile.models import DeepMLP, ResidualMLP
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
+@pytest.mark.parametrize("layers,width,batch", [(24, 8, 5), (13, 3, 1)])
+def test_mlp_chain_values_and_grads(activation, layers, width, batch):
+    model = DeepMLP(layers=layers, width=width, activation=activation, gain=0.9)
+    x = torch.randn(batch, width)
+    y0, g0, y1, g1, solves = run_both(model, [x])
+    assert rel_err(y1, y0) < 1e-5
+    assert grads_rel_err(g1, g0) < 1e-4
+    fwd = [s for s in solves if s.direction == "forward"]
+    bwd = [s for s in solves if s.direction == "backward"]
+    assert len(fwd) == 1 and len(bwd) == 1
+    assert fwd[0].length == layers and fwd[0].converged and not fwd[0].fell_back
+    assert bwd[0].converged and not bwd[0].fell_back
+
+
+def test_prenorm_residual_chain_in_training_step():
+    """A chain between a stem and a head, trained for a few optimizer steps: parameters follow eager's."""
+    torch.manual_seed(1)
+    ref = ResidualMLP(blocks=12, width=8, in_features=5, out_features=3)
+    model = ResidualMLP(blocks=12, width=8, in_features=5, out_features=3)
+    model.load_state_dict(ref.state_dict())
+    opt0 = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt1 = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    x, target = torch.randn(6, 5), torch.randn(6, 3)
+    with pcr_compile.record_solves() as solves:
+        for _ in range(3):
+            for opt, fn in ((opt0, ref), (opt1, compiled)):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(fn(x), target)
+                loss.backward()
+                opt.step()
+    for p0, p1 in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-5)
+    assert {s.direction for s in solves} == {"forward", "backward"}
+    assert all(s.length == 12 for s in solves)
+
+
+def test_float64_gradcheck():
+    model = DeepMLP(layers=10, width=3, activation="tanh", gain=0.8).double()
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(compiled, (x,), eps=1e-6, atol=1e-6)
+    y0, g0, y1, g1, _ = run_both(model, [x.detach()])
+    assert rel_err(y1, y0) < 1e-9 and grads_rel_err(g1, g0) < 1e-8
+
+
+def test_chain_op_in_aot_forward_and_backward_graphs():
+    model = DeepMLP(layers=16, width=4)
+    seen = capture_graphs(model, [torch.randn(3, 4)])
+    [name] = seen["names"]
+    name = name.replace("::", ".")  # str(OpOverload) spells the namespace with a dot
+    fw, bw = call_targets(seen["forward"]), call_targets(seen["backward"])
+    assert any(t.startswith(name) and not t.endswith("_adjoint.default") for t in fw), fw
+    assert any(t == f"{name}_adjoint.default" for t in bw), bw
+    # the chain's linear/tanh nodes are gone from the rewritten graph; the op replaced them
+    assert not any("tanh" in t or "linear" in t for t in call_targets(seen["dynamo"]))
+
+
+def test_model_without_repeats_is_left_to_inductor():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Tanh())
+    x = torch.randn(5, 4)
+    seen = capture_graphs(model, [x])
+    assert seen["names"] == [] and seen["plan"].chains == ()
+    y_inductor = torch.compile(model)(x)
+    torch._dynamo.reset()
+    with pcr_compile.record_solves() as solves:
+        y = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+    assert solves == []
+    torch.testing.assert_close(y, y_inductor, rtol=0, atol=0)
+
+
+class Expansive(nn.Module):
+    """z <- tanh(8 W z): saturating, strongly expansive in the linear region; Newton overshoots."""
+
+    def __init__(self, layers=40, width=6):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        for lin in self.layers:
+            nn.init.normal_(lin.weight, std=8 / math.sqrt(width))
+
+    def forward(self, x):
+        for lin in self.layers:
+            x = torch.tanh(lin(x))
+        return x
+
+
+def test_expansive_chain_falls_back_to_eager_answer():
+    model = Expansive()
+    x = torch.randn(4, 6)
+    y0, g0, y1, g1, solves = run_both(model, [x], {**PARALLEL, "max_iters": 6})
+    fwd = [s for s in solves if s.direction == "forward"][0]
+    assert fwd.fell_back and not fwd.converged
+    assert rel_err(y1, y0) < 1e-5
+    assert grads_rel_err(g1, g0) < 1e-3
+
+
+def test_nan_input_rows_match_eager():
+    model = DeepMLP(layers=12, width=5, activation="relu")
+    x = torch.randn(6, 5)
+    x[2] = float("nan")
+    x[4, 1] = float("inf")
+    y0 = model(x)
+    with pcr_compile.record_solves() as solves, torch.no_grad():
+        y1 = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+    assert torch.equal(torch.isnan(y1), torch.isnan(y0))
+    ok = ~torch.isnan(y0)
+    torch.testing.assert_close(y1[ok], y0[ok], rtol=1e-5, atol=1e-6)
+    assert solves[0].fell_back
+
+
+def test_bfloat16_chain_iterates_in_float32():
+    model = DeepMLP(layers=16, width=8, activation="tanh", gain=0.9)
+    x = torch.randn(4, 8)
+    ref64 = model.double()(x.double())
+    model = model.bfloat16()
+    y0 = model(x.bfloat16())
+    with pcr_compile.record_solves() as solves:
+        y1 = torch.compile(model, backend="deeppcr", options=PARALLEL)(x.bfloat16())
+        y1.float().sum().backward()
+    assert y1.dtype == torch.bfloat16
+    assert rel_err(y1, y0) < 3e-2
+    assert rel_err(y1, ref64) < 5e-2
+    assert solves[0].converged
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_changed_batch_size_on_second_call():
+    model = DeepMLP(layers=10, width=4)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    for batch in (3, 7, 2):
+        x = torch.randn(batch, 4)
+        with pcr_compile.record_solves() as solves:
+            y = compiled(x)
+        assert y.shape == (batch, 4)
+        assert rel_err(y, model(x)) < 1e-5
+        assert len(solves) == 1 and solves[0].length == 10
+
+
+def test_sequential_mode_rewrites_nothing():
+    model = DeepMLP(layers=12, width=4)
+    x = torch.randn(3, 4)
+    seen = capture_graphs(model, [x], {"mode": "sequential"})
+    assert seen["names"] == [] and len(seen["plan"].chains) == 1
+    assert seen["plan"].chains[0].decision.decision == "sequential"
+
+
+def test_auto_mode_keeps_cpu_chains_sequential():
+    report = pcr_compile.explain(DeepMLP(layers=12, width=4), torch.randn(3, 4))
+    [chain] = report.chains
+    assert chain.decision == "sequential" and "cpu" in chain.reason
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"mdoe": "parallel"}, "unknown deeppcr option.*mdoe.*accepted options"),
+    ({"mode": "fast"}, "'mode' must be one of .*auto.*parallel.*sequential"),
+    ({"jacobian": "full"}, "'jacobian' must be one of"),
+    ({"tol": -1.0}, "'tol' must be"),
+    ({"max_iters": 2.5}, "'max_iters' must be an int"),
+    ({"min_chain_length": 1}, "'min_chain_length' must be an int >= 2"),
+    ({"strict": "yes"}, "'strict' must be a bool"),
+])
+def test_bad_options_raise_value_error(options, match):
+    with pytest.raises(ValueError, match=match):
+        pcr_compile.Options.parse(options)
+    compiled = torch.compile(DeepMLP(layers=8, width=2), backend="deeppcr", options=options)
+    with pytest.raises(Exception, match=match) as info:
+        compiled(torch.randn(1, 2))
+    # Dynamo wraps backend errors in BackendCompilerFailed; the ValueError is its inner exception.
+    assert isinstance(getattr(info.value, "inner_exception", info.value), ValueError)
+
+
+def test_internal_error_falls_back_to_inductor(monkeypatch, caplog):
+    import pcr_compile.backend as backend
+
+    def boom(*a, **k):
+        raise RuntimeError("synthetic failure")
+
+    monkeypatch.setattr(backend, "rewrite", boom)
+    model = DeepMLP(layers=8, width=3)
+    x = torch.randn(2, 3)
+    with caplog.at_level("WARNING", logger="pcr_compile.backend"):
+        y = torch.compile(model, backend="deeppcr", options={"mode": "parallel"})(x)
+    torch.testing.assert_close(y, model(x))
+    assert "internal error" in caplog.text and "synthetic failure" in caplog.text
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="synthetic failure"):
+        torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+
+
+def test_entry_point_registers_backend():
+    from importlib.metadata import entry_points
+
+    eps = entry_points(group="torch_dynamo_backends")
+    assert any(ep.name == "deeppcr" and ep.value == "pcr_compile.backend:deeppcr" for ep in eps)
+    assert "deeppcr" in torch._dynamo.list_backends()
