@@ -9,8 +9,9 @@ bad values raise `ValueError`); an internal error logs a warning with the traceb
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.fx import Graph, GraphModule
@@ -48,6 +49,21 @@ def plan_graph(gm: GraphModule, options: Options) -> GraphPlan:
     return GraphPlan(tuple(planned), analysis.declined)
 
 
+def _trace_plan(plan: GraphPlan, names: list[str]) -> None:
+    """Emit the plan as a structured trace artifact (TORCH_TRACE=dir, then tlparse, shows it)."""
+    from .api import chain_report
+
+    def payload():
+        return json.dumps({
+            "chains": [asdict(chain_report(0, pc)) for pc in plan.chains],
+            "declined": [asdict(d) for d in plan.declined],
+            "chain_ops": names,
+        })
+
+    torch._logging.trace_structured(
+        "artifact", metadata_fn=lambda: {"name": "pcr_compile_chains", "encoding": "json"}, payload_fn=payload)
+
+
 def _needs_grad(match: ChainMatch) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -83,6 +99,7 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
         names.append(f"{ops.NAMESPACE}::{spec.name}")
         log.info("deeppcr: chain of %d steps (%d nodes each) -> %s [%s]", pc.match.length,
                  pc.match.nodes_per_step, spec.name, pc.decision.jacobian)
+    _trace_plan(plan, names)
     if chosen:
         new.graph.eliminate_dead_code()
         new.graph.lint()
