@@ -425,10 +425,12 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
     seq = [n for n in graph.nodes if n.op in COMPUTE_OPS]
     interned: dict[tuple, int] = {}
     sig_ids = [interned.setdefault(node_signature(n), len(interned)) for n in seq]
-    runs = _candidate_runs(sig_ids, max(2, min_length))
+    # Repeats from 3 steps up are candidates, so that shorter ones are reported as declined.
+    shortest = min(3, min_length)
+    runs = _candidate_runs(sig_ids, shortest)
     cands = []
     for p, a, end in runs:
-        phi = _best_phase(seq, p, a, end, max(2, min_length))
+        phi = _best_phase(seq, p, a, end, shortest)
         k = (end - a - phi) // p
         cands.append((p * k, p, a + phi, k))
     cands.sort(key=lambda c: (-c[0], c[1], c[2]))

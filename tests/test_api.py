@@ -1,0 +1,66 @@
+"""Public API: explain() reports and record_solves() records."""
+
+import json
+import threading
+
+import torch
+
+import pcr_compile
+from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser
+
+
+def test_explain_report_fields_and_table():
+    report = pcr_compile.explain(DeepMLP(layers=12, width=4), torch.randn(3, 4), options={"mode": "parallel"})
+    [c] = report.chains
+    assert (c.length, c.kind, c.decision, c.jacobian) == (12, "layers", "parallel", "dense")
+    assert c.state_shape == (3, 4) and c.reason
+    assert report.declined == [] and len(report.graphs) == 1 and report.graph_breaks == []
+    text = str(report)
+    assert "Chains:" in text and "decision" in text and "parallel" in text
+    doc = json.loads(report.to_json())
+    assert doc["schema_version"] == 1 and doc["chains"][0]["length"] == 12
+    assert doc["options"]["mode"] == "parallel"
+
+
+def test_explain_reports_sampler_kind_and_graph_breaks():
+    report = pcr_compile.explain(DDIMSampler(MLPDenoiser(), steps=9), torch.randn(2, 2))
+    [c] = report.chains
+    assert c.kind == "sampler" and c.length == 9 and c.lifted_constants >= 1
+
+    class Breaks(torch.nn.Module):
+        def forward(self, x):
+            x = x + 1
+            print("graph break")
+            return x * 2
+
+    report = pcr_compile.explain(Breaks(), torch.randn(2))
+    assert len(report.graph_breaks) == 1 and len(report.graphs) == 2 and report.chains == []
+
+
+def test_record_solves_collects_per_block_and_thread():
+    model = DeepMLP(layers=9, width=3)
+    compiled = torch.compile(model, backend="deeppcr", options={"mode": "parallel"})
+    x = torch.randn(2, 3)
+    with pcr_compile.record_solves() as outer:
+        with pcr_compile.record_solves() as inner:
+            compiled(x).sum().backward()
+        compiled(x)
+    assert [r.direction for r in inner] == ["forward", "backward"]
+    assert [r.direction for r in outer] == ["forward", "backward", "forward"]
+    r = inner[0]
+    assert r.chain.startswith("chain_") and r.length == 9 and r.converged and not r.fell_back
+    assert r.iterations == len(r.residuals) - 1 and r.residual == r.residuals[-1]
+
+    seen = []
+
+    def other_thread():
+        with pcr_compile.record_solves() as mine:
+            pass
+        seen.append(mine)
+
+    with pcr_compile.record_solves() as here:
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert here == [] and seen == [[]]
+    compiled(x)  # outside any block: nothing is recorded, nothing fails

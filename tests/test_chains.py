@@ -1,0 +1,151 @@
+"""Chain finding on Dynamo graphs: which chains are found, what is per-step / invariant, what is declined."""
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import grads_rel_err, rel_err
+from helpers import PARALLEL, run_both
+
+from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser, ResidualMLP
+from pcr_compile.passes.chains import find_chains
+
+
+def dynamo_graph(model, *inputs):
+    out = torch._dynamo.explain(model)(*inputs)
+    assert out.graph_count == 1, out.break_reasons
+    return out.graphs[0]
+
+
+def test_mlp_chain_structure_and_analysis_is_read_only():
+    gm = dynamo_graph(DeepMLP(layers=11, width=4), torch.randn(2, 4))
+    before = gm.code
+    analysis = find_chains(gm.graph, min_length=4)
+    assert gm.code == before
+    [c] = analysis.chains
+    assert (c.length, c.nodes_per_step, c.kind) == (11, 2, "layers")
+    assert len(c.per_step) == 2 and c.invariants == () and len(c.initial) == 1
+    assert c.initial[0].op == "placeholder"
+    targets = [n.target for n in c.blocks[0]]
+    assert torch.tanh in targets
+
+
+def test_nested_residual_blocks_between_stem_and_head():
+    gm = dynamo_graph(ResidualMLP(blocks=9, width=6, in_features=3), torch.randn(2, 3))
+    [c] = find_chains(gm.graph, min_length=4).chains
+    assert c.length == 9 and c.nodes_per_step == 5
+    assert len(c.per_step) == 6  # norm weight/bias, two linear weights/biases
+
+
+class TwoStacks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.ModuleList(nn.Linear(4, 4) for _ in range(6))
+        self.proj = nn.Linear(4, 7)
+        self.b = nn.ModuleList(nn.Linear(7, 7) for _ in range(9))
+
+    def forward(self, x):
+        for lin in self.a:
+            x = torch.tanh(lin(x))
+        x = self.proj(x)
+        for lin in self.b:
+            x = torch.sigmoid(lin(x))
+        return x
+
+
+def test_two_chains_in_one_graph():
+    gm = dynamo_graph(TwoStacks(), torch.randn(3, 4))
+    chains = find_chains(gm.graph, min_length=4).chains
+    assert [c.length for c in chains] == [6, 9]
+
+
+class CarriesTwo(nn.Module):
+    """Blocks carrying (h, c) with a loop-invariant conditioning tensor shared by every block."""
+
+    def __init__(self, layers=10, width=5):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.shared = nn.Parameter(0.1 * torch.randn(width))
+
+    def forward(self, h):
+        c = torch.zeros_like(h)
+        for lin in self.lins:
+            h, c = torch.tanh(lin(h) + 0.5 * c + self.shared), 0.8 * c + 0.2 * h
+        return h + c
+
+
+def test_chain_with_two_carried_tensors_and_an_invariant_input():
+    model = CarriesTwo()
+    gm = dynamo_graph(model, torch.randn(3, 5))
+    [c] = find_chains(gm.graph, min_length=4).chains
+    assert len(c.initial) == 2 and len(c.invariants) == 1 and c.length == 10
+    y0, g0, y1, g1, solves = run_both(model, [torch.randn(3, 5)])
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert model.shared in [p for p in model.parameters()]
+
+
+class Collects(nn.Module):
+    def __init__(self, layers=10):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+
+    def forward(self, x):
+        outs = []
+        for lin in self.lins:
+            x = torch.tanh(lin(x))
+            outs.append(x)
+        return torch.stack(outs)
+
+
+def test_intermediate_values_used_outside_are_declined():
+    gm = dynamo_graph(Collects(), torch.randn(2, 4))
+    analysis = find_chains(gm.graph, min_length=4)
+    assert analysis.chains == ()
+    assert any("used outside the chain" in d.reason for d in analysis.declined)
+
+
+class WithDropout(nn.Module):
+    def __init__(self, layers=10, inplace=False):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+        self.inplace = inplace
+
+    def forward(self, x):
+        for lin in self.lins:
+            if self.inplace:
+                x = lin(x)
+                x.mul_(0.5)
+            else:
+                x = nn.functional.dropout(torch.tanh(lin(x)), p=0.2, training=True)
+        return x
+
+
+@pytest.mark.parametrize("inplace,reason", [(False, "random op"), (True, "in-place op")])
+def test_ineligible_blocks_are_declined_with_reason(inplace, reason):
+    gm = dynamo_graph(WithDropout(inplace=inplace), torch.randn(2, 4))
+    analysis = find_chains(gm.graph, min_length=4)
+    assert analysis.chains == ()
+    assert any(reason in d.reason for d in analysis.declined), analysis.declined
+
+
+def test_short_chains_are_left_alone():
+    gm = dynamo_graph(DeepMLP(layers=5, width=3), torch.randn(2, 3))
+    analysis = find_chains(gm.graph, min_length=8)
+    assert analysis.chains == ()
+    assert any("min_chain_length=8" in d.reason for d in analysis.declined)
+
+
+def test_sampler_loop_lifts_per_step_constants():
+    gm = dynamo_graph(DDIMSampler(MLPDenoiser(), steps=12), torch.randn(4, 2))
+    [c] = find_chains(gm.graph, min_length=4).chains
+    assert c.kind == "sampler" and c.length == 12
+    assert len(c.lifted) + len(c.folded) >= 2  # the timestep and the update's coefficients
+    assert c.per_step == () and len(c.invariants) == 6  # the denoiser's parameters are shared
+
+
+def test_sampler_loop_compiled_matches_eager():
+    model = DDIMSampler(MLPDenoiser(), steps=15)
+    x = torch.randn(8, 2)
+    with torch.no_grad():
+        y0 = model(x)
+        y1 = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+    assert rel_err(y1, y0) < 1e-4
