@@ -82,7 +82,7 @@ def _converged_prefix(res_per_step: torch.Tensor, tol: float) -> int:
 def newton_forward(
     z0: torch.Tensor,
     length: int,
-    evaluate: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]],
+    evaluate: Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]],
     step: Callable[[int, torch.Tensor], torch.Tensor],
     *,
     structure: str,
@@ -90,67 +90,90 @@ def newton_forward(
     max_iters: int,
     solve_dtype: torch.dtype,
     round_dtype: torch.dtype | None = None,
-    init: torch.Tensor | None = None,
+    window: int = 0,
+    keep_trajectory: bool = True,
 ) -> tuple[torch.Tensor, SolveStats]:
-    """Solve the chain from packed `z0` (B, w); returns the packed trajectory `(L, B, w)` = [z_1..z_L].
+    """Solve the chain from packed `z0` (B, w).
 
-    `evaluate(Zprev, need_A)` returns `(F, A)` for all steps at once (A None unless `need_A` and the
-    structure needs it); `step(l, z)` evaluates step l alone (the sequential fallback). Linear algebra runs
-    in `solve_dtype`; `round_dtype` (the chain's own half dtype) rounds each iterate to what the chain can
-    represent, so the fixed point is the sequential half-precision result.
+    Returns the packed trajectory `(L, B, w)` = [z_1..z_L], or only `z_L` as `(1, B, w)` when
+    `keep_trajectory` is False (then memory stays O(window x state)).
+
+    `evaluate(start, Zprev, need_A)` returns `(F, A)` for steps `start .. start + len(Zprev)` in one batched
+    call (A None unless `need_A`); `step(l, z)` evaluates step l alone (the sequential fallback). Linear
+    algebra runs in `solve_dtype`; `round_dtype` (the chain's own half dtype) rounds each iterate to what
+    the chain can represent, so the fixed point is the sequential half-precision result.
+
+    Sliding window (ParaDiGMS, Shih et al. 2023): only `window` steps (0: all) are iterated at a time;
+    converged leading steps are committed and the window moves past them. Newton (and Picard) fix at least
+    the first unconverged step per update, so every update makes progress. `max_iters` bounds the updates
+    per window length of progress.
     """
     stats = SolveStats()
     L = length
-    z0s = z0.to(solve_dtype)
-    Z = init.to(solve_dtype) if init is not None else z0s.unsqueeze(0).expand(L, *z0s.shape).clone()
-    best = math.inf
-    while True:
-        Zprev = torch.cat([z0s.unsqueeze(0), Z[:-1]], dim=0)
-        need_A = structure in ("dense", "diagonal") and stats.iterations < max_iters
-        F, A = evaluate(Zprev, need_A)
+    P = window if 0 < window < L else L
+    budget = max_iters * -(-L // P)
+    z_prev = z0.to(solve_dtype)  # the state before the window (exact)
+    Zw = z_prev.unsqueeze(0).expand(P, *z_prev.shape).clone()  # guesses for steps s .. s+P-1
+    Z = torch.empty((L, *z_prev.shape), dtype=solve_dtype, device=z0.device) if keep_trajectory else None
+    s = 0  # first step not yet committed
+    best, since_advance = math.inf, 0
+    while s < L:
+        n = min(P, L - s)
+        Zw = Zw[:n]
+        Zprev = torch.cat([z_prev.unsqueeze(0), Zw[:-1]], dim=0)
+        need_A = structure in ("dense", "diagonal") and stats.iterations < budget
+        F, A = evaluate(s, Zprev, need_A)
         F = F.to(solve_dtype)
-        res_steps, res = _relative_residual(Z - F, F)  # (L,), max over steps
+        r = Zw - F
+        res_steps, res = _relative_residual(r, F)
         stats.residuals.append(res)
         stats.residual = res
-        stats.prefix = _converged_prefix(res_steps, tol)
-        if res <= tol:
-            stats.converged = True
-            return Z, stats
-        if not math.isfinite(res):
-            stats.reason = "non-finite residual"
-            break
-        if stats.iterations >= max_iters:
-            stats.reason = f"max_iters={max_iters} reached"
-            break
-        if res > 1e4 * best and stats.iterations >= 2:
-            stats.reason = "diverging"
-            break
-        best = min(best, res)
-        # Next guess z_l = F_l + A_l (z_{l-1} - Zprev_l), solved for the update d = Z_next - Z, which keeps
-        # rounding proportional to the residual, not to the state: d_l = A_l d_{l-1} - r_l, d_{-1} = 0.
-        A = None if A is None else A.to(solve_dtype)
-        r = Z - F
-        p = stats.prefix
-        r[:p] = 0  # Newton fixes at least one more leading step per iteration: keep the converged prefix.
-        Z = Z - _solve(A, r, structure, reverse=False)
-        if round_dtype is not None:
-            Z = Z.to(round_dtype).to(solve_dtype)
-        stats.iterations += 1
-    # Fallback: sequential from the converged prefix (exact, like eager).
+        p = _converged_prefix(res_steps, tol)
+        if p < n:
+            if not math.isfinite(res):
+                stats.reason = "non-finite residual"
+            elif stats.iterations >= budget:
+                stats.reason = f"max_iters={max_iters} reached"
+            elif res > 1e4 * best and since_advance >= 2:
+                stats.reason = "diverging"
+            elif since_advance >= max(max_iters, 1):
+                stats.reason = f"no progress in {since_advance} iterations"
+            elif stats.iterations >= 8 and s + p < stats.iterations:
+                stats.reason = "no faster than sequential"
+            if stats.reason:
+                Zw = Zw[:p]
+                break
+            best = min(best, res)
+            # Next guess z_l = F_l + A_l (z_{l-1} - Zprev_l), solved for the update d = Z_next - Z, which
+            # keeps rounding proportional to the residual: d_l = A_l d_{l-1} - r_l, d_{-1} = 0.
+            # The converged prefix stays as it is (r = 0 there).
+            r[:p] = 0
+            Zw = Zw - _solve(None if A is None else A.to(solve_dtype), r, structure, reverse=False)
+            if round_dtype is not None:
+                Zw = Zw.to(round_dtype).to(solve_dtype)
+            stats.iterations += 1
+            since_advance += 1
+        # Commit the converged prefix and move the window past it.
+        if p:
+            if Z is not None:
+                Z[s: s + p] = Zw[:p]
+            z_prev = Zw[p - 1]
+            s += p
+            Zw = torch.cat([Zw[p:], z_prev.unsqueeze(0).expand(p, *z_prev.shape)], dim=0)
+            best, since_advance = math.inf, 0
+    stats.prefix = s
+    if s == L:
+        stats.converged = True
+        return (Z if Z is not None else z_prev.unsqueeze(0)), stats
+    # Fallback: sequential from the committed prefix (exact, like eager).
     stats.fell_back = True
     log.debug("Newton solve fell back after %d iterations (%s); prefix %d of %d", stats.iterations,
-              stats.reason, stats.prefix, L)
-    return sequential_from(z0s, Z, stats.prefix, step, solve_dtype), stats
-
-
-def sequential_from(z0: torch.Tensor, Z: torch.Tensor, prefix: int, step, solve_dtype) -> torch.Tensor:
-    """Keep Z[:prefix] and evaluate the remaining steps one by one."""
-    Z = Z.clone()
-    prev = z0 if prefix == 0 else Z[prefix - 1]
-    for l in range(prefix, Z.shape[0]):
-        prev = step(l, prev).to(solve_dtype)
-        Z[l] = prev
-    return Z
+              stats.reason, s, L)
+    for l in range(s, L):
+        z_prev = step(l, z_prev).to(solve_dtype)
+        if Z is not None:
+            Z[l] = z_prev
+    return (Z if Z is not None else z_prev.unsqueeze(0)), stats
 
 
 def adjoint_solve(

@@ -94,7 +94,7 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
     for i, (pc, spec) in enumerate(zip(chosen, specs)):
         op = ops.get_chain_op(spec)
         rewrite_chain(new, pc.match, op, tol=options.tol or 0.0, max_iters=options.max_iters,
-                      jacobian=pc.decision.jacobian, save_trajectory=_needs_grad(pc.match),
+                      jacobian=pc.decision.jacobian, window=options.window, save_trajectory=_needs_grad(pc.match),
                       const_prefix=f"_pcr_chain{i}_const")
         names.append(f"{ops.NAMESPACE}::{spec.name}")
         log.info("deeppcr: chain of %d steps (%d nodes each) -> %s [%s]", pc.match.length,

@@ -20,8 +20,9 @@ RESIDUAL_TARGETS = {operator.add, torch.add, "add", "__add__"}
 # A chain must be at least this long for "auto" to solve it in parallel on a GPU: below it, the fixed
 # cost of a few batched iterations exceeds L sequential small kernels.
 MIN_PARALLEL_LENGTH_GPU = 64
-# Dense Jacobians cost w batched VJPs per iteration and w^3 per block product: small widths only.
-DENSE_MAX_WIDTH = 128
+# Dense Jacobians cost w batched VJPs per iteration and w^3 per block product: small widths only (the
+# Triton dense kernels keep blocks up to 64 x 64 on chip).
+DENSE_MAX_WIDTH = 64
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ def auto_jacobian(match, options: Options) -> tuple[str, str]:
         return "dense", f"dense Jacobians fit ({L}x{B}x{w}x{w} = {elems:,} elements <= dense_budget)"
     if is_residual(match):
         return "identity", f"residual block with a large state (w={w}): Picard, matrix-free"
+    if match.kind == "sampler":
+        return "identity", f"sampler step with a large state (w={w}): Picard, matrix-free (as ParaDiGMS)"
     return "zero", f"state too large for dense Jacobians (w={w}) and not residual: Jacobi"
 
 

@@ -1,6 +1,6 @@
 """The chain ops: one `torch.library.custom_op` per chain template, with its adjoint as a second op.
 
-`pcr_compile::chain_<hash>(states, per_step, consts, invariants, length, tol, max_iters, jacobian,
+`pcr_compile::chain_<hash>(states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
 save_trajectory) -> [*finals, *trajectories]` solves the chain (see ``solve.py``); its autograd formula
 calls `pcr_compile::chain_<hash>_adjoint(...)`, so AOTAutograd places the chain op in the forward graph
 and the adjoint op in the backward graph, and Inductor compiles around both.
@@ -66,16 +66,18 @@ def _define(name: str):
 
     @torch.library.custom_op(qual, mutates_args=())
     def chain(states: list[Tensor], per_step: list[Tensor], consts: list[Tensor], invariants: list[Tensor],
-              length: int, tol: float, max_iters: int, jacobian: str, save_trajectory: bool) -> list[Tensor]:
+              length: int, tol: float, max_iters: int, jacobian: str, window: int,
+              save_trajectory: bool) -> list[Tensor]:
         spec = _SPECS[name]
-        trajs = solve.run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian)
+        trajs = solve.run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian,
+                                  window, keep_trajectory=save_trajectory)
         finals = [_like(s, t[-1]) for s, t in zip(states, trajs)]
         if not save_trajectory:
             trajs = [t.new_empty((0,)) for t in trajs]
         return _fresh(finals + trajs, [states, per_step, consts, invariants])
 
     @chain.register_fake
-    def _(states, per_step, consts, invariants, length, tol, max_iters, jacobian, save_trajectory):
+    def _(states, per_step, consts, invariants, length, tol, max_iters, jacobian, window, save_trajectory):
         finals = [torch.empty_like(s) for s in states]
         if save_trajectory:
             trajs = [s.new_empty((length, *s.shape)) for s in states]
@@ -102,7 +104,7 @@ def _define(name: str):
         return [torch.empty_like(t) for t in [*states, *per_step, *invariants]]
 
     def setup_context(ctx, inputs, output):
-        states, per_step, consts, invariants, length, tol, max_iters, jacobian, save_trajectory = inputs
+        states, per_step, consts, invariants, length, tol, max_iters, jacobian, window, save_trajectory = inputs
         n = len(states)
         ctx.n = (len(states), len(per_step), len(consts), len(invariants))
         ctx.cfg = (length, tol, max_iters, jacobian, save_trajectory)
@@ -124,7 +126,7 @@ def _define(name: str):
         flat = adjoint(trajs, states, per_step, consts, invariants, g_finals, length, tol, max_iters, jacobian)
         d_states, flat = flat[:n_s], flat[n_s:]
         d_per_step, d_inv = flat[:n_p], flat[n_p:]
-        return d_states, d_per_step, [None] * n_c, d_inv, None, None, None, None, None
+        return d_states, d_per_step, [None] * n_c, d_inv, None, None, None, None, None, None
 
     chain.register_autograd(backward, setup_context=setup_context)
     return getattr(getattr(torch.ops, NAMESPACE), name).default

@@ -90,19 +90,25 @@ class ChainCall:
         return tuple(self.spec.template(*args))
 
     # --- evaluation of all steps at once ---------------------------------------------------------
-    def batched(self, Zprev: torch.Tensor, stacked=None, invariants=None) -> torch.Tensor:
-        """F = [f_l(Zprev_l)] for all l, packed (L, B, w) in solve dtype."""
+    def batched(self, Zprev: torch.Tensor, stacked=None, invariants=None, start: int = 0) -> torch.Tensor:
+        """F = [f_l(Zprev_l)] for steps start .. start + len(Zprev), packed (n, B, w) in solve dtype."""
         stacked = self.stacked if stacked is None else stacked
         invariants = self.invariants if invariants is None else invariants
+        n = Zprev.shape[0]
+        if start or n != self.L:
+            stacked = [t[start: start + n] for t in stacked]
+            consts = [t[start: start + n] for t in self.consts]
+        else:
+            consts = self.consts
         prev = self.layout.unpack(Zprev, lead=1)
-        out = self._batched(*prev, *stacked, *self.consts, *invariants)
+        out = self._batched(*prev, *stacked, *consts, *invariants)
         return self.layout.pack(list(out), lead=1, dtype=self.solve_dtype)
 
-    def evaluate(self, Zprev: torch.Tensor, need_A: bool, structure: str):
+    def evaluate(self, start: int, Zprev: torch.Tensor, need_A: bool, structure: str):
         if not need_A:
             with torch.no_grad():
-                return self.batched(Zprev), None
-        F, pullback = vjp(self.batched, Zprev)
+                return self.batched(Zprev, start=start), None
+        F, pullback = vjp(lambda Zp: self.batched(Zp, start=start), Zprev)
         J = self.jacobian_from(pullback, Zprev)
         if structure == "diagonal":
             J = J.diagonal(dim1=-2, dim2=-1)
@@ -115,6 +121,16 @@ class ChainCall:
         basis = eye.reshape(w, 1, 1, w).expand(w, *Zprev.shape)  # (w_out, L, B, w)
         (rows,) = vmap(pullback)(basis)  # (w_out, L, B, w_in)
         return rows.permute(1, 2, 0, 3)
+
+    @torch.no_grad()
+    def sequential(self, z0: torch.Tensor, keep_trajectory: bool) -> torch.Tensor:
+        """All steps in order: the packed trajectory (L, B, w), or (1, B, w) holding z_L."""
+        Z = z0.new_empty((self.L if keep_trajectory else 1, *z0.shape))
+        z = z0
+        for l in range(self.L):
+            z = self.step(l, z)
+            Z[l if keep_trajectory else 0] = z
+        return Z
 
     def step(self, l: int, z: torch.Tensor, stacked=None, invariants=None) -> torch.Tensor:
         """One step alone on a packed state (B, w): the sequential path."""
@@ -158,13 +174,16 @@ def _all_finite(tensors) -> bool:
 
 
 def run_forward(spec: ChainSpec, states, per_step, consts, invariants, length: int, tol: float, max_iters: int,
-                jacobian: str) -> list[torch.Tensor]:
-    """Solve the chain; returns the trajectories `(L, *state_shape)`, one per state, in the states' dtypes."""
+                jacobian: str, window: int = 0, keep_trajectory: bool = True) -> list[torch.Tensor]:
+    """Solve the chain; returns the trajectories `(L, *state_shape)`, one per state, in the states' dtypes
+    (only the last step, `(1, *state_shape)`, when `keep_trajectory` is False)."""
     with _functorch_ready():
-        return _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian)
+        return _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
+                            keep_trajectory)
 
 
-def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian):
+def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
+                 keep_trajectory):
     t0 = time.perf_counter()
     call = ChainCall(spec, states, per_step, consts, invariants, length)
     lay = call.layout
@@ -172,24 +191,21 @@ def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_it
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
     if jacobian == "sequential" or not _all_finite(call.states):
         # Non-finite input data: eager's NaN/inf pattern is only reproduced by evaluating in order.
-        stats = newton.SolveStats(fell_back=True, reason="sequential" if jacobian == "sequential" else
-                                  "non-finite input state")
-        with torch.no_grad():
-            Z = newton.sequential_from(z0, z0.new_empty((length, *z0.shape)), 0, call.step, call.solve_dtype)
-        stats.converged = jacobian == "sequential"
+        Z, stats = call.sequential(z0, keep_trajectory), newton.SolveStats(
+            fell_back=jacobian != "sequential", converged=jacobian == "sequential",
+            reason="non-finite input state" if jacobian != "sequential" else "")
     else:
         try:
             with torch.no_grad():
                 Z, stats = newton.newton_forward(
-                    z0, length, lambda Zp, need: call.evaluate(Zp, need, jacobian), call.step,
+                    z0, length, lambda s, Zp, need: call.evaluate(s, Zp, need, jacobian), call.step,
                     structure=jacobian, tol=tol, max_iters=max_iters, solve_dtype=call.solve_dtype,
-                    round_dtype=call.round_dtype)
+                    round_dtype=call.round_dtype, window=window, keep_trajectory=keep_trajectory)
         except Exception as e:  # a template that cannot be batched, say: exact sequential answer instead
             log.warning("pcr_compile: parallel solve of %s failed (%s: %s); evaluating sequentially",
                         spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
             stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}")
-            with torch.no_grad():
-                Z = newton.sequential_from(z0, z0.new_empty((length, *z0.shape)), 0, call.step, call.solve_dtype)
+            Z = call.sequential(z0, keep_trajectory)
     _record(spec, length, "forward", jacobian, stats, t0)
     return lay.unpack(Z, lead=1)
 
