@@ -1,0 +1,160 @@
+"""Command line: `python -m benchmarks {run,plot,table,list} ...` (see `python -m benchmarks run -h`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import harness, plots, suites
+
+SUITE_CHOICES = ("mlp", "resnet", "diffusion", "all", "smoke")
+
+
+def _parse_option(s: str) -> tuple[str, object]:
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    low = v.lower()
+    if low in ("true", "false"):
+        return k, low == "true"
+    if low == "none":
+        return k, None
+    for cast in (int, float):
+        try:
+            return k, cast(v)
+        except ValueError:
+            pass
+    return k, v
+
+
+def _filter(cases, pattern):
+    import re
+
+    if not pattern:
+        return cases
+    rx = re.compile(pattern)
+    return [c for c in cases if rx.search(f"{c.model} {c.parameters}")]
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import torch
+
+    device = a.device or _default_device()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    cases = _filter(suites.cases_for(a.suite, a.quick), a.filter)
+    providers = harness.select_providers(harness.default_providers(dict(a.pcr_option or [])), a.providers)
+    reps = {"min_reps": a.reps, "max_reps": a.reps, "budget_s": 0.0} if a.reps else {"budget_s": a.budget}
+    cfg = harness.Config.for_grid(
+        a.quick, device=device, train=not a.no_train, progress=not a.no_progress, memory=not a.no_memory,
+        warm_up=not a.no_warm_up, timeout_s=a.timeout, **reps)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    env = harness.environment(torch.device(device))
+    grid = "quick" if a.quick else "full"
+    print(f"{len(cases)} case(s) x {len(providers)} provider(s), suite {a.suite} ({grid} grid), "
+          f"{harness.header(env)}", flush=True)
+    t0 = time.perf_counter()
+    rows = harness.run_benchmarks(cases, providers, cfg, csv_path, env)
+    wall = time.perf_counter() - t0
+    text = harness.tables(rows)
+    summary = harness.problems(rows)
+    print(text)
+    print()
+    print(summary)
+    extra = f"suite {a.suite}, {grid} grid, {len(cases)} cases, wall time {wall:.0f} s"
+    md = (f"# Benchmark run\n\n{harness.header(env, extra)}\n\n"
+          f"Command: `python -m benchmarks {' '.join(a.argv)}`\n\n{text}\n\n```\n{summary}\n```\n")
+    (out / "tables.md").write_text(md)
+    if not a.no_plots:
+        written = plots.plot_csv(csv_path, out / "plots")
+        print(f"\n{len(written)} plot(s) in {out / 'plots'}")
+    print(f"rows appended to {csv_path}; tables in {out / 'tables.md'}; wall time {wall:.0f} s")
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    written = plots.plot_csv(a.csv, a.out or Path(a.csv).parent / "plots")
+    for p in written:
+        print(p)
+    return 0
+
+
+def cmd_table(a: argparse.Namespace) -> int:
+    rows = harness.latest_run(plots.read_csv(a.csv))
+    env = harness.env_of(rows)
+    if env:
+        print(harness.header(env))
+        print()
+    print(harness.tables(rows))
+    print()
+    print(harness.problems(rows))
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    for c in _filter(suites.cases_for(a.suite, a.quick), a.filter):
+        print(f"{c.model}\t{c.parameters}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="measure a suite; append rows to OUT/results.csv, print tables, draw plots")
+    r.add_argument("--suite", choices=SUITE_CHOICES, default="all")
+    r.add_argument("--quick", action="store_true", help="the small grid (about 10 minutes on 2 CPU cores)")
+    r.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    r.add_argument("--out", default="bench_out", help="output folder (default bench_out)")
+    r.add_argument("--providers", default=None,
+                   help="comma-separated labels: eager,inductor,inductor-reduce-overhead,deeppcr-parallel,deeppcr-auto")
+    r.add_argument("--filter", default=None, help="regex on 'model parameters', e.g. 'layers=64,'")
+    r.add_argument("--no-train", action="store_true", help="forward only")
+    r.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-warm-up", action="store_true", help="skip compiling a two-layer model first")
+    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    r.add_argument("--reps", type=int, default=None, help="exactly N timed samples per metric")
+    r.add_argument("--budget", type=float, default=None, help="seconds of timing per metric (CPU)")
+    r.add_argument("--timeout", type=float, default=None, help="seconds per provider phase, compile included")
+    r.add_argument("--pcr-option", action="append", type=_parse_option, metavar="KEY=VALUE",
+                   help="extra deeppcr backend option, e.g. strict=true (repeatable)")
+    r.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plot", help="draw PNGs from a results CSV")
+    p.add_argument("csv")
+    p.add_argument("--out", default=None, help="default: plots/ next to the CSV")
+    p.set_defaults(func=cmd_plot)
+
+    t = sub.add_parser("table", help="print the tables of the latest run in a results CSV")
+    t.add_argument("csv")
+    t.set_defaults(func=cmd_table)
+
+    ls = sub.add_parser("list", help="list the cases of a suite")
+    ls.add_argument("--suite", choices=SUITE_CHOICES, default="all")
+    ls.add_argument("--quick", action="store_true")
+    ls.add_argument("--filter", default=None)
+    ls.set_defaults(func=cmd_list)
+
+    a = ap.parse_args(argv)
+    a.argv = argv
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
