@@ -55,10 +55,11 @@ class SolveStats:
     reason: str = ""
 
 
-def _solve(A: torch.Tensor | None, b: torch.Tensor, structure: str, reverse: bool) -> torch.Tensor:
+def _solve(A: torch.Tensor | None, b: torch.Tensor, structure: str, reverse: bool, impl: str) -> torch.Tensor:
     if structure == "zero":
         return b.clone()
-    return linear_recurrence(A if structure != "identity" else None, b, structure=structure, reverse=reverse)
+    return linear_recurrence(A if structure != "identity" else None, b, structure=structure, reverse=reverse,
+                             impl=impl)
 
 
 def _relative_residual(r: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -92,6 +93,7 @@ def newton_forward(
     round_dtype: torch.dtype | None = None,
     window: int = 0,
     keep_trajectory: bool = True,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, SolveStats]:
     """Solve the chain from packed `z0` (B, w).
 
@@ -106,7 +108,7 @@ def newton_forward(
     Sliding window (ParaDiGMS, Shih et al. 2023): only `window` steps (0: all) are iterated at a time;
     converged leading steps are committed and the window moves past them. Newton (and Picard) fix at least
     the first unconverged step per update, so every update makes progress. `max_iters` bounds the updates
-    per window length of progress.
+    per window length of progress. `impl` selects the linear-recurrence kernels (see `linear_recurrence`).
     """
     stats = SolveStats()
     L = length
@@ -148,7 +150,7 @@ def newton_forward(
             # keeps rounding proportional to the residual: d_l = A_l d_{l-1} - r_l, d_{-1} = 0.
             # The converged prefix stays as it is (r = 0 there).
             r[:p] = 0
-            Zw = Zw - _solve(None if A is None else A.to(solve_dtype), r, structure, reverse=False)
+            Zw = Zw - _solve(None if A is None else A.to(solve_dtype), r, structure, reverse=False, impl=impl)
             if round_dtype is not None:
                 Zw = Zw.to(round_dtype).to(solve_dtype)
             stats.iterations += 1
@@ -185,6 +187,7 @@ def adjoint_solve(
     structure: str,
     tol: float,
     max_iters: int,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, SolveStats]:
     """Solve `lam_m = J_{m+1}^T lam_{m+1} + cot_m` (m = L-1..0, lam_L = 0) for packed `lam` (L, B, w).
 
@@ -194,7 +197,7 @@ def adjoint_solve(
     """
     stats = SolveStats()
     L = cot.shape[0]
-    lam = _solve(A, cot, structure, reverse=True)
+    lam = _solve(A, cot, structure, reverse=True, impl=impl)
     while True:
         U = vjp(lam)
         # residual r_m = cot_m + U_{m+1} - lam_m  (U_L = 0)
@@ -212,7 +215,7 @@ def adjoint_solve(
         if stats.iterations >= max_iters:
             stats.reason = f"max_iters={max_iters} reached"
             break
-        lam = lam + _solve(A, r, structure, reverse=True)
+        lam = lam + _solve(A, r, structure, reverse=True, impl=impl)
         stats.iterations += 1
     stats.fell_back = True
     lam = torch.empty_like(cot)

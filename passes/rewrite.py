@@ -94,7 +94,7 @@ def lifted_values(match: ChainMatch, device) -> list[torch.Tensor]:
 
 
 def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_iters: int, jacobian: str,
-                  window: int, save_trajectory: bool, const_prefix: str) -> Node:
+                  window: int, kernels: str, save_trajectory: bool, const_prefix: str) -> Node:
     """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile."""
     graph = gm.graph
     outputs = match.outputs
@@ -113,7 +113,7 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_ite
         per_step_flat = [group[l] for l in range(L) for group in match.per_step]
         call = graph.call_function(
             op, (list(match.initial), per_step_flat, const_nodes, list(match.invariants), L, float(tol),
-                 int(max_iters), jacobian, int(window), bool(save_trajectory)))
+                 int(max_iters), jacobian, int(window), kernels, bool(save_trajectory)))
     results = []
     with graph.inserting_after(call):
         for s, out in enumerate(outputs):

@@ -18,6 +18,7 @@ from torch.fx import Graph, GraphModule
 
 from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
+from pcr_compile.passes.structure import linear_pointwise
 
 from . import ops
 from .cost import Decision, decide
@@ -74,7 +75,8 @@ def _needs_grad(match: ChainMatch) -> bool:
 def chain_spec(match: ChainMatch) -> ChainSpec:
     t = build_template(match)
     return ChainSpec(name=f"chain_{t.key}", template=t.gm, n_state=t.n_state, n_per_step=t.n_per_step,
-                     n_consts=t.n_consts, n_invariants=t.n_invariants, kind=match.kind)
+                     n_consts=t.n_consts, n_invariants=t.n_invariants, kind=match.kind,
+                     lp=linear_pointwise(t.gm, t.n_state, t.n_per_step))
 
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:
@@ -94,7 +96,8 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
     for i, (pc, spec) in enumerate(zip(chosen, specs)):
         op = ops.get_chain_op(spec)
         rewrite_chain(new, pc.match, op, tol=options.tol or 0.0, max_iters=options.max_iters,
-                      jacobian=pc.decision.jacobian, window=options.window, save_trajectory=_needs_grad(pc.match),
+                      jacobian=pc.decision.jacobian, window=options.window,
+                      kernels=options.kernels, save_trajectory=_needs_grad(pc.match),
                       const_prefix=f"_pcr_chain{i}_const")
         names.append(f"{ops.NAMESPACE}::{spec.name}")
         log.info("deeppcr: chain of %d steps (%d nodes each) -> %s [%s]", pc.match.length,

@@ -88,7 +88,7 @@ class ConvResidualBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int = 4, scale: float = 1.0):
         super().__init__()
-        self.norm = nn.GroupNorm(min(groups, channels), channels)
+        self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         with torch.no_grad():
             self.conv.weight.mul_(scale)

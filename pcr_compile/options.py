@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 MODES = ("auto", "parallel", "sequential")
 JACOBIANS = ("auto", "dense", "diagonal", "identity", "zero")
+KERNELS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Options:
     jacobian: "auto" (by block structure and state size), "dense", "diagonal", "identity", "zero".
     window: steps evaluated per batched call by sampler solves (0: the whole chain).
     dense_budget: largest dense Jacobian (elements, L * B * w * w) "auto" may materialise.
+    kernels: linear-recurrence kernels: "auto" (Triton on CUDA, PyTorch otherwise), "triton", "torch".
     strict: re-raise internal errors instead of falling back to Inductor on the original graph.
     """
 
@@ -31,6 +33,7 @@ class Options:
     jacobian: str = "auto"
     window: int = 0
     dense_budget: int = 1 << 26
+    kernels: str = "auto"
     strict: bool = False
 
     @classmethod
@@ -57,6 +60,8 @@ class Options:
             bad("mode", f"one of {MODES}")
         if self.jacobian not in JACOBIANS:
             bad("jacobian", f"one of {JACOBIANS}")
+        if self.kernels not in KERNELS:
+            bad("kernels", f"one of {KERNELS}")
         if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
                                      or not 0 < self.tol < 1):
             bad("tol", "None or a number in (0, 1)")

@@ -24,8 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch.func import vjp, vmap
 
-from pcr_compile.kernels import newton
+from pcr_compile.kernels import fused_newton, newton
+from pcr_compile.passes.structure import LinearPointwise
 from pcr_compile.records import SolveRecord, emit
+
+# Dense Jacobians are materialised only up to this width when "diagonal" needs a generic diagonal.
+DENSE_DIAGONAL_MAX_WIDTH = 64
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class ChainSpec:
     n_consts: int
     n_invariants: int
     kind: str = "layers"
+    lp: LinearPointwise | None = None  # set when one step is act(z W^T + b) (+ z): cheap exact diagonal
 
 
 class Layout:
@@ -104,7 +109,22 @@ class ChainCall:
         out = self._batched(*prev, *stacked, *consts, *invariants)
         return self.layout.pack(list(out), lead=1, dtype=self.solve_dtype)
 
+    @property
+    def linear_pointwise(self) -> LinearPointwise | None:
+        """The template's linear-pointwise structure, where the state is one `(B, w)` / `(w,)` tensor."""
+        lp = self.spec.lp
+        return lp if lp is not None and len(self.layout.shapes[0]) in (1, 2) else None
+
+    def structure_for(self, jacobian: str) -> str:
+        """The strategy that can run: "diagonal" needs a cheap exact diagonal or a small width."""
+        if jacobian == "diagonal" and self.linear_pointwise is None and self.layout.w > DENSE_DIAGONAL_MAX_WIDTH:
+            return "identity"
+        return jacobian
+
     def evaluate(self, start: int, Zprev: torch.Tensor, need_A: bool, structure: str):
+        """(F, A) for steps start .. start + len(Zprev); A in `structure` form (None unless need_A)."""
+        if structure == "diagonal" and self.linear_pointwise is not None:
+            return self._linear_pointwise(start, Zprev)
         if not need_A:
             with torch.no_grad():
                 return self.batched(Zprev, start=start), None
@@ -113,6 +133,28 @@ class ChainCall:
         if structure == "diagonal":
             J = J.diagonal(dim1=-2, dim2=-1)
         return F.detach(), J.detach()
+
+    def _linear_pointwise(self, start: int, Zprev: torch.Tensor):
+        """F and the exact diagonal of J for z -> act(z W^T + b) (+ z): diag(act'(a)) * diag(W) (+ 1)."""
+        lp = self.linear_pointwise
+        n = Zprev.shape[0]
+        W = self.stacked[lp.weight][start: start + n]  # (n, w, w)
+        z = Zprev.reshape(n, -1, W.shape[-1]).to(W.dtype)  # (n, B, w)
+        a = torch.einsum("nbi,noi->nbo", z, W)
+        if lp.bias is not None:
+            a = a + self.stacked[lp.bias][start: start + n].unsqueeze(1)
+        act, dact = torch.func.jvp(lp.pointwise, (a,), (torch.ones_like(a),))
+        diag = dact * W.diagonal(dim1=-2, dim2=-1).unsqueeze(1)
+        if lp.residual:
+            act, diag = z + act, diag + 1
+        sd = self.solve_dtype
+        return act.reshape(Zprev.shape).to(sd), diag.reshape(Zprev.shape).to(sd)
+
+    def approx_jacobian(self, Zprev: torch.Tensor, structure: str) -> torch.Tensor | None:
+        """`A` in `structure` form at Zprev for all steps (None for identity / zero)."""
+        if structure not in ("dense", "diagonal"):
+            return None
+        return self.evaluate(0, Zprev, True, structure)[1]
 
     def jacobian_from(self, pullback, Zprev: torch.Tensor) -> torch.Tensor:
         """Per-row Jacobian (L, B, w, w) from a pullback of the batched map: w batched VJPs."""
@@ -174,21 +216,39 @@ def _all_finite(tensors) -> bool:
 
 
 def run_forward(spec: ChainSpec, states, per_step, consts, invariants, length: int, tol: float, max_iters: int,
-                jacobian: str, window: int = 0, keep_trajectory: bool = True) -> list[torch.Tensor]:
+                jacobian: str, window: int = 0, keep_trajectory: bool = True, impl: str = "auto") -> list[torch.Tensor]:
     """Solve the chain; returns the trajectories `(L, *state_shape)`, one per state, in the states' dtypes
     (only the last step, `(1, *state_shape)`, when `keep_trajectory` is False)."""
     with _functorch_ready():
         return _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
-                            keep_trajectory)
+                            keep_trajectory, impl)
+
+
+def _fused(call: ChainCall, z0: torch.Tensor, jacobian: str, tol: float, max_iters: int, window: int, impl: str):
+    """The fused Newton kernels for linear-pointwise chains on the GPU; None where they do not apply."""
+    lp = call.linear_pointwise
+    if (lp is None or lp.activation is None or jacobian != "dense" or window or impl == "torch"
+            or not (impl == "triton" or z0.is_cuda) or call.layout.w > fused_newton.MAX_FUSED_W):
+        return None
+    W = call.stacked[lp.weight]
+    b = None if lp.bias is None else call.stacked[lp.bias]
+    res = fused_newton.newton_linear_pointwise(z0, W, b, activation=lp.activation, residual=lp.residual, tol=tol,
+                                               max_iters=max_iters, impl="triton")
+    if not res.converged:
+        return None  # the general solver takes over, with its prefix-preserving fallback
+    stats = newton.SolveStats(iterations=res.iterations, residual=res.residual, converged=True, prefix=call.L,
+                              residuals=list(res.residuals), reason="fused")
+    return res.traj.to(call.solve_dtype), stats
 
 
 def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
-                 keep_trajectory):
+                 keep_trajectory, impl):
     t0 = time.perf_counter()
     call = ChainCall(spec, states, per_step, consts, invariants, length)
     lay = call.layout
     z0 = lay.pack(call.states, lead=0, dtype=call.solve_dtype)
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
+    structure = call.structure_for(jacobian)
     if jacobian == "sequential" or not _all_finite(call.states):
         # Non-finite input data: eager's NaN/inf pattern is only reproduced by evaluating in order.
         Z, stats = call.sequential(z0, keep_trajectory), newton.SolveStats(
@@ -197,31 +257,36 @@ def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_it
     else:
         try:
             with torch.no_grad():
-                Z, stats = newton.newton_forward(
-                    z0, length, lambda s, Zp, need: call.evaluate(s, Zp, need, jacobian), call.step,
-                    structure=jacobian, tol=tol, max_iters=max_iters, solve_dtype=call.solve_dtype,
-                    round_dtype=call.round_dtype, window=window, keep_trajectory=keep_trajectory)
+                fused = _fused(call, z0, structure, tol, max_iters, window, impl)
+                if fused is not None:
+                    Z, stats = fused
+                    Z = Z if keep_trajectory else Z[-1:]
+                else:
+                    Z, stats = newton.newton_forward(
+                        z0, length, lambda s, Zp, need: call.evaluate(s, Zp, need, structure), call.step,
+                        structure=structure, tol=tol, max_iters=max_iters, solve_dtype=call.solve_dtype,
+                        round_dtype=call.round_dtype, window=window, keep_trajectory=keep_trajectory, impl=impl)
         except Exception as e:  # a template that cannot be batched, say: exact sequential answer instead
             log.warning("pcr_compile: parallel solve of %s failed (%s: %s); evaluating sequentially",
                         spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
             stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}")
             Z = call.sequential(z0, keep_trajectory)
-    _record(spec, length, "forward", jacobian, stats, t0)
+    _record(spec, length, "forward", structure, stats, t0)
     return lay.unpack(Z, lead=1)
 
 
 def run_backward(spec: ChainSpec, trajs, states, per_step, consts, invariants, grads, length: int, tol: float,
-                 max_iters: int, jacobian: str):
+                 max_iters: int, jacobian: str, impl: str = "auto"):
     """Adjoint of the chain at the converged trajectory.
 
     Returns gradients for (states, per_step flat, invariants); None where an input is not floating.
     """
     with _functorch_ready():
         return _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters,
-                             jacobian)
+                             jacobian, impl)
 
 
-def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian):
+def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian, impl):
     t0 = time.perf_counter()
     call = ChainCall(spec, states, per_step, consts, invariants, length)
     lay = call.layout
@@ -255,14 +320,12 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
         last["lam"], last["out"] = lam, out
         return out[0]
 
-    structure = jacobian if jacobian in ("dense", "diagonal", "identity", "zero") else "identity"
-    A = None
+    # The approximate Jacobian only preconditions the refinement; the exact VJPs make the answer exact.
+    structure = call.structure_for(jacobian if jacobian in ("dense", "diagonal", "identity", "zero") else "identity")
     ok = _all_finite([Z, cot])
-    if ok and structure in ("dense", "diagonal"):
-        _, pz = vjp(call.batched, Zprev)
-        A = call.jacobian_from(pz, Zprev).detach()
-        if structure == "diagonal":
-            A = A.diagonal(dim1=-2, dim2=-1)
+    A = call.approx_jacobian(Zprev, structure) if ok else None
+    if A is None and structure in ("dense", "diagonal"):
+        structure = "identity"
 
     def step_vjp(s: int, v: torch.Tensor) -> torch.Tensor:
         stacked = call.stacked
@@ -272,10 +335,10 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
     with torch.no_grad():
         if ok:
             lam, stats = newton.adjoint_solve(cot, apply_vjp, A, step_vjp, structure=structure, tol=tol,
-                                              max_iters=max_iters)
+                                              max_iters=max_iters, impl=impl)
         else:
             lam, stats = newton.adjoint_solve(cot, apply_vjp, A, step_vjp, structure=structure, tol=tol,
-                                              max_iters=0)
+                                              max_iters=0, impl=impl)
         out = last["out"] if last.get("lam") is lam else pullback(lam)
     _record(spec, length, "backward", structure, stats, t0)
 
