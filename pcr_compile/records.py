@@ -14,16 +14,16 @@ _local = threading.local()
 class SolveRecord:
     """One solve of one chain: a forward Newton/Picard solve or a backward adjoint solve."""
 
-    chain: str  # the chain op's name, e.g. "pcr_compile::chain_3f2a..."
+    chain: str  # the chain op's name in the pcr_compile namespace, e.g. "chain_3f2a9c0d1e2b4a5f"
     length: int  # steps in the chain
     iterations: int  # linear solves (Newton / Picard / refinement iterations) performed
-    residual: float  # final max |residual|, absolute
+    residual: float  # final residual: max over steps of |z_l - f_l(z_{l-1})| / max |f_l(z_{l-1})|
     converged: bool  # the parallel iteration reached the tolerance
     fell_back: bool  # the chain was finished (partly) by sequential evaluation
     direction: str  # "forward" | "backward"
     jacobian: str = ""  # the strategy that ran: dense | diagonal | identity | zero | sequential
     prefix: int = 0  # steps that had converged when the parallel iteration stopped
-    residuals: tuple[float, ...] = field(default_factory=tuple)  # residual before each iteration
+    residuals: tuple[float, ...] = field(default_factory=tuple)  # residual after 0, 1, ... iterations
     reason: str = ""  # why it fell back, if it did
     seconds: float = 0.0
 
