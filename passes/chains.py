@@ -263,7 +263,20 @@ def _liftable(n: Node, leaf_index: int) -> bool:
     return n.op == "call_method" and n.target in LIFTABLE_METHODS
 
 
-def _validate(blocks: list[tuple[Node, ...]]) -> ChainMatch:
+def _autocast_nodes(graph: Graph) -> set[Node]:
+    """Nodes inside `torch.autocast` regions (between Dynamo's _enter_autocast and _exit_autocast)."""
+    inside, depth = set(), 0
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is torch.amp._enter_autocast:
+            depth += 1
+        elif n.op == "call_function" and n.target is torch.amp._exit_autocast:
+            depth = max(depth - 1, 0)
+        elif depth:
+            inside.add(n)
+    return inside
+
+
+def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset()) -> ChainMatch:
     """Validate blocks as a chain or raise _Split with the sub-ranges worth trying and the reason."""
     k = len(blocks)
     p = len(blocks[0])
@@ -272,6 +285,9 @@ def _validate(blocks: list[tuple[Node, ...]]) -> ChainMatch:
         why = ineligibility(n)
         if why:
             raise _Split([], f"block contains {why}")
+    if any(n in in_autocast for blk in (blocks[0], blocks[-1]) for n in blk):
+        # The chain op would run its steps without the autocast context that eager applies to them.
+        raise _Split([], "inside a torch.autocast region (not supported yet; left to Inductor)")
 
     def tags(i: int):
         out = []
@@ -315,6 +331,8 @@ def _validate(blocks: list[tuple[Node, ...]]) -> ChainMatch:
     for q, node in initial.items():
         if not _is_tensor_node(node) or not _same_tensor_meta(node, blocks[0][q]):
             raise _Split([(1, k)], f"the initial value {node.name} is not a tensor of the state's shape and dtype")
+        if not _val(node).is_floating_point():
+            raise _Split([], f"the carried state {node.name} is not a floating-point tensor")
 
     # Values used outside the chain: only the last block's state nodes may be.
     for i, blk in enumerate(blocks):
@@ -404,20 +422,20 @@ def _describe(blocks, reason: str) -> Declined:
 
 
 def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: int, chains: list,
-                     declined: list) -> None:
+                     declined: list, in_autocast: set[Node]) -> None:
     blocks = [tuple(seq[start + i * p: start + (i + 1) * p]) for i in range(k)]
     if k < min_length:
         declined.append(_describe(blocks, f"{k} steps < min_chain_length={min_length}"))
         return
     try:
-        chains.append(_validate(blocks))
+        chains.append(_validate(blocks, in_autocast))
     except _Split as e:
         useful = [(a, b) for a, b in e.pieces if b - a >= min_length]
         if not useful:
             declined.append(_describe(blocks, e.reason))
         log.debug("candidate %s..%s (%d steps) split: %s", blocks[0][0].name, blocks[-1][-1].name, k, e.reason)
         for a, b in useful:
-            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined)
+            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, in_autocast)
 
 
 def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
@@ -434,6 +452,7 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
         k = (end - a - phi) // p
         cands.append((p * k, p, a + phi, k))
     cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+    in_autocast = _autocast_nodes(graph)
     occupied = [False] * len(seq)
     chains: list[ChainMatch] = []
     declined: list[Declined] = []
@@ -441,7 +460,7 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
         if any(occupied[start: start + p * k]):
             continue
         found: list[ChainMatch] = []
-        _validate_region(seq, start, p, k, min_length, found, declined)
+        _validate_region(seq, start, p, k, min_length, found, declined, in_autocast)
         for c in found:
             pos = {n: i for i, n in enumerate(seq[start: start + p * k], start)}
             lo, hi = pos[c.first], pos[c.last]

@@ -51,15 +51,23 @@ def state_geometry(match) -> tuple[int, int]:
 
 
 def is_residual(match) -> bool:
-    """Every carried state is updated as `state + g(state)` (possibly through other nodes)."""
-    for s, q in enumerate(match.state_positions):
-        node = match.blocks[0][q]
-        if node.target not in RESIDUAL_TARGETS:
+    """Every carried state is updated as `state + g(state)`, possibly through several residual branches
+    (`x1 = x + a(x); x2 = x1 + m(x1)`, as in transformer blocks): the Jacobian is the identity plus the
+    branches' Jacobians, so Picard (identity) iterations fit."""
+    block = match.blocks[0]
+
+    def residual_add(j: int, s: int, depth: int = 0) -> bool:
+        node = block[j]
+        if node.target not in RESIDUAL_TARGETS or depth > len(block):
             return False
-        refs = match.arg_refs[q]
-        if not any(r.kind == "state" and r.index == s for r in refs[:2]):
-            return False
-    return True
+        for r in match.arg_refs[j][:2]:
+            if r.kind == "state" and r.index == s:
+                return True
+            if r.kind == "internal" and residual_add(r.index, s, depth + 1):
+                return True
+        return False
+
+    return all(residual_add(q, s) for s, q in enumerate(match.state_positions))
 
 
 def auto_jacobian(match, options: Options) -> tuple[str, str]:

@@ -149,3 +149,54 @@ def test_sampler_loop_compiled_matches_eager():
         y0 = model(x)
         y1 = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
     assert rel_err(y1, y0) < 1e-4
+
+
+class Autocast(nn.Module):
+    def __init__(self, layers=10):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for lin in self.lins:
+                x = torch.tanh(lin(x))
+        return x.float()
+
+
+def test_chains_inside_autocast_are_declined_and_still_correct():
+    model = Autocast()
+    x = torch.randn(3, 4)
+    gm = dynamo_graph(model, x)
+    analysis = find_chains(gm.graph, min_length=4)
+    assert analysis.chains == () and any("autocast" in d.reason for d in analysis.declined)
+    y = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+    torch.testing.assert_close(y, model(x), rtol=2e-2, atol=2e-2)
+
+
+class PreNormTransformerish(nn.Module):
+    """Two residual branches per block (x1 = x + a(x); x2 = x1 + m(x1)) over a wide state."""
+
+    def __init__(self, blocks=9, width=80):
+        super().__init__()
+        self.a = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width)) for _ in range(blocks))
+        self.m = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+                               for _ in range(blocks))
+        for mod in [*self.a, *self.m]:
+            nn.init.normal_(mod[1].weight, std=0.02)
+
+    def forward(self, x):
+        for a, m in zip(self.a, self.m):
+            x = x + a(x)
+            x = x + m(x)
+        return x
+
+
+def test_blocks_with_two_residual_branches_choose_picard():
+    import pcr_compile
+
+    model = PreNormTransformerish()
+    x = torch.randn(2, 80)
+    [c] = pcr_compile.explain(model, x, options={**PARALLEL, "min_chain_length": 4}).chains
+    assert c.length == 9 and c.jacobian == "identity" and "residual" in c.reason
+    y0, g0, y1, g1, solves = run_both(model, [x], {**PARALLEL, "min_chain_length": 4})
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
