@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,21 @@ def cmd_run(a: argparse.Namespace) -> int:
     import torch
 
     device = a.device or _default_device()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    threads = torch.get_num_threads()
+    # CPU runs default to one intra-op thread: on a busy 2-core machine OpenMP's spin-waiting slows
+    # multi-threaded calls by 10-100x, at random (a 10-step sampler: 0.5 ms with 1 thread, 300 ms with 2).
+    want = a.threads or (1 if device == "cpu" else None)
+    if want:
+        torch.set_num_threads(want)
+    try:
+        return _run(a, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(a: argparse.Namespace, device: str) -> int:
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
@@ -66,6 +80,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     grid = "quick" if a.quick else "full"
     print(f"{len(cases)} case(s) x {len(providers)} provider(s), suite {a.suite} ({grid} grid), "
           f"{harness.header(env)}", flush=True)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
     rows = harness.run_benchmarks(cases, providers, cfg, csv_path, env)
     wall = time.perf_counter() - t0
@@ -75,6 +90,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     print()
     print(summary)
     extra = f"suite {a.suite}, {grid} grid, {len(cases)} cases, wall time {wall:.0f} s"
+    if hasattr(os, "getloadavg"):
+        extra += f", load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     md = (f"# Benchmark run\n\n{harness.header(env, extra)}\n\n"
           f"Command: `python -m benchmarks {' '.join(a.argv)}`\n\n{text}\n\n```\n{summary}\n```\n")
     (out / "tables.md").write_text(md)
@@ -128,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--no-warm-up", action="store_true", help="skip compiling a two-layer model first")
-    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU default: 1)")
     r.add_argument("--reps", type=int, default=None, help="exactly N timed samples per metric")
     r.add_argument("--budget", type=float, default=None, help="seconds of timing per metric (CPU)")
     r.add_argument("--timeout", type=float, default=None, help="seconds per provider phase, compile included")

@@ -13,7 +13,9 @@ which points TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR at a new temporary direc
 in-memory caches), so the first call's wall time is the compile time. Then, per phase:
 
 - time: `triton.testing.do_bench` on CUDA (median / p20 / p80); on the CPU repeated wall-clock samples
-  (each sample the mean of enough back-to-back calls to last >= 1 ms, gc off), median / p20 / p80;
+  (each sample the mean of enough back-to-back calls to last >= 1 ms, gc off), median / p20 / p80. The
+  CLI runs CPU benchmarks on one intra-op thread unless told otherwise (`--threads`): on a shared
+  2-core machine OpenMP's spin-waiting makes multi-threaded timings 10-100x slower, at random;
 - peak memory: CUDA `max_memory_allocated` above what was allocated before the call; CPU the rise of the
   process's resident-set high-water mark during one call (Linux: `/proc/self/clear_refs` resets VmHWM).
   The CPU figure counts pages newly touched, so memory the allocator had already mapped and reuses is not
