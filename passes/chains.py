@@ -61,8 +61,9 @@ class ArgRef:
     """Where one leaf of a block node's arguments comes from.
 
     kind: "internal" (node `index` of the same block), "state" (carried state number `index`),
-    "per_step" (per-step input group `index`), "invariant" (invariant input `index`), "lifted" (lifted
-    constant `index`), "const" (the literal, equal in every block).
+    "per_step" (per-step input group `index`), "invariant" (invariant input `index`), "symint" (symbolic
+    size `index`, shared by every block: dynamic shapes), "lifted" (lifted constant `index`), "const" (the
+    literal, equal in every block).
     """
 
     kind: str
@@ -78,6 +79,7 @@ class ChainMatch:
     initial: tuple[Node, ...]  # z_0, one node per carried state
     per_step: tuple[tuple[Node, ...], ...]  # per group: one node per step
     invariants: tuple[Node, ...]
+    sym_invariants: tuple[Node, ...]  # symbolic ints (sizes under dynamic shapes) shared by every block
     lifted: tuple[tuple[object, ...], ...]  # per lifted constant: one Python value per step
     folded: tuple[int, ...]  # block positions computed from constants only, folded into per-step inputs
     arg_refs: tuple[tuple[ArgRef, ...], ...]  # per block position: one ref per flattened argument leaf
@@ -350,6 +352,7 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
     # Outside references and constants, across blocks.
     per_step_groups: dict[tuple[Node, ...], int] = {}
     invariants: dict[Node, int] = {}
+    sym_invariants: dict[Node, int] = {}
     lifted_groups: dict[tuple, int] = {}
     folded: list[int] = []
     arg_refs = []
@@ -374,6 +377,9 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
             elif t[0] == "out":
                 nodes = tuple(leaves_by_block[i][j][li] for i in range(k))
                 if all(x is nodes[0] for x in nodes):
+                    if isinstance(_val(nodes[0]), torch.SymInt):
+                        row_refs.append(ArgRef("symint", sym_invariants.setdefault(nodes[0], len(sym_invariants))))
+                        continue
                     if not _is_tensor_node(nodes[0]):
                         raise _Split([], f"{node0.name} reads a non-tensor value {nodes[0].name}")
                     row_refs.append(ArgRef("invariant", invariants.setdefault(nodes[0], len(invariants))))
@@ -401,6 +407,7 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
         initial=tuple(initial[q] for q in state_positions),
         per_step=tuple(per_step_groups),
         invariants=tuple(invariants),
+        sym_invariants=tuple(sym_invariants),
         lifted=tuple(lifted_groups),
         folded=tuple(folded),
         arg_refs=tuple(arg_refs),

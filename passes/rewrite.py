@@ -30,10 +30,11 @@ class Template:
     n_per_step: int
     n_consts: int
     n_invariants: int
+    n_syms: int
 
 
 def build_template(match: ChainMatch) -> Template:
-    """One step of the chain as a GraphModule: (*states, *per_step, *consts, *invariants) -> tuple(states)."""
+    """One step of the chain as a GraphModule: (*states, *per_step, *consts, *invariants, *syms) -> tuple(states)."""
     g = Graph()
     states = [g.placeholder(f"state_{i}") for i in range(len(match.initial))]
     per_step = [g.placeholder(f"step_{i}") for i in range(len(match.per_step))]
@@ -41,6 +42,7 @@ def build_template(match: ChainMatch) -> Template:
     lifted = [g.placeholder(f"const_{i}") for i in range(n_lift)]
     folded = [g.placeholder(f"const_{n_lift + i}") for i in range(len(match.folded))]
     invariants = [g.placeholder(f"shared_{i}") for i in range(len(match.invariants))]
+    syms = [g.placeholder(f"size_{i}") for i in range(len(match.sym_invariants))]
     env: dict[int, Node] = {}
     for j, node in enumerate(match.blocks[0]):
         if j in match.folded:
@@ -57,6 +59,8 @@ def build_template(match: ChainMatch) -> Template:
                 new_leaves.append(per_step[ref.index])
             elif ref.kind == "invariant":
                 new_leaves.append(invariants[ref.index])
+            elif ref.kind == "symint":
+                new_leaves.append(syms[ref.index])
             elif ref.kind == "lifted":
                 new_leaves.append(lifted[ref.index])
             else:
@@ -66,7 +70,7 @@ def build_template(match: ChainMatch) -> Template:
     g.output(tuple(env[q] for q in match.state_positions))
     g.eliminate_dead_code()
     gm = GraphModule(torch.nn.Module(), g, class_name="ChainStep")
-    layout = (len(states), len(per_step), n_lift + len(folded), len(invariants))
+    layout = (len(states), len(per_step), n_lift + len(folded), len(invariants), len(syms))
     key = hashlib.sha1((gm.code + repr(layout)).encode()).hexdigest()[:16]
     return Template(gm, key, *layout)
 
@@ -112,7 +116,8 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_ite
     with graph.inserting_after(anchor):
         per_step_flat = [group[l] for l in range(L) for group in match.per_step]
         call = graph.call_function(
-            op, (list(match.initial), per_step_flat, const_nodes, list(match.invariants), L, float(tol),
+            op, (list(match.initial), per_step_flat, const_nodes, list(match.invariants),
+                 list(match.sym_invariants), L, float(tol),
                  int(max_iters), jacobian, int(window), kernels, bool(save_trajectory)))
     results = []
     with graph.inserting_after(call):

@@ -75,7 +75,7 @@ def _needs_grad(match: ChainMatch) -> bool:
 def chain_spec(match: ChainMatch) -> ChainSpec:
     t = build_template(match)
     return ChainSpec(name=f"chain_{t.key}", template=t.gm, n_state=t.n_state, n_per_step=t.n_per_step,
-                     n_consts=t.n_consts, n_invariants=t.n_invariants, kind=match.kind,
+                     n_consts=t.n_consts, n_invariants=t.n_invariants, n_syms=t.n_syms, kind=match.kind,
                      lp=linear_pointwise(t.gm, t.n_state, t.n_per_step))
 
 

@@ -1,7 +1,7 @@
 """The chain ops: one `torch.library.custom_op` per chain template, with its adjoint as a second op.
 
-`pcr_compile::chain_<hash>(states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
-kernels, save_trajectory) -> [*finals, *trajectories]` solves the chain (see ``solve.py``); its autograd formula
+`pcr_compile::chain_<hash>(states, per_step, consts, invariants, syms, length, tol, max_iters, jacobian,
+window, kernels, save_trajectory) -> [*finals, *trajectories]` solves the chain (see ``solve.py``); its autograd formula
 calls `pcr_compile::chain_<hash>_adjoint(...)`, so AOTAutograd places the chain op in the forward graph
 and the adjoint op in the backward graph, and Inductor compiles around both.
 
@@ -66,18 +66,19 @@ def _define(name: str):
 
     @torch.library.custom_op(qual, mutates_args=())
     def chain(states: list[Tensor], per_step: list[Tensor], consts: list[Tensor], invariants: list[Tensor],
-              length: int, tol: float, max_iters: int, jacobian: str, window: int, kernels: str,
+              syms: list[int], length: int, tol: float, max_iters: int, jacobian: str, window: int, kernels: str,
               save_trajectory: bool) -> list[Tensor]:
         spec = _SPECS[name]
         trajs = solve.run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian,
-                                  window, keep_trajectory=save_trajectory, impl=kernels)
+                                  window, keep_trajectory=save_trajectory, impl=kernels, syms=syms)
         finals = [_like(s, t[-1]) for s, t in zip(states, trajs)]
         if not save_trajectory:
             trajs = [t.new_empty((0,)) for t in trajs]
         return _fresh(finals + trajs, [states, per_step, consts, invariants])
 
     @chain.register_fake
-    def _(states, per_step, consts, invariants, length, tol, max_iters, jacobian, window, kernels, save_trajectory):
+    def _(states, per_step, consts, invariants, syms, length, tol, max_iters, jacobian, window, kernels,
+          save_trajectory):
         finals = [torch.empty_like(s) for s in states]
         if save_trajectory:
             trajs = [s.new_empty((length, *s.shape)) for s in states]
@@ -87,11 +88,11 @@ def _define(name: str):
 
     @torch.library.custom_op(qual + "_adjoint", mutates_args=())
     def adjoint(trajs: list[Tensor], states: list[Tensor], per_step: list[Tensor], consts: list[Tensor],
-                invariants: list[Tensor], grads: list[Tensor], length: int, tol: float, max_iters: int,
+                invariants: list[Tensor], syms: list[int], grads: list[Tensor], length: int, tol: float, max_iters: int,
                 jacobian: str, kernels: str) -> list[Tensor]:
         spec = _SPECS[name]
         d_states, d_per_step, d_inv = solve.run_backward(spec, trajs, states, per_step, consts, invariants, grads,
-                                                         length, tol, max_iters, jacobian, impl=kernels)
+                                                         length, tol, max_iters, jacobian, impl=kernels, syms=syms)
         # custom ops return no None: non-differentiable inputs get zeros.
         inputs = [*states, *per_step, *invariants]
         grads = [*d_states, *d_per_step, *d_inv]
@@ -100,19 +101,20 @@ def _define(name: str):
                 for x, g in zip(inputs, _fresh(out, [trajs, states, per_step, consts, invariants, grads]))]
 
     @adjoint.register_fake
-    def _(trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian, kernels):
+    def _(trajs, states, per_step, consts, invariants, syms, grads, length, tol, max_iters, jacobian, kernels):
         return [torch.empty_like(t) for t in [*states, *per_step, *invariants]]
 
     def setup_context(ctx, inputs, output):
-        states, per_step, consts, invariants, length, tol, max_iters, jacobian, window, kernels, save_trajectory = inputs
+        (states, per_step, consts, invariants, syms, length, tol, max_iters, jacobian, window, kernels,
+         save_trajectory) = inputs
         n = len(states)
         ctx.n = (len(states), len(per_step), len(consts), len(invariants))
-        ctx.cfg = (length, tol, max_iters, jacobian, kernels, save_trajectory)
+        ctx.cfg = (list(syms), length, tol, max_iters, jacobian, kernels, save_trajectory)
         ctx.save_for_backward(*output[n:], *states, *per_step, *consts, *invariants)
 
     def backward(ctx, grads):
         n_s, n_p, n_c, n_i = ctx.n
-        length, tol, max_iters, jacobian, kernels, save_trajectory = ctx.cfg
+        syms, length, tol, max_iters, jacobian, kernels, save_trajectory = ctx.cfg
         if not save_trajectory:
             raise RuntimeError(
                 f"{qual}: backward through a chain compiled without gradients (no input required grad and "
@@ -123,11 +125,11 @@ def _define(name: str):
         per_step, rest = rest[:n_p], rest[n_p:]
         consts, invariants = rest[:n_c], rest[n_c:]
         g_finals = [torch.zeros_like(s) if g is None else g for s, g in zip(states, grads[:n_s])]
-        flat = adjoint(trajs, states, per_step, consts, invariants, g_finals, length, tol, max_iters, jacobian,
+        flat = adjoint(trajs, states, per_step, consts, invariants, syms, g_finals, length, tol, max_iters, jacobian,
                        kernels)
         d_states, flat = flat[:n_s], flat[n_s:]
         d_per_step, d_inv = flat[:n_p], flat[n_p:]
-        return d_states, d_per_step, [None] * n_c, d_inv, None, None, None, None, None, None, None
+        return d_states, d_per_step, [None] * n_c, d_inv, [None] * len(syms), None, None, None, None, None, None, None
 
     chain.register_autograd(backward, setup_context=setup_context)
     return getattr(getattr(torch.ops, NAMESPACE), name).default

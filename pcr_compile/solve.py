@@ -6,7 +6,8 @@ A chain is described by a :class:`ChainSpec` (made by the rewrite pass): an FX t
 - states: the carried tensors, `(B, ...)` each;
 - per_step: inputs that differ per step (layer parameters), passed flat, step-major, and stacked here;
 - consts: per-step constants lifted out of the graph, already stacked `(L, ...)`;
-- invariants: inputs shared by every step.
+- invariants: inputs shared by every step;
+- syms: symbolic sizes shared by every step (ints at run time; dynamic shapes).
 
 States are *packed* for the linear algebra: every state is flattened to `(B, w_i)` and concatenated
 along features, `(B, w)`; when the states do not share a leading batch dim, the whole state is one row
@@ -44,6 +45,7 @@ class ChainSpec:
     n_per_step: int
     n_consts: int
     n_invariants: int
+    n_syms: int = 0
     kind: str = "layers"
     lp: LinearPointwise | None = None  # set when one step is act(z W^T + b) (+ z): cheap exact diagonal
 
@@ -75,8 +77,9 @@ class Layout:
 class ChainCall:
     """One call of a chain op with its inputs: closures over the template for the solvers."""
 
-    def __init__(self, spec: ChainSpec, states, per_step, consts, invariants, length: int):
+    def __init__(self, spec: ChainSpec, states, per_step, consts, invariants, length: int, syms=()):
         self.spec = spec
+        self.syms = list(syms)
         self.L = length
         k = spec.n_per_step
         self.stacked = [torch.stack(per_step[s::k]) for s in range(k)]  # each (L, ...)
@@ -88,7 +91,7 @@ class ChainCall:
         self.solve_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.round_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
         n_s, n_c, n_i = spec.n_state, spec.n_consts, spec.n_invariants
-        self._in_dims = (0,) * (n_s + k + n_c) + (None,) * n_i
+        self._in_dims = (0,) * (n_s + k + n_c) + (None,) * (n_i + len(self.syms))
         self._batched = vmap(self._call_template, in_dims=self._in_dims)
 
     def _call_template(self, *args):
@@ -106,7 +109,7 @@ class ChainCall:
         else:
             consts = self.consts
         prev = self.layout.unpack(Zprev, lead=1)
-        out = self._batched(*prev, *stacked, *consts, *invariants)
+        out = self._batched(*prev, *stacked, *consts, *invariants, *self.syms)
         return self.layout.pack(list(out), lead=1, dtype=self.solve_dtype)
 
     @property
@@ -179,7 +182,7 @@ class ChainCall:
         stacked = self.stacked if stacked is None else stacked
         invariants = self.invariants if invariants is None else invariants
         prev = self.layout.unpack(z, lead=0)
-        args = [*prev, *(s[l] for s in stacked), *(c[l] for c in self.consts), *invariants]
+        args = [*prev, *(s[l] for s in stacked), *(c[l] for c in self.consts), *invariants, *self.syms]
         out = self.spec.template(*args)
         return self.layout.pack(list(out), lead=0, dtype=self.solve_dtype)
 
@@ -216,12 +219,13 @@ def _all_finite(tensors) -> bool:
 
 
 def run_forward(spec: ChainSpec, states, per_step, consts, invariants, length: int, tol: float, max_iters: int,
-                jacobian: str, window: int = 0, keep_trajectory: bool = True, impl: str = "auto") -> list[torch.Tensor]:
+                jacobian: str, window: int = 0, keep_trajectory: bool = True, impl: str = "auto",
+                syms=()) -> list[torch.Tensor]:
     """Solve the chain; returns the trajectories `(L, *state_shape)`, one per state, in the states' dtypes
     (only the last step, `(1, *state_shape)`, when `keep_trajectory` is False)."""
     with _functorch_ready():
         return _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
-                            keep_trajectory, impl)
+                            keep_trajectory, impl, syms)
 
 
 def _fused(call: ChainCall, z0: torch.Tensor, jacobian: str, tol: float, max_iters: int, window: int, impl: str):
@@ -242,9 +246,9 @@ def _fused(call: ChainCall, z0: torch.Tensor, jacobian: str, tol: float, max_ite
 
 
 def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
-                 keep_trajectory, impl):
+                 keep_trajectory, impl, syms):
     t0 = time.perf_counter()
-    call = ChainCall(spec, states, per_step, consts, invariants, length)
+    call = ChainCall(spec, states, per_step, consts, invariants, length, syms)
     lay = call.layout
     z0 = lay.pack(call.states, lead=0, dtype=call.solve_dtype)
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
@@ -276,19 +280,20 @@ def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_it
 
 
 def run_backward(spec: ChainSpec, trajs, states, per_step, consts, invariants, grads, length: int, tol: float,
-                 max_iters: int, jacobian: str, impl: str = "auto"):
+                 max_iters: int, jacobian: str, impl: str = "auto", syms=()):
     """Adjoint of the chain at the converged trajectory.
 
     Returns gradients for (states, per_step flat, invariants); None where an input is not floating.
     """
     with _functorch_ready():
         return _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters,
-                             jacobian, impl)
+                             jacobian, impl, syms)
 
 
-def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian, impl):
+def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian, impl,
+                  syms):
     t0 = time.perf_counter()
-    call = ChainCall(spec, states, per_step, consts, invariants, length)
+    call = ChainCall(spec, states, per_step, consts, invariants, length, syms)
     lay = call.layout
     sd = call.solve_dtype
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)

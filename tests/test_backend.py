@@ -208,3 +208,17 @@ def test_entry_point_registers_backend():
     eps = entry_points(group="torch_dynamo_backends")
     assert any(ep.name == "deeppcr" and ep.value == "pcr_compile.backend:deeppcr" for ep in eps)
     assert "deeppcr" in torch._dynamo.list_backends()
+
+
+def test_dynamic_batch_size_keeps_symbolic_sizes_in_the_chain():
+    """Under dynamic shapes a step that reads x.shape[0] refers to a SymInt: it is passed to the op as an int."""
+    from pcr_compile.models import DDIMSampler, MLPDenoiser
+
+    model = DDIMSampler(MLPDenoiser(hidden=16), steps=9)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL, dynamic=True)
+    for batch in (4, 7):
+        x = torch.randn(batch, 2)
+        with torch.no_grad(), pcr_compile.record_solves() as solves:
+            y = compiled(x)
+            assert rel_err(y, model(x)) < 1e-4
+        assert len(solves) == 1 and solves[0].length == 9
