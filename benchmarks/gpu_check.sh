@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (H200, torch 2.11 / triton 3.6 preinstalled, no network), < 5 minutes:
 #   1. install the project in place (no dependencies, no build isolation);
-#   2. the kernel tests on the GPU (Triton compiled, not interpreted): tests/test_kernels.py, test_fused_newton.py;
+#   2. the kernel tests on the GPU (Triton compiled, not interpreted): tests/test_kernels.py, test_fused_newton.py,
+#      and the chain op through the Triton kernels (tests/test_triton_path.py);
 #   3. benchmarks/kernel_bench.py: linear_recurrence and the fused Newton solve, triton vs torch vs sequential,
 #      with the bandwidth bound;
 #   4. the project's benchmark harness, quick suite (another engineer's; its failure does not fail this script).
@@ -28,7 +29,8 @@ stamp "pip install -e ."
 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/pip.log" 2>&1 || echo "pip install failed: see $OUT/pip.log"
 
 stamp "kernel tests on the GPU (timeout 150 s)"
-timeout 150 "$PY" -m pytest tests/test_kernels.py tests/test_fused_newton.py -q -p no:cacheprovider \
+timeout 150 "$PY" -m pytest tests/test_kernels.py tests/test_fused_newton.py tests/test_triton_path.py -q \
+    -p no:cacheprovider \
     --durations=10 --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
 rc_tests=$?
 tail -25 "$OUT/pytest.log"
@@ -49,6 +51,11 @@ echo "tests:   rc=$rc_tests  $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log
 echo "bench:   rc=$rc_bench (kernel_bench.py; 1 = a provider returned a wrong or NaN result)"
 echo "harness: rc=$rc_harness (python -m benchmarks run --suite all --quick)"
 [ -f "$OUT/kernel_bench_table.txt" ] && cat "$OUT/kernel_bench_table.txt"
+# The device tool returns at most 8 files from $OUT: everything goes into one archive beside the log.
+( cd "$OUT" && tar czf gpu_results.tar.gz --exclude=gpu_results.tar.gz --exclude=gpu_check.log . ) \
+    && find "$OUT" -mindepth 1 ! -name gpu_results.tar.gz ! -name gpu_check.log ! -name kernel_bench_table.txt \
+       -delete 2>/dev/null
+
 if [ $rc_tests -ne 0 ]; then exit "$rc_tests"; fi
 if [ $rc_bench -ne 0 ]; then exit 1; fi
 exit 0

@@ -269,9 +269,9 @@ def _autocast_nodes(graph: Graph) -> set[Node]:
     """Nodes inside `torch.autocast` regions (between Dynamo's _enter_autocast and _exit_autocast)."""
     inside, depth = set(), 0
     for n in graph.nodes:
-        if n.op == "call_function" and n.target is torch.amp._enter_autocast:
+        if n.op == "call_function" and n.target is getattr(torch.amp, "_enter_autocast", None):
             depth += 1
-        elif n.op == "call_function" and n.target is torch.amp._exit_autocast:
+        elif n.op == "call_function" and n.target is getattr(torch.amp, "_exit_autocast", None):
             depth = max(depth - 1, 0)
         elif depth:
             inside.add(n)

@@ -140,7 +140,8 @@ def explain(model, *example_inputs, options: dict | None = None) -> Report:
 
     Returns a :class:`Report`: `.chains` (length, kind, decision, reason, jacobian, state_shape, ...),
     `.declined` (candidates rejected, with reasons), `.graphs` and `.graph_breaks`; `str(report)` is a
-    table. Nothing is compiled and the model is not changed.
+    table. Nothing is compiled and the model is not changed; like `torch._dynamo.explain`, it resets Dynamo's
+    caches (compiled functions are recompiled on their next call).
     """
     opts = Options.parse(options)
     out = torch._dynamo.explain(model)(*example_inputs)

@@ -15,11 +15,12 @@ pytestmark = pytest.mark.skipif(
     reason="needs CUDA or Triton's CPU interpreter (TRITON_INTERPRET=1)")
 
 TRITON = {**PARALLEL, "kernels": "triton"}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreted kernels
 
 
 def test_linear_pointwise_chain_fused_newton_and_triton_adjoint():
-    model = DeepMLP(layers=6, width=3, activation="tanh", gain=0.9)
-    x = torch.randn(2, 3)
+    model = DeepMLP(layers=6, width=3, activation="tanh", gain=0.9).to(DEVICE)
+    x = torch.randn(2, 3, device=DEVICE)
     y0, g0, y1, g1, solves = run_both(model, [x], {**TRITON, "min_chain_length": 4})
     assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
     fwd, bwd = solves
@@ -28,8 +29,8 @@ def test_linear_pointwise_chain_fused_newton_and_triton_adjoint():
 
 
 def test_general_block_with_triton_linear_recurrence():
-    model = ResidualMLP(blocks=5, width=3, in_features=2, out_features=2)
-    x = torch.randn(2, 2)
+    model = ResidualMLP(blocks=5, width=3, in_features=2, out_features=2).to(DEVICE)
+    x = torch.randn(2, 2, device=DEVICE)
     y0, g0, y1, g1, solves = run_both(model, [x], {**TRITON, "min_chain_length": 4})
     assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
     assert all(s.converged and not s.fell_back for s in solves)
