@@ -202,7 +202,8 @@ def environment(device: torch.device) -> Env:
     if device.type == "cuda":
         dev = f"cuda: {torch.cuda.get_device_name(device)}"
     else:
-        dev = f"cpu: {_cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        dev = f"cpu: {_cpu_name()} ({os.cpu_count()} cores, {n} thread{'' if n == 1 else 's'})"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return Env(dev, torch.__version__, _project_version(), _commit(), date)
 

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
 from pcr_compile.kernels import linear_recurrence, linear_recurrence_sequential
 from pcr_compile.kernels.fused_newton import newton_linear_pointwise
 

@@ -14,6 +14,7 @@ import torch
 from tabulate import tabulate
 
 from .options import Options
+from .passes.chains import Declined
 
 SCHEMA_VERSION = 1
 
@@ -39,13 +40,10 @@ class ChainReport:
 
 
 @dataclass(frozen=True)
-class DeclinedReport:
-    graph: int
-    first: str
-    last: str
-    length: int
-    nodes_per_step: int
-    reason: str
+class DeclinedReport(Declined):
+    """A declined candidate (first, last, length, nodes_per_step, reason) of graph `graph`."""
+
+    graph: int = 0
 
 
 @dataclass(frozen=True)

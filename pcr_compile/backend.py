@@ -110,6 +110,29 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
     return new, plan, names
 
 
+def capturing_backend(options: Options, sink: list[dict]):
+    """A backend that rewrites like deeppcr and records, per graph, the rewritten Dynamo graph, the plan, the
+    chain ops and the AOTAutograd forward and backward graphs (run uncompiled); for inspection and tests."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+    def backend(gm, example_inputs):
+        new, plan, names = rewrite(gm, options)
+        entry = {"graph": len(sink), "dynamo": new, "plan": plan, "names": names, "forward": None, "backward": None}
+        sink.append(entry)
+
+        def fw(g, _):
+            entry["forward"] = g
+            return make_boxed_func(g.forward)
+
+        def bw(g, _):
+            entry["backward"] = g
+            return make_boxed_func(g.forward)
+
+        return aot_module_simplified(new, example_inputs, fw_compiler=fw, bw_compiler=bw)
+
+    return backend
+
+
 def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """The backend function (registered as "deeppcr" through the torch_dynamo_backends entry point)."""
     from torch._inductor.compile_fx import compile_fx

@@ -311,26 +311,10 @@ def _loss(out) -> torch.Tensor | None:
 def capture_aot(target: Target, options: Options) -> list[dict]:
     """The AOTAutograd forward/backward graphs of every rewritten graph (one forward, and a backward when the
     output requires grad, through a backend that rewrites like deeppcr and runs the graphs uncompiled)."""
-    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
-
-    from .backend import rewrite
+    from .backend import capturing_backend
 
     graphs: list[dict] = []
-
-    def backend(gm, example_inputs):
-        new, _, _ = rewrite(gm, options)
-        entry = {"graph": len(graphs), "forward": None, "backward": None}
-        graphs.append(entry)
-
-        def fw(g, _):
-            entry["forward"] = g
-            return make_boxed_func(g.forward)
-
-        def bw(g, _):
-            entry["backward"] = g
-            return make_boxed_func(g.forward)
-
-        return aot_module_simplified(new, example_inputs, fw_compiler=fw, bw_compiler=bw)
+    backend = capturing_backend(options, graphs)
 
     torch._dynamo.reset()
     loss = _loss(torch.compile(target.model, backend=backend)(*target.inputs))

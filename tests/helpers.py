@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 import pcr_compile
-from pcr_compile.backend import rewrite
+from pcr_compile.backend import capturing_backend
 from pcr_compile.options import Options
 
 PARALLEL = {"mode": "parallel", "strict": True}
@@ -27,24 +26,11 @@ def run_both(model, inputs, options=None, loss=lambda y: y.float().pow(2).mean()
 def capture_graphs(model, inputs, options=None):
     """Compile with a backend that rewrites like deeppcr and records the Dynamo graph after the rewrite and
     the AOTAutograd forward and backward graphs; runs forward and backward once."""
-    seen = {}
-
-    def backend(gm, example_inputs):
-        new, plan, names = rewrite(gm, Options.parse(options or PARALLEL))
-        seen.update(dynamo=new, plan=plan, names=names)
-
-        def fw(g, _):
-            seen["forward"] = g
-            return make_boxed_func(g.forward)
-
-        def bw(g, _):
-            seen["backward"] = g
-            return make_boxed_func(g.forward)
-
-        return aot_module_simplified(new, example_inputs, fw_compiler=fw, bw_compiler=bw)
-
+    graphs: list[dict] = []
+    backend = capturing_backend(Options.parse(options or PARALLEL), graphs)
     y = torch.compile(model, backend=backend)(*inputs)
     y.float().sum().backward()
+    [seen] = graphs
     return seen
 
 

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from pcr_compile.kernels.fused_newton import ACTIVATIONS, NewtonResult, _newton_triton, newton_linear_pointwise
 
 HAS_CUDA = torch.cuda.is_available()

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+
 from pcr_compile.kernels import linear_recurrence, linear_recurrence_sequential
 
 HAS_CUDA = torch.cuda.is_available()
