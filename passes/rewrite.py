@@ -17,6 +17,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import vmap_compat
 from .chains import ChainMatch
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def build_template(match: ChainMatch) -> Template:
         env[j] = g.create_node(node.op, node.target, args, kwargs, name=f"n{j}")
     g.output(tuple(env[q] for q in match.state_positions))
     g.eliminate_dead_code()
+    vmap_compat.substitute(g)  # the template runs under vmap
     gm = GraphModule(torch.nn.Module(), g, class_name="ChainStep")
     layout = (len(states), len(per_step), n_lift + len(folded), len(invariants), len(syms))
     key = hashlib.sha1((gm.code + repr(layout)).encode()).hexdigest()[:16]

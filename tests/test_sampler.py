@@ -164,3 +164,23 @@ def test_stochastic_ddpm_mlp_loop_with_pre_drawn_noise():
     y, solves = compiled_run(loop, latents, generator=torch.Generator().manual_seed(3))
     assert rel_err(y, ref) < 1e-4
     assert solves[0].length == steps and solves[0].converged
+
+
+def test_unet_with_attention_blocks_is_batched_over_steps():
+    """diffusers' attention blocks make group_norm see non-contiguous inputs, which vmap cannot batch; the
+    template uses a composite group_norm instead, so the solve stays parallel (no fallback)."""
+    from pcr_compile.diffusion import sampling_loop
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    latents = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    loop = sampling_loop(unet, diffusers.DDIMScheduler(), 8)
+    with torch.no_grad():
+        ref = loop(latents)
+    y, solves = compiled_run(loop, latents)
+    assert rel_err(y, ref) < 1e-4
+    [s] = solves
+    assert s.converged and not s.fell_back, s.reason
