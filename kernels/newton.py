@@ -142,19 +142,17 @@ def newton_forward(
                 stats.reason = f"no progress in {since_advance} iterations"
             elif stats.iterations >= 8 and s + p < stats.iterations:
                 stats.reason = "no faster than sequential"
-            if stats.reason:
-                Zw = Zw[:p]
-                break
-            best = min(best, res)
-            # Next guess z_l = F_l + A_l (z_{l-1} - Zprev_l), solved for the update d = Z_next - Z, which
-            # keeps rounding proportional to the residual: d_l = A_l d_{l-1} - r_l, d_{-1} = 0.
-            # The converged prefix stays as it is (r = 0 there).
-            r[:p] = 0
-            Zw = Zw - _solve(None if A is None else A.to(solve_dtype), r, structure, reverse=False, impl=impl)
-            if round_dtype is not None:
-                Zw = Zw.to(round_dtype).to(solve_dtype)
-            stats.iterations += 1
-            since_advance += 1
+            if not stats.reason:
+                best = min(best, res)
+                # Next guess z_l = F_l + A_l (z_{l-1} - Zprev_l), solved for the update d = Z_next - Z, which
+                # keeps rounding proportional to the residual: d_l = A_l d_{l-1} - r_l, d_{-1} = 0.
+                # The converged prefix stays as it is (r = 0 there).
+                r[:p] = 0
+                Zw = Zw - _solve(None if A is None else A.to(solve_dtype), r, structure, reverse=False, impl=impl)
+                if round_dtype is not None:
+                    Zw = Zw.to(round_dtype).to(solve_dtype)
+                stats.iterations += 1
+                since_advance += 1
         # Commit the converged prefix and move the window past it.
         if p:
             if Z is not None:
@@ -163,6 +161,8 @@ def newton_forward(
             s += p
             Zw = torch.cat([Zw[p:], z_prev.unsqueeze(0).expand(p, *z_prev.shape)], dim=0)
             best, since_advance = math.inf, 0
+        if stats.reason:
+            break
     stats.prefix = s
     if s == L:
         stats.converged = True
@@ -198,14 +198,17 @@ def adjoint_solve(
     stats = SolveStats()
     L = cot.shape[0]
     lam = _solve(A, cot, structure, reverse=True, impl=impl)
+    done = 0  # trailing steps whose residual is within tol: kept as they are, like the forward's prefix
     while True:
         U = vjp(lam)
         # residual r_m = cot_m + U_{m+1} - lam_m  (U_L = 0)
         r = cot - lam
         r[:-1] += U[1:]
-        _, res = _relative_residual(r, lam)
+        res_steps, res = _relative_residual(r, lam)
         stats.residuals.append(res)
         stats.residual = res
+        done = _converged_prefix(res_steps.flip(0), tol)
+        stats.prefix = done
         if res <= tol:
             stats.converged = True
             return lam, stats
@@ -215,11 +218,16 @@ def adjoint_solve(
         if stats.iterations >= max_iters:
             stats.reason = f"max_iters={max_iters} reached"
             break
+        # The update solves the same adjoint recurrence for the correction; the first unconverged step from
+        # the end becomes exact, so every iteration converges at least one more step.
+        r[L - done:] = 0
         lam = lam + _solve(A, r, structure, reverse=True, impl=impl)
         stats.iterations += 1
     stats.fell_back = True
-    lam = torch.empty_like(cot)
-    lam[L - 1] = cot[L - 1]
-    for m in range(L - 2, -1, -1):
+    lam = lam.clone()
+    if not done:
+        lam[L - 1] = cot[L - 1]
+        done = 1
+    for m in range(L - 1 - done, -1, -1):  # sequentially, from the converged suffix
         lam[m] = step_vjp(m + 1, lam[m + 1]).to(lam.dtype) + cot[m]
     return lam, stats
