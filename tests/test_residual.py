@@ -89,7 +89,7 @@ def test_large_state_residual_chain_is_solved_matrix_free(monkeypatch):
 
 
 def _train(model, step_fn, data, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
     losses = []
     for i in range(steps):
         x, y = data[i % len(data)]
@@ -119,7 +119,7 @@ def test_resnet_training_losses_follow_eager():
     eager, pcr, solves = _loss_curves(blocks=24, steps=12)
     for a, b in zip(pcr, eager):
         assert abs(a - b) <= 1e-3 * abs(b)
-    assert eager[-1] < eager[0]  # it does train
+    assert sum(eager[-4:]) < sum(eager[:4])  # it does train (the data cycles through 4 batches)
     assert len(solves) == 24 and not any(s.fell_back for s in solves)
 
 
@@ -128,3 +128,4 @@ def test_resnet_1024_blocks_100_training_steps_follow_eager():
     eager, pcr, solves = _loss_curves(blocks=1024, steps=100)
     worst = max(abs(a - b) / abs(b) for a, b in zip(pcr, eager))
     assert worst <= 1e-3, worst
+    assert sum(eager[-4:]) < sum(eager[:4])

@@ -103,7 +103,7 @@ def test_sliding_window_memory_grows_with_window_not_steps():
     # 3x the steps at the same window: the same peak; 4x the window: clearly more (1 MiB per step).
     assert long["peak_mib"] < short["peak_mib"] + 4
     assert wide["peak_mib"] > long["peak_mib"] + 24
-    assert long["peak_mib"] < 72 / 2  # a full trajectory alone would be 72 MiB
+    assert long["peak_mib"] < 0.75 * 72  # a full trajectory alone would be 72 MiB
 
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers pipelines need the optional diffusers package")
