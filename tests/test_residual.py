@@ -88,8 +88,8 @@ def test_large_state_residual_chain_is_solved_matrix_free(monkeypatch):
     assert all(s.jacobian == "identity" for s in solves)
 
 
-def _train(model, step_fn, data, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+def _train(model, step_fn, data, steps, lr):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for i in range(steps):
         x, y = data[i % len(data)]
@@ -101,17 +101,17 @@ def _train(model, step_fn, data, steps):
     return losses
 
 
-def _loss_curves(blocks: int, steps: int):
+def _loss_curves(blocks: int, steps: int, lr: float = 0.02):
     torch.manual_seed(0)
     ref = ConvResNet(blocks=blocks, channels=4, in_channels=3, num_classes=5)
     model = ConvResNet(blocks=blocks, channels=4, in_channels=3, num_classes=5)
     model.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(4)]
-    eager = _train(ref, ref, data, steps)
+    eager = _train(ref, ref, data, steps, lr)
     compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
     with pcr_compile.record_solves() as solves:
-        pcr = _train(model, compiled, data, steps)
+        pcr = _train(model, compiled, data, steps, lr)
     return eager, pcr, solves
 
 
@@ -125,7 +125,10 @@ def test_resnet_training_losses_follow_eager():
 
 @pytest.mark.slow
 def test_resnet_1024_blocks_100_training_steps_follow_eager():
-    eager, pcr, solves = _loss_curves(blocks=1024, steps=100)
+    # At lr=0.02 this 1024-block net's loss spikes in the first steps and float32 differences of any origin
+    # (a perturbation of the weights at rounding level does the same in eager) grow to O(1) by step 100;
+    # at lr=0.005 training is smooth and the curves can be compared.
+    eager, pcr, solves = _loss_curves(blocks=1024, steps=100, lr=0.005)
     worst = max(abs(a - b) / abs(b) for a, b in zip(pcr, eager))
     assert worst <= 1e-3, worst
     assert sum(eager[-4:]) < sum(eager[:4])
