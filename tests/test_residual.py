@@ -125,9 +125,9 @@ def test_resnet_training_losses_follow_eager():
 
 @pytest.mark.slow
 def test_resnet_1024_blocks_100_training_steps_follow_eager():
-    # At lr=0.02 this 1024-block net's loss spikes in the first steps and float32 differences of any origin
-    # (a perturbation of the weights at rounding level does the same in eager) grow to O(1) by step 100;
-    # at lr=0.005 training is smooth and the curves can be compared.
+    # At lr=0.02 this 1024-block net's loss spikes (1.5 -> 7.6 in three steps) and the deeppcr and eager
+    # curves, 2e-7 apart at first, drift to 2e-3 by step 42 and 0.4 by step 100 (measured 2026-11-29); the
+    # training is too unstable to compare float32 runs, so the test trains at lr=0.005.
     eager, pcr, solves = _loss_curves(blocks=1024, steps=100, lr=0.005)
     worst = max(abs(a - b) / abs(b) for a, b in zip(pcr, eager))
     assert worst <= 1e-3, worst
