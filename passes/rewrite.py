@@ -45,27 +45,16 @@ def build_template(match: ChainMatch) -> Template:
     invariants = [g.placeholder(f"shared_{i}") for i in range(len(match.invariants))]
     syms = [g.placeholder(f"size_{i}") for i in range(len(match.sym_invariants))]
     env: dict[int, Node] = {}
+    # Where each kind of argument reference points in the template ("const" keeps the literal).
+    sources = {"internal": env, "state": states, "per_step": per_step, "invariant": invariants, "symint": syms,
+               "lifted": lifted}
     for j, node in enumerate(match.blocks[0]):
         if j in match.folded:
             env[j] = folded[match.folded.index(j)]
             continue
         leaves, spec = tree_flatten((node.args, node.kwargs))
-        new_leaves = []
-        for ref, x in zip(match.arg_refs[j], leaves):
-            if ref.kind == "internal":
-                new_leaves.append(env[ref.index])
-            elif ref.kind == "state":
-                new_leaves.append(states[ref.index])
-            elif ref.kind == "per_step":
-                new_leaves.append(per_step[ref.index])
-            elif ref.kind == "invariant":
-                new_leaves.append(invariants[ref.index])
-            elif ref.kind == "symint":
-                new_leaves.append(syms[ref.index])
-            elif ref.kind == "lifted":
-                new_leaves.append(lifted[ref.index])
-            else:
-                new_leaves.append(x)
+        new_leaves = [x if ref.kind == "const" else sources[ref.kind][ref.index]
+                      for ref, x in zip(match.arg_refs[j], leaves)]
         args, kwargs = tree_unflatten(new_leaves, spec)
         env[j] = g.create_node(node.op, node.target, args, kwargs, name=f"n{j}")
     g.output(tuple(env[q] for q in match.state_positions))

@@ -25,10 +25,6 @@ _OPS: dict[str, object] = {}
 _lock = threading.Lock()
 
 
-def registered_spec(name: str) -> ChainSpec:
-    return _SPECS[name]
-
-
 def _like(template: Tensor, value: Tensor) -> Tensor:
     """`value` copied into `torch.empty_like(template)`: the layout the fake kernels promise (Inductor checks
     strides)."""
