@@ -91,8 +91,8 @@ def _define(name: str):
                                                          length, tol, max_iters, jacobian, impl=kernels, syms=syms)
         # custom ops return no None: non-differentiable inputs get zeros.
         inputs = [*states, *per_step, *invariants]
-        grads = [*d_states, *d_per_step, *d_inv]
-        out = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, grads)]
+        d_inputs = [*d_states, *d_per_step, *d_inv]
+        out = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, d_inputs)]
         return [_like(x, g) if g.stride() != torch.empty_like(x).stride() else g
                 for x, g in zip(inputs, _fresh(out, [trajs, states, per_step, consts, invariants, grads]))]
 

@@ -222,3 +222,27 @@ def test_dynamic_batch_size_keeps_symbolic_sizes_in_the_chain():
             y = compiled(x)
             assert rel_err(y, model(x)) < 1e-4
         assert len(solves) == 1 and solves[0].length == 9
+
+
+class _MaskedStack(nn.Module):
+    """Blocks reading a boolean mask shared by every step (like an attention mask in a transformer)."""
+
+    def __init__(self, layers=10, width=6):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(layers)])
+
+    def forward(self, x, mask):
+        for layer in self.layers:
+            x = torch.tanh(layer(x)).masked_fill(mask, 0.0)
+        return x
+
+
+def test_non_differentiable_invariant_input_in_backward():
+    """An invariant with no gradient (a bool mask) gets no adjoint: the backward must not trip over it."""
+    torch.manual_seed(0)
+    model = _MaskedStack()
+    x, mask = torch.randn(4, 6), torch.rand(4, 6) < 0.3
+    y0, g0, y1, g1, solves = run_both(model, [x, mask])
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert [s.direction for s in solves] == ["forward", "backward"]
+    assert not any(s.fell_back for s in solves)
