@@ -84,29 +84,48 @@ class ResidualMLP(nn.Module):
 
 
 class ConvResidualBlock(nn.Module):
-    """`x + scale * conv(act(norm(x)))`, a pre-activation ResNet block (GroupNorm: batch-independent)."""
+    """`x + multiplier * conv(act(norm(x)))`, a pre-activation ResNet block (GroupNorm: batch-independent).
 
-    def __init__(self, channels: int, groups: int = 4, scale: float = 1.0):
+    `scale` multiplies the conv's initial weights and bias; `multiplier` multiplies the branch output in
+    every forward pass (a constant, not a parameter).
+    """
+
+    def __init__(self, channels: int, groups: int = 4, scale: float = 1.0, multiplier: float = 1.0):
         super().__init__()
         self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.multiplier = float(multiplier)
         with torch.no_grad():
             self.conv.weight.mul_(scale)
             self.conv.bias.mul_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(F.silu(self.norm(x)))
+        branch = self.conv(F.silu(self.norm(x)))
+        return x + (branch if self.multiplier == 1.0 else self.multiplier * branch)
 
 
 class ConvResNet(nn.Module):
-    """Conv stem, `blocks` residual blocks, global average pooling and a linear classifier."""
+    """Conv stem, `blocks` residual blocks, global average pooling and a linear classifier.
+
+    Each residual branch is scaled by `scale` (default `1/sqrt(blocks)`), either at initialisation
+    (`depth_scaling="init"`: the conv weights are multiplied once) or in every forward pass
+    (`depth_scaling="forward"`: the Depth-muP parametrisation of Yang et al. 2023). Both give the same
+    network at initialisation. They differ in training: with "init" every block's SGD update has the same
+    size whatever the depth, so the change of the output grows with the number of blocks and deep nets
+    need a learning rate that shrinks with depth; with "forward" the gradients reaching each block shrink
+    by `scale` too, and one learning rate trains every depth stably.
+    """
 
     def __init__(self, blocks: int = 16, channels: int = 8, in_channels: int = 3, num_classes: int = 10,
-                 scale: float | None = None):
+                 scale: float | None = None, depth_scaling: str = "init"):
         super().__init__()
+        if depth_scaling not in ("init", "forward"):
+            raise ValueError(f"depth_scaling must be 'init' or 'forward', got {depth_scaling!r}")
         scale = scale if scale is not None else 1.0 / math.sqrt(blocks)
+        init, mult = (scale, 1.0) if depth_scaling == "init" else (1.0, scale)
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.blocks = nn.Sequential(*[ConvResidualBlock(channels, scale=scale) for _ in range(blocks)])
+        self.blocks = nn.Sequential(*[ConvResidualBlock(channels, scale=init, multiplier=mult)
+                                      for _ in range(blocks)])
         self.head = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
