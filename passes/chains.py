@@ -13,10 +13,11 @@ The finder works in three steps:
    found from the distances between equal signatures (tandem repeats);
 2. for each repeat, the phase of the block boundary minimising the carried tensors is chosen;
 3. the candidate is validated: every block must reference the same positions of its own block and of the
-   previous one; the first block's references to the previous block are the initial state; values
-   used after the chain must come from the last block's state. A violation splits the run (the longest
-   valid pieces stay candidates), and ineligible ops (randomness, in-place mutation, side effects)
-   decline it. Declined candidates are returned with their reasons.
+   previous one; the first block's references to the previous block are the initial state. A
+   violation splits the run (the longest valid pieces stay candidates), and ineligible ops (randomness,
+   in-place mutation, side effects) decline it. Declined candidates are returned with their reasons.
+   Values of earlier steps used after the chain (every layer's output collected in a list, an RNN's
+   per-step outputs) are recorded as `exposed`: the rewrite reads them from the solved trajectory.
 
 Prior art: `torch/_dynamo/graph_region_tracker.py` (repeated regions), `torch/fx/passes/utils/matcher_utils.py`.
 """
@@ -83,6 +84,8 @@ class ChainMatch:
     lifted: tuple[tuple[object, ...], ...]  # per lifted constant: one Python value per step
     folded: tuple[int, ...]  # block positions computed from constants only, folded into per-step inputs
     arg_refs: tuple[tuple[ArgRef, ...], ...]  # per block position: one ref per flattened argument leaf
+    # (step, block position) of the values read outside the chain, other than the last step's states
+    exposed: tuple[tuple[int, int], ...] = ()
 
     @property
     def length(self) -> int:
@@ -336,18 +339,17 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
         if not _val(node).is_floating_point():
             raise _Split([], f"the carried state {node.name} is not a floating-point tensor")
 
-    # Values used outside the chain: only the last block's state nodes may be.
+    # Values used outside the chain. The last step's states are the op's results; any other value is
+    # "exposed": a state of an earlier step is read from the solved trajectory, and any other node is
+    # recomputed from the trajectory after the solve (outside users all come after the chain: blocks are
+    # contiguous in graph order and only compute nodes and the output read values).
+    exposed = []
     for i, blk in enumerate(blocks):
         for j, n in enumerate(blk):
-            for u in n.users:
-                wu = where.get(u)
-                if wu is not None and wu[0] in (i, i + 1):
-                    continue
-                if i == k - 1 and j in sidx:
-                    continue
-                if i == k - 1:
-                    raise _Split([(0, k - 1)], f"{n.name} of the last step is used after the chain")
-                raise _Split([(0, i + 1), (i + 1, k)], f"{n.name} of step {i} is used outside the chain")
+            if i == k - 1 and j in sidx:
+                continue
+            if any(where.get(u, (-1,))[0] not in (i, i + 1) for u in n.users):
+                exposed.append((i, j))
 
     # Outside references and constants, across blocks.
     per_step_groups: dict[tuple[Node, ...], int] = {}
@@ -411,6 +413,7 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
         lifted=tuple(lifted_groups),
         folded=tuple(folded),
         arg_refs=tuple(arg_refs),
+        exposed=tuple(exposed),
     )
 
 

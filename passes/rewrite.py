@@ -90,12 +90,20 @@ def lifted_values(match: ChainMatch, device) -> list[torch.Tensor]:
 
 def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_iters: int, jacobian: str,
                   window: int, kernels: str, save_trajectory: bool, const_prefix: str) -> Node:
-    """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile."""
+    """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile.
+
+    The op returns the last step's states, then (with `save_trajectory`, forced on when the chain has
+    exposed values) every step's states stacked `(L, *state)`. Exposed states of earlier steps are read
+    from those; other exposed nodes are recomputed after the call from the states before their step (a
+    copy of their block's nodes, outside the op, where autograd and Inductor see them as usual).
+    """
     graph = gm.graph
     outputs = match.outputs
     device = match.state_values()[0].device
     consts = lifted_values(match, device) + [v.to(device) for v in folded_values(match)]
     L = match.length
+    n_state = len(outputs)
+    save_trajectory = bool(save_trajectory or match.exposed)
     anchor = match.last
     const_nodes = []
     for i, value in enumerate(consts):
@@ -109,17 +117,79 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_ite
         call = graph.call_function(
             op, (list(match.initial), per_step_flat, const_nodes, list(match.invariants),
                  list(match.sym_invariants), L, float(tol),
-                 int(max_iters), jacobian, int(window), kernels, bool(save_trajectory)))
-    results = []
-    with graph.inserting_after(call):
-        for s, out in enumerate(outputs):
-            r = graph.call_function(operator.getitem, (call, s))
-            r.meta.update({k: v for k, v in out.meta.items() if k in ("example_value", "val", "tensor_meta")})
-            results.append(r)
+                 int(max_iters), jacobian, int(window), kernels, save_trajectory))
     chain_nodes = [n for blk in match.blocks for n in blk]
     inside = set(chain_nodes)
+    created: set[Node] = {call}
+    cursor = call
+
+    def emit(target, args, like: Node | None = None) -> Node:
+        nonlocal cursor
+        with graph.inserting_after(cursor):
+            cursor = graph.call_function(target, args)
+        if like is not None:
+            cursor.meta.update({k: v for k, v in like.meta.items() if k in ("example_value", "val", "tensor_meta")})
+        created.add(cursor)
+        return cursor
+
+    def reroute(old: Node, new: Node) -> None:
+        old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in inside and u not in created)
+
+    results = [emit(operator.getitem, (call, s), like=out) for s, out in enumerate(outputs)]
+    if match.exposed:
+        sidx = {q: s for s, q in enumerate(match.state_positions)}
+        trajs = [emit(operator.getitem, (call, n_state + s)) for s in range(n_state)]
+        state_nodes: dict[tuple[int, int], Node] = {}
+
+        def state_after(i: int, s: int) -> Node:
+            """The node holding state s after step i (i = -1: the initial state)."""
+            if i < 0:
+                return match.initial[s]
+            if i == L - 1:
+                return results[s]
+            if (i, s) not in state_nodes:
+                like = match.blocks[i][match.state_positions[s]]
+                state_nodes[i, s] = emit(operator.getitem, (trajs[s], i), like=like)
+            return state_nodes[i, s]
+
+        for i, blk in enumerate(match.blocks):
+            wanted = {j for (e, j) in match.exposed if e == i}
+            if not wanted:
+                continue
+            position = {n: j for j, n in enumerate(blk)}
+            prev = {n: sidx[q] for q, n in enumerate(match.blocks[i - 1]) if q in sidx} if i else {}
+            # Block i's nodes that the exposed non-state ones depend on, within the block (its states
+            # come from the trajectory, not recomputed).
+            need: set[int] = set()
+            stack = [j for j in wanted if j not in sidx]
+            while stack:
+                j = stack.pop()
+                if j in need:
+                    continue
+                need.add(j)
+                stack.extend(position[x] for x in blk[j].all_input_nodes if x in position and position[x] not in sidx)
+            copies: dict[Node, Node] = {}
+
+            def remap(x: Node, i=i, prev=prev, copies=copies, position=position) -> Node:
+                if x in copies:
+                    return copies[x]
+                if x in prev:
+                    return state_after(i - 1, prev[x])
+                if x in position:  # a state of this step
+                    return state_after(i, sidx[position[x]])
+                return x
+
+            for j in sorted(need):
+                for x in blk[j].all_input_nodes:
+                    remap(x)  # emits the trajectory reads it needs before the copy is placed
+                with graph.inserting_after(cursor):
+                    cursor = graph.node_copy(blk[j], remap)
+                created.add(cursor)
+                copies[blk[j]] = cursor
+            for j in sorted(wanted):
+                reroute(blk[j], copies[blk[j]] if blk[j] in copies else state_after(i, sidx[j]))
     for out, r in zip(outputs, results):
-        out.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside and u is not call and u not in results)
+        reroute(out, r)
     for n in reversed(chain_nodes):
         graph.erase_node(n)
     return call

@@ -37,6 +37,7 @@ class ChainReport:
     jacobian: str
     decision: str  # "parallel" | "sequential"
     reason: str
+    exposed_values: int = 0  # values of earlier steps read after the chain (from the solved trajectory)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def chain_report(graph_index: int, planned) -> ChainReport:
                        nodes_per_step=m.nodes_per_step, kind=m.kind, state_shape=shapes[0], state_shapes=shapes,
                        per_step_inputs=len(m.per_step) + len(m.folded), lifted_constants=len(m.lifted),
                        invariant_inputs=len(m.invariants), jacobian=d.jacobian, decision=d.decision,
-                       reason=d.reason)
+                       reason=d.reason, exposed_values=len(m.exposed))
 
 
 def report_graph(report: Report, index: int, gm: torch.fx.GraphModule, options: Options):

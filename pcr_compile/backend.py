@@ -9,6 +9,7 @@ bad values raise `ValueError`); an internal error logs a warning with the traceb
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -74,7 +75,10 @@ def _needs_grad(match: ChainMatch) -> bool:
 
 def chain_spec(match: ChainMatch) -> ChainSpec:
     t = build_template(match)
-    return ChainSpec(name=f"chain_{t.key}", template=t.gm, n_state=t.n_state, n_per_step=t.n_per_step,
+    # The op's schema version is part of its name: Inductor's on-disk cache stores compiled graphs that
+    # call ops by name, and a cached graph must never call an op whose arguments have changed since.
+    name = "chain_" + hashlib.sha1(f"{t.key}/{ops.SCHEMA_VERSION}".encode()).hexdigest()[:16]
+    return ChainSpec(name=name, template=t.gm, n_state=t.n_state, n_per_step=t.n_per_step,
                      n_consts=t.n_consts, n_invariants=t.n_invariants, n_syms=t.n_syms, kind=match.kind,
                      lp=linear_pointwise(t.gm, t.n_state, t.n_per_step))
 

@@ -1,7 +1,9 @@
 """The chain ops: one `torch.library.custom_op` per chain template, with its adjoint as a second op.
 
 `pcr_compile::chain_<hash>(states, per_step, consts, invariants, syms, length, tol, max_iters, jacobian,
-window, kernels, save_trajectory) -> [*finals, *trajectories]` solves the chain (see ``solve.py``); its autograd formula
+window, kernels, save_trajectory) -> [*finals, *trajectories]` solves the chain (see ``solve.py``); the
+trajectories (every step's states, `(L, *state)`) are returned with `save_trajectory`, for the backward
+and for graphs that read earlier steps' values, and take cotangents like any output; its autograd formula
 calls `pcr_compile::chain_<hash>_adjoint(...)`, so AOTAutograd places the chain op in the forward graph
 and the adjoint op in the backward graph, and Inductor compiles around both.
 
@@ -20,6 +22,8 @@ from pcr_compile import solve
 from pcr_compile.solve import ChainSpec
 
 NAMESPACE = "pcr_compile"
+# Bumped whenever the arguments or results of the chain or adjoint op change (it is hashed into op names).
+SCHEMA_VERSION = 2
 _SPECS: dict[str, ChainSpec] = {}
 _OPS: dict[str, object] = {}
 _lock = threading.Lock()
@@ -84,20 +88,22 @@ def _define(name: str):
 
     @torch.library.custom_op(qual + "_adjoint", mutates_args=())
     def adjoint(trajs: list[Tensor], states: list[Tensor], per_step: list[Tensor], consts: list[Tensor],
-                invariants: list[Tensor], syms: list[int], grads: list[Tensor], length: int, tol: float, max_iters: int,
-                jacobian: str, kernels: str) -> list[Tensor]:
+                invariants: list[Tensor], syms: list[int], grads: list[Tensor], traj_grads: list[Tensor], length: int,
+                tol: float, max_iters: int, jacobian: str, kernels: str) -> list[Tensor]:
         spec = _SPECS[name]
         d_states, d_per_step, d_inv = solve.run_backward(spec, trajs, states, per_step, consts, invariants, grads,
-                                                         length, tol, max_iters, jacobian, impl=kernels, syms=syms)
+                                                         length, tol, max_iters, jacobian, impl=kernels, syms=syms,
+                                                         traj_grads=traj_grads)
         # custom ops return no None: non-differentiable inputs get zeros.
         inputs = [*states, *per_step, *invariants]
         d_inputs = [*d_states, *d_per_step, *d_inv]
         out = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, d_inputs)]
         return [_like(x, g) if g.stride() != torch.empty_like(x).stride() else g
-                for x, g in zip(inputs, _fresh(out, [trajs, states, per_step, consts, invariants, grads]))]
+                for x, g in zip(inputs, _fresh(out, [trajs, states, per_step, consts, invariants, grads, traj_grads]))]
 
     @adjoint.register_fake
-    def _(trajs, states, per_step, consts, invariants, syms, grads, length, tol, max_iters, jacobian, kernels):
+    def _(trajs, states, per_step, consts, invariants, syms, grads, traj_grads, length, tol, max_iters, jacobian,
+          kernels):
         return [torch.empty_like(t) for t in [*states, *per_step, *invariants]]
 
     def setup_context(ctx, inputs, output):
@@ -121,8 +127,14 @@ def _define(name: str):
         per_step, rest = rest[:n_p], rest[n_p:]
         consts, invariants = rest[:n_c], rest[n_c:]
         g_finals = [torch.zeros_like(s) if g is None else g for s, g in zip(states, grads[:n_s])]
-        flat = adjoint(trajs, states, per_step, consts, invariants, syms, g_finals, length, tol, max_iters, jacobian,
-                       kernels)
+        # Cotangents of the trajectories: present when the graph reads earlier steps' values (exposed).
+        g_trajs = list(grads[n_s:])
+        if all(g is None for g in g_trajs):
+            g_trajs = []
+        else:
+            g_trajs = [torch.zeros_like(t) if g is None else g for t, g in zip(trajs, g_trajs)]
+        flat = adjoint(trajs, states, per_step, consts, invariants, syms, g_finals, g_trajs, length, tol, max_iters,
+                       jacobian, kernels)
         d_states, flat = flat[:n_s], flat[n_s:]
         d_per_step, d_inv = flat[:n_p], flat[n_p:]
         return d_states, d_per_step, [None] * n_c, d_inv, [None] * len(syms), None, None, None, None, None, None, None

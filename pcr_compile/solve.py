@@ -280,18 +280,20 @@ def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_it
 
 
 def run_backward(spec: ChainSpec, trajs, states, per_step, consts, invariants, grads, length: int, tol: float,
-                 max_iters: int, jacobian: str, impl: str = "auto", syms=()):
+                 max_iters: int, jacobian: str, impl: str = "auto", syms=(), traj_grads=()):
     """Adjoint of the chain at the converged trajectory.
 
+    `grads` are the cotangents of the final states; `traj_grads` (optional, `(L, *state)` each) those of
+    every step's states, added to the adjoint's right-hand side step by step.
     Returns gradients for (states, per_step flat, invariants); None where an input is not floating.
     """
     with _functorch_ready():
         return _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters,
-                             jacobian, impl, syms)
+                             jacobian, impl, syms, traj_grads)
 
 
 def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian, impl,
-                  syms):
+                  syms, traj_grads=()):
     t0 = time.perf_counter()
     call = ChainCall(spec, states, per_step, consts, invariants, length, syms)
     lay = call.layout
@@ -303,6 +305,8 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
     grads = [torch.zeros_like(s) if g is None else g for s, g in zip(call.states, grads)]
     cot = torch.zeros_like(Z)
     cot[-1] = lay.pack(grads, lead=0, dtype=sd)
+    if len(traj_grads):
+        cot += lay.pack(list(traj_grads), lead=1, dtype=sd)
 
     diff_stacked = [i for i, s in enumerate(call.stacked) if s.is_floating_point()]
     diff_inv = [i for i, s in enumerate(call.invariants) if s.is_floating_point()]

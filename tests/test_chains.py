@@ -96,11 +96,16 @@ class Collects(nn.Module):
         return torch.stack(outs)
 
 
-def test_intermediate_values_used_outside_are_declined():
+def test_intermediate_states_used_after_the_chain_are_exposed_not_split():
     gm = dynamo_graph(Collects(), torch.randn(2, 4))
     analysis = find_chains(gm.graph, min_length=4)
-    assert analysis.chains == ()
-    assert any("used outside the chain" in d.reason for d in analysis.declined)
+    [c] = analysis.chains
+    assert c.length == 10 and analysis.declined == ()
+    [q] = c.state_positions
+    # every step's state but the last (the op's result) is read by torch.stack after the chain
+    assert c.exposed == tuple((i, q) for i in range(9))
+    [stack] = [n for n in gm.graph.nodes if n.target is torch.stack]
+    assert all(c.blocks[i][q] in stack.args[0] for i in range(10))
 
 
 class WithDropout(nn.Module):
