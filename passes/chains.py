@@ -48,6 +48,8 @@ LIFTABLE_METHODS = {"add", "sub", "mul", "div", "pow", "__getitem__", "__add__",
 # Tensor factories whose per-step variants are folded into a per-step input (computed once at rewrite).
 FOLDABLE_TARGETS = {torch.tensor, torch.full, torch.ones, torch.zeros, torch.arange, torch.as_tensor,
                     torch.scalar_tensor, torch.linspace, torch.empty, torch.eye}
+# Attention ops taking `dropout_p` (query, key, value, attn_mask, dropout_p, ...): random unless it is 0.
+ATTENTION_NAMES = {"scaled_dot_product_attention", "_scaled_dot_product_attention_math"}
 RANDOM_NAMES = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
                 "multinomial", "normal", "poisson", "uniform_", "normal_", "bernoulli_", "exponential_",
                 "geometric_", "cauchy_", "log_normal_", "random_", "dropout", "dropout1d", "dropout2d",
@@ -186,6 +188,10 @@ def ineligibility(n: Node) -> str | None:
             if training is False or p == 0:
                 return None
         return f"random op {name} (node {n.name})"
+    if name in ATTENTION_NAMES:
+        p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+        if not (isinstance(p, (int, float)) and p == 0):
+            return f"random op {name} with dropout_p={p} (node {n.name})"
     if n.target in INPLACE_OPERATORS or n.kwargs.get("inplace") is True:
         return f"in-place op {name} (node {n.name})"
     if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):

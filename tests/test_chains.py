@@ -132,6 +132,38 @@ def test_ineligible_blocks_are_declined_with_reason(inplace, reason):
     assert any(reason in d.reason for d in analysis.declined), analysis.declined
 
 
+class AttentionStack(nn.Module):
+    """Self-attention blocks; `dropout_p` is the attention's own dropout (training mode, e.g. attn_pdrop)."""
+
+    def __init__(self, layers=10, dim=8, dropout_p=0.0):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.dropout_p = dropout_p
+
+    def forward(self, x):
+        for qkv in self.qkv:
+            q, k, v = qkv(x).chunk(3, dim=-1)
+            x = x + nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p, is_causal=True)
+        return x
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_attention_dropout_is_random(dropout_p):
+    """SDPA with dropout_p > 0 draws a mask per call: solved out of order it would be wrong, so it declines."""
+    x = torch.randn(2, 5, 8)
+    gm = dynamo_graph(AttentionStack(dropout_p=dropout_p), x)
+    analysis = find_chains(gm.graph, min_length=4)
+    if dropout_p:
+        assert analysis.chains == ()
+        assert any("random op scaled_dot_product_attention with dropout_p=0.1" in d.reason
+                   for d in analysis.declined), analysis.declined
+    else:
+        [c] = analysis.chains
+        assert c.length == 10
+        y0, g0, y1, g1, solves = run_both(AttentionStack(), [x])
+        assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4 and len(solves) == 2
+
+
 def test_short_chains_are_left_alone():
     gm = dynamo_graph(DeepMLP(layers=5, width=3), torch.randn(2, 3))
     analysis = find_chains(gm.graph, min_length=8)
