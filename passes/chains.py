@@ -232,7 +232,9 @@ def _candidate_runs(sig_ids: list[int], min_length: int, max_periods: int = 32) 
 
 
 def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> int:
-    """Block-boundary offset in [0, p) with the fewest carried values; ties go to the earliest."""
+    """Block-boundary offset in [0, p) with the fewest carried values that cannot be states (not floating
+    tensors: a tuple such as an LSTM cell's (h, c) result), then the fewest carried values; ties go to
+    the earliest."""
     best, best_cost = 0, None
     for phi in range(p):
         if (end - a - phi) // p < min_length:
@@ -240,7 +242,8 @@ def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> i
         A = set(seq[a + phi: a + phi + p])
         B = seq[a + phi + p: a + phi + 2 * p]
         carried = {x for n in B for x in n.all_input_nodes if x in A}
-        cost = len(carried)
+        unfit = sum(not (_is_tensor_node(x) and _val(x).is_floating_point()) for x in carried)
+        cost = (unfit, len(carried))
         if best_cost is None or cost < best_cost:
             best, best_cost = phi, cost
     return best

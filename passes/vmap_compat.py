@@ -3,8 +3,10 @@
 The chain op evaluates all steps of a template at once under `vmap`; a few ATen kernels query memory
 formats that vmap does not support (`group_norm` on a non-contiguous input fails with "NYI: querying
 is_contiguous inside of vmap for memory_format other than torch.contiguous_format", as in diffusers'
-UNet attention blocks). Templates call these compositions instead: the same math in plain tensor ops,
-equal to the kernels up to rounding. The sequential fallback runs the same template, so both paths agree.
+UNet attention blocks), and the recurrent cells have no batching rule at all (`lstm_cell` fails;
+`gru_cell` falls back to a loop over the batch). Templates call these compositions instead: the same
+math in plain tensor ops, equal to the kernels up to rounding. The sequential fallback runs the same
+template, so both paths agree.
 """
 
 from __future__ import annotations
@@ -29,7 +31,34 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     return y
 
 
-SUBSTITUTES = {F.group_norm: group_norm, torch.group_norm: group_norm}
+def _gates(x, h, w_ih, w_hh, b_ih, b_hh):
+    gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+    return gi, gh
+
+
+def lstm_cell(x: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None,
+              b_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.lstm_cell` (the kernel of `nn.LSTMCell`): gates i, f, g, o; returns (h', c')."""
+    h, c = hx
+    gi, gh = _gates(x, h, w_ih, w_hh, b_ih, b_hh)
+    i, f, g, o = (gi + gh).chunk(4, dim=-1)
+    c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c2), c2
+
+
+def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+             b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.gru_cell` (the kernel of `nn.GRUCell`): gates r, z and candidate n; returns h'."""
+    gi, gh = _gates(x, h, w_ih, w_hh, b_ih, b_hh)
+    ir, iz, in_ = gi.chunk(3, dim=-1)
+    hr, hz, hn = gh.chunk(3, dim=-1)
+    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+    n = torch.tanh(in_ + r * hn)
+    return n + z * (h - n)
+
+
+SUBSTITUTES = {F.group_norm: group_norm, torch.group_norm: group_norm, torch.lstm_cell: lstm_cell,
+               torch.gru_cell: gru_cell}
 
 
 def substitute(graph: torch.fx.Graph) -> int:

@@ -292,6 +292,41 @@ def run_backward(spec: ChainSpec, trajs, states, per_step, consts, invariants, g
                              jacobian, impl, syms, traj_grads)
 
 
+def _sequential_adjoint(call: ChainCall, Zprev: torch.Tensor, cot: torch.Tensor, diff_stacked: list[int],
+                        diff_inv: list[int]) -> tuple:
+    """The adjoint by one VJP per step, last step first, without vmap: the pullback's output layout
+    (d Zprev with d z_0 at [0], *d stacked per-step inputs, *d invariants)."""
+    lay, L = call.layout, call.L
+    nd = len(diff_stacked)
+
+    def step_with(l: int, z: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        per = [t[l] for t in call.stacked]
+        for i, p in zip(diff_stacked, params[:nd]):
+            per[i] = p
+        inv = list(call.invariants)
+        for i, p in zip(diff_inv, params[nd:]):
+            inv[i] = p
+        out = call.spec.template(*lay.unpack(z, lead=0), *per, *(c[l] for c in call.consts), *inv, *call.syms)
+        return lay.pack(list(out), lead=0, dtype=call.solve_dtype)
+
+    d_stacked = [torch.zeros_like(call.stacked[i]) for i in diff_stacked]
+    d_inv = [torch.zeros_like(call.invariants[i]) for i in diff_inv]
+    lam = torch.zeros_like(cot[0])
+    for l in reversed(range(L)):
+        lam = lam + cot[l]
+        params = [call.stacked[i][l] for i in diff_stacked] + [call.invariants[i] for i in diff_inv]
+        _, pb = vjp(lambda z, *ps, l=l: step_with(l, z, *ps), Zprev[l], *params)
+        grads = pb(lam)
+        lam = grads[0]
+        for k in range(nd):
+            d_stacked[k][l] = grads[1 + k]
+        for k, g in enumerate(grads[1 + nd:]):
+            d_inv[k] += g
+    dZ = torch.zeros_like(Zprev)
+    dZ[0] = lam
+    return (dZ, *d_stacked, *d_inv)
+
+
 def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian, impl,
                   syms, traj_grads=()):
     t0 = time.perf_counter()
@@ -321,34 +356,36 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
         return call.batched(Zp, stacked, inv)
 
     primals = [Zprev, *(call.stacked[i] for i in diff_stacked), *(call.invariants[i] for i in diff_inv)]
-    _, pullback = vjp(full_map, *primals)
-    last: dict = {}
-
-    def apply_vjp(lam: torch.Tensor) -> torch.Tensor:
-        out = pullback(lam)
-        last["lam"], last["out"] = lam, out
-        return out[0]
-
     # The approximate Jacobian only preconditions the refinement; the exact VJPs make the answer exact.
     structure = call.structure_for(jacobian if jacobian in ("dense", "diagonal", "identity", "zero") else "identity")
-    ok = _all_finite([Z, cot])
-    A = call.approx_jacobian(Zprev, structure) if ok else None
-    if A is None and structure in ("dense", "diagonal"):
-        structure = "identity"
+    try:
+        _, pullback = vjp(full_map, *primals)
+        last: dict = {}
 
-    def step_vjp(s: int, v: torch.Tensor) -> torch.Tensor:
-        stacked = call.stacked
-        _, pb = vjp(lambda z: call.step(s, z, stacked), Zprev[s])
-        return pb(v)[0]
+        def apply_vjp(lam: torch.Tensor) -> torch.Tensor:
+            out = pullback(lam)
+            last["lam"], last["out"] = lam, out
+            return out[0]
 
-    with torch.no_grad():
-        if ok:
+        ok = _all_finite([Z, cot])
+        A = call.approx_jacobian(Zprev, structure) if ok else None
+        if A is None and structure in ("dense", "diagonal"):
+            structure = "identity"
+
+        def step_vjp(s: int, v: torch.Tensor) -> torch.Tensor:
+            stacked = call.stacked
+            _, pb = vjp(lambda z: call.step(s, z, stacked), Zprev[s])
+            return pb(v)[0]
+
+        with torch.no_grad():
             lam, stats = newton.adjoint_solve(cot, apply_vjp, A, step_vjp, structure=structure, tol=tol,
-                                              max_iters=max_iters, impl=impl)
-        else:
-            lam, stats = newton.adjoint_solve(cot, apply_vjp, A, step_vjp, structure=structure, tol=tol,
-                                              max_iters=0, impl=impl)
-        out = last["out"] if last.get("lam") is lam else pullback(lam)
+                                              max_iters=max_iters if ok else 0, impl=impl)
+            out = last["out"] if last.get("lam") is lam else pullback(lam)
+    except Exception as e:  # a template that cannot be batched, say: the exact adjoint step by step instead
+        log.warning("pcr_compile: parallel adjoint of %s failed (%s: %s); evaluating sequentially",
+                    spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        out = _sequential_adjoint(call, Zprev, cot, diff_stacked, diff_inv)
+        stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}")
     _record(spec, length, "backward", structure, stats, t0)
 
     d_states = lay.unpack(out[0][0], lead=0)

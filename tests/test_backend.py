@@ -352,3 +352,68 @@ def test_recomputed_values_stay_outside_the_chain_op():
     name = seen["names"][0].replace("::", ".")
     assert any(t.startswith(name) for t in call_targets(seen["forward"]))
     assert f"{name}_adjoint.default" in call_targets(seen["backward"])
+
+
+class _SharedAndPerStep(nn.Module):
+    """Per-step weights plus one weight shared by every step (an invariant input with a gradient)."""
+
+    def __init__(self, layers=10, width=5):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.shared = nn.Parameter(torch.randn(width) * 0.3)
+
+    def forward(self, x):
+        for lin in self.lins:
+            x = torch.tanh(lin(x) + self.shared * x)
+        return x
+
+
+def test_unbatchable_template_falls_back_step_by_step_in_both_directions(monkeypatch, caplog):
+    """When vmap cannot run the template, the forward evaluates in order and the adjoint takes one VJP per
+    step: both exact, both recorded as fallbacks, with a warning."""
+    from pcr_compile import solve
+
+    def no_vmap(self, *a, **k):
+        raise RuntimeError("Batching rule not implemented for aten::synthetic")
+
+    monkeypatch.setattr(solve.ChainCall, "batched", no_vmap)
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="pcr_compile.solve"):
+        y0, g0, y1, g1, solves = run_both(_SharedAndPerStep(), [torch.randn(4, 5)])
+    assert rel_err(y1, y0) < 1e-6 and grads_rel_err(g1, g0) < 1e-6
+    assert [(s.direction, s.fell_back) for s in solves] == [("forward", True), ("backward", True)]
+    assert all("synthetic" in s.reason for s in solves)
+    assert "parallel adjoint" in caplog.text
+
+
+class _LSTMSequence(nn.Module):
+    def __init__(self, cell="lstm", features=4, hidden=6):
+        super().__init__()
+        self.kind, self.hidden = cell, hidden
+        self.cell = nn.LSTMCell(features, hidden) if cell == "lstm" else nn.GRUCell(features, hidden)
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, xs, h0, c0):
+        h, c, outs = h0, c0, []
+        for t in range(xs.shape[1]):
+            if self.kind == "lstm":
+                h, c = self.cell(xs[:, t], (h, c))
+            else:
+                h = self.cell(xs[:, t], h)
+            outs.append(self.head(h))
+        return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_cells_over_a_sequence_are_solved_in_parallel(cell):
+    """nn.LSTMCell / nn.GRUCell unrolled over 12 time steps with per-step readouts: one parallel solve
+    (the cells' kernels are replaced by vmap-friendly compositions), values and gradients as eager's."""
+    torch.manual_seed(0)
+    model = _LSTMSequence(cell)
+    xs, h0, c0 = torch.randn(3, 12, 4), torch.randn(3, 6), torch.randn(3, 6)
+    y0, g0, y1, g1, solves = run_both(model, [xs, h0, c0])
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    # The LSTM's carried values are h and c (not the cell's tuple result), so its chain starts inside step 0.
+    steps = 11 if cell == "lstm" else 12
+    assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", steps, False),
+                                                                       ("backward", steps, False)]
