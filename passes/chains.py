@@ -395,6 +395,11 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
                         raise _Split([], f"{node0.name} reads a non-tensor value {nodes[0].name}")
                     row_refs.append(ArgRef("invariant", invariants.setdefault(nodes[0], len(invariants))))
                 else:
+                    if not _is_tensor_node(nodes[0]):
+                        what = "submodules (an activation checkpoint's body, say)" if nodes[0].op == "get_attr" \
+                            else "non-tensor values"
+                        raise _Split([], f"{node0.name} reads {what} that differ between steps "
+                                         f"({nodes[0].name}, {nodes[1].name}, ...)")
                     for i, x in enumerate(nodes):
                         if not _same_tensor_meta(x, nodes[0]):
                             pieces = [(0, i), (i, k)] if i > 1 else [(1, k)]

@@ -237,3 +237,24 @@ def test_blocks_with_two_residual_branches_choose_picard():
     assert c.length == 9 and c.jacobian == "identity" and "residual" in c.reason
     y0, g0, y1, g1, solves = run_both(model, [x], {**PARALLEL, "min_chain_length": 4})
     assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+
+
+def test_checkpointed_blocks_are_declined_with_a_clear_reason():
+    """Activation checkpointing wraps each block in its own body submodule: declined (left to Inductor),
+    and the reason names the submodules."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lins = nn.ModuleList(nn.Linear(5, 5) for _ in range(10))
+
+        def forward(self, x):
+            for lin in self.lins:
+                x = checkpoint(lambda z, lin=lin: torch.tanh(lin(z)), x, use_reentrant=False)
+            return x
+
+    gm = dynamo_graph(Checkpointed(), torch.randn(3, 5))
+    analysis = find_chains(gm.graph, min_length=4)
+    assert analysis.chains == ()
+    assert any("reads submodules" in d.reason and "wrap_body_0" in d.reason for d in analysis.declined)
