@@ -48,6 +48,10 @@ LIFTABLE_METHODS = {"add", "sub", "mul", "div", "pow", "__getitem__", "__add__",
 # Tensor factories whose per-step variants are folded into a per-step input (computed once at rewrite).
 FOLDABLE_TARGETS = {torch.tensor, torch.full, torch.ones, torch.zeros, torch.arange, torch.as_tensor,
                     torch.scalar_tensor, torch.linspace, torch.empty, torch.eye}
+# Higher-order ops whose first argument is a body submodule that the chain may inline: activation
+# checkpointing (`torch.utils.checkpoint`), which only trades memory for recomputation. The chain op keeps
+# just the trajectory for its backward anyway.
+INLINABLE_HOPS = {"tag_activation_checkpoint"}
 # Attention ops taking `dropout_p` (query, key, value, attn_mask, dropout_p, ...): random unless it is 0.
 ATTENTION_NAMES = {"scaled_dot_product_attention", "_scaled_dot_product_attention_math"}
 RANDOM_NAMES = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
@@ -65,8 +69,9 @@ class ArgRef:
 
     kind: "internal" (node `index` of the same block), "state" (carried state number `index`),
     "per_step" (per-step input group `index`), "invariant" (invariant input `index`), "symint" (symbolic
-    size `index`, shared by every block: dynamic shapes), "lifted" (lifted constant `index`), "const" (the
-    literal, equal in every block).
+    size `index`, shared by every block: dynamic shapes), "lifted" (lifted constant `index`), "submodule"
+    (inlined body `index`: each step has its own, all with the same graph), "const" (the literal, equal in
+    every block).
     """
 
     kind: str
@@ -88,6 +93,8 @@ class ChainMatch:
     arg_refs: tuple[tuple[ArgRef, ...], ...]  # per block position: one ref per flattened argument leaf
     # (step, block position) of the values read outside the chain, other than the last step's states
     exposed: tuple[tuple[int, int], ...] = ()
+    # attribute names (in the graph's module) of block 0's inlined bodies (activation checkpointing)
+    submodules: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -198,7 +205,42 @@ def ineligibility(n: Node) -> str | None:
         return f"in-place op {name} (node {n.name})"
     if n.is_impure():
         return f"op with side effects {name} (node {n.name})"
+    body = inlinable_body(n)
+    if body is not None:
+        for b in body.graph.nodes:
+            if b.op == "get_attr":
+                return f"checkpointed body {n.args[0].target} reads attribute {b.target}"
+            if b.op in COMPUTE_OPS:
+                why = ineligibility(b)
+                if why:
+                    return f"{why} inside {n.args[0].target}"
     return None
+
+
+def inlinable_body(n: Node):
+    """The body GraphModule of an inlinable higher-order op call (activation checkpointing), else None."""
+    if n.op != "call_function" or getattr(n.target, "__name__", None) not in INLINABLE_HOPS:
+        return None
+    if not n.args or not isinstance(n.args[0], Node) or n.args[0].op != "get_attr":
+        return None
+    owner = n.graph.owning_module
+    try:
+        body = owner.get_submodule(n.args[0].target) if owner is not None else None
+    except AttributeError:
+        return None
+    return body if isinstance(body, torch.fx.GraphModule) else None
+
+
+def body_structure(gm: torch.fx.GraphModule) -> tuple:
+    """A body graph's structure, independent of node names: equal structures compute the same function."""
+    index = {}
+    rows = []
+    for i, b in enumerate(gm.graph.nodes):
+        index[b] = i
+        leaves, spec = tree_flatten((b.args, b.kwargs))
+        args = tuple(("node", index[x]) if isinstance(x, Node) else repr(x) for x in leaves)
+        rows.append((b.op, "" if b.op == "placeholder" else str(b.target), str(spec), args))
+    return tuple(rows)
 
 
 # --- candidate periods and phases -----------------------------------------------------------------------
@@ -366,6 +408,7 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
     sym_invariants: dict[Node, int] = {}
     lifted_groups: dict[tuple, int] = {}
     folded: list[int] = []
+    submodules: dict[str, int] = {}
     arg_refs = []
     leaves_by_block = [[_leaves(n) for n in blk] for blk in blocks]
     for j in range(p):
@@ -395,6 +438,17 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
                         raise _Split([], f"{node0.name} reads a non-tensor value {nodes[0].name}")
                     row_refs.append(ArgRef("invariant", invariants.setdefault(nodes[0], len(invariants))))
                 else:
+                    if li == 0 and all(inlinable_body(blocks[i][j]) is not None for i in range(k)):
+                        bodies = [inlinable_body(blocks[i][j]) for i in range(k)]
+                        first = body_structure(bodies[0])
+                        differs = next((i for i in range(1, k) if body_structure(bodies[i]) != first), None)
+                        if differs is None:
+                            row_refs.append(ArgRef("submodule", submodules.setdefault(nodes[0].target,
+                                                                                    len(submodules))))
+                            continue
+                        pieces = [(0, differs), (differs, k)] if differs > 1 else [(1, k)]
+                        raise _Split(pieces, f"the checkpointed body {nodes[differs].target} of step {differs} "
+                                             f"differs from {nodes[0].target}")
                     if not _is_tensor_node(nodes[0]):
                         what = "submodules (an activation checkpoint's body, say)" if nodes[0].op == "get_attr" \
                             else "non-tensor values"
@@ -428,6 +482,7 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
         folded=tuple(folded),
         arg_refs=tuple(arg_refs),
         exposed=tuple(exposed),
+        submodules=tuple(submodules),
     )
 
 

@@ -8,6 +8,7 @@ mutation; afterwards dead code is eliminated, the graph linted and recompiled.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import operator
@@ -44,10 +45,21 @@ def build_template(match: ChainMatch) -> Template:
     folded = [g.placeholder(f"const_{n_lift + i}") for i in range(len(match.folded))]
     invariants = [g.placeholder(f"shared_{i}") for i in range(len(match.invariants))]
     syms = [g.placeholder(f"size_{i}") for i in range(len(match.sym_invariants))]
+    # Inlined bodies (activation checkpointing): block 0's, copied into the template's module, with the
+    # same vmap-friendly substitutions; the checkpoint itself is dropped (a plain call of the body).
+    root = torch.nn.Module()
+    owner = match.first.graph.owning_module
+    body_names = []
+    for i, name in enumerate(match.submodules):
+        body = copy.deepcopy(owner.get_submodule(name))
+        if vmap_compat.substitute(body.graph):
+            body.recompile()
+        root.add_module(f"body_{i}", body)
+        body_names.append(f"body_{i}")
     env: dict[int, Node] = {}
     # Where each kind of argument reference points in the template ("const" keeps the literal).
     sources = {"internal": env, "state": states, "per_step": per_step, "invariant": invariants, "symint": syms,
-               "lifted": lifted}
+               "lifted": lifted, "submodule": body_names}
     for j, node in enumerate(match.blocks[0]):
         if j in match.folded:
             env[j] = folded[match.folded.index(j)]
@@ -56,13 +68,18 @@ def build_template(match: ChainMatch) -> Template:
         new_leaves = [x if ref.kind == "const" else sources[ref.kind][ref.index]
                       for ref, x in zip(match.arg_refs[j], leaves)]
         args, kwargs = tree_unflatten(new_leaves, spec)
-        env[j] = g.create_node(node.op, node.target, args, kwargs, name=f"n{j}")
+        if match.arg_refs[j] and match.arg_refs[j][0].kind == "submodule":
+            env[j] = g.create_node("call_module", args[0], tuple(args[1:]), {}, name=f"n{j}")
+        else:
+            env[j] = g.create_node(node.op, node.target, args, kwargs, name=f"n{j}")
     g.output(tuple(env[q] for q in match.state_positions))
-    g.eliminate_dead_code()
-    vmap_compat.substitute(g)  # the template runs under vmap
-    gm = GraphModule(torch.nn.Module(), g, class_name="ChainStep")
+    gm = GraphModule(root, g, class_name="ChainStep")
+    gm.graph.eliminate_dead_code()  # (call_module purity checks need the owning module)
+    vmap_compat.substitute(gm.graph)  # the template runs under vmap
+    gm.recompile()
     layout = (len(states), len(per_step), n_lift + len(folded), len(invariants), len(syms))
-    key = hashlib.sha1((gm.code + repr(layout)).encode()).hexdigest()[:16]
+    code = gm.code + "".join(getattr(root, b).code for b in body_names)
+    key = hashlib.sha1((code + repr(layout)).encode()).hexdigest()[:16]
     return Template(gm, key, *layout)
 
 

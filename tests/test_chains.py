@@ -239,22 +239,43 @@ def test_blocks_with_two_residual_branches_choose_picard():
     assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
 
 
-def test_checkpointed_blocks_are_declined_with_a_clear_reason():
-    """Activation checkpointing wraps each block in its own body submodule: declined (left to Inductor),
-    and the reason names the submodules."""
-    from torch.utils.checkpoint import checkpoint
+class Checkpointed(nn.Module):
+    """Blocks wrapped in torch.utils.checkpoint: Dynamo gives each call its own body submodule."""
 
-    class Checkpointed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lins = nn.ModuleList(nn.Linear(5, 5) for _ in range(10))
+    def __init__(self, layers=10, switch_at=None, dropout=0.0):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(5, 5) for _ in range(layers))
+        self.switch_at, self.dropout = switch_at, dropout
 
-        def forward(self, x):
-            for lin in self.lins:
-                x = checkpoint(lambda z, lin=lin: torch.tanh(lin(z)), x, use_reentrant=False)
-            return x
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
 
-    gm = dynamo_graph(Checkpointed(), torch.randn(3, 5))
-    analysis = find_chains(gm.graph, min_length=4)
+        for i, lin in enumerate(self.lins):
+            act = torch.sigmoid if self.switch_at is not None and i >= self.switch_at else torch.tanh
+            x = checkpoint(lambda z, lin=lin, act=act: nn.functional.dropout(act(lin(z)), self.dropout),
+                           x, use_reentrant=False)
+        return x
+
+
+def test_checkpointed_blocks_form_a_chain_with_the_body_inlined():
+    """The chain op keeps only the trajectory for its backward, so checkpointing inside it is moot: the
+    bodies (equal graphs, one per step) are inlined into the template and the chain is solved."""
+    x = torch.randn(3, 5)
+    gm = dynamo_graph(Checkpointed(), x)
+    [c] = find_chains(gm.graph, min_length=4).chains
+    assert c.length == 10 and c.submodules == ("wrap_body_0",) and len(c.per_step) == 2
+    torch.manual_seed(0)
+    y0, g0, y1, g1, solves = run_both(Checkpointed(), [x])
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 10, False), ("backward", 10, False)]
+
+
+def test_checkpointed_bodies_are_checked_inside():
+    x = torch.randn(3, 5)
+    # a random op inside the body declines the chain
+    analysis = find_chains(dynamo_graph(Checkpointed(dropout=0.2), x).graph, min_length=4)
     assert analysis.chains == ()
-    assert any("reads submodules" in d.reason and "wrap_body_0" in d.reason for d in analysis.declined)
+    assert any("random op dropout" in d.reason and "inside wrap_body" in d.reason for d in analysis.declined)
+    # bodies that compute different functions split the run where they change
+    analysis = find_chains(dynamo_graph(Checkpointed(layers=16, switch_at=8), x).graph, min_length=4)
+    assert [c.length for c in analysis.chains] == [8, 8]
