@@ -70,7 +70,7 @@ class Layout:
     def unpack(self, packed: torch.Tensor, lead: int) -> list[torch.Tensor]:
         parts = packed.split(self.sizes, dim=-1) if len(self.sizes) > 1 else [packed]
         lead_shape = packed.shape[:lead]
-        return [p.reshape(*lead_shape, *shape).to(dt).contiguous()
+        return [p.reshape((*lead_shape, *shape)).to(dt).contiguous()
                 for p, shape, dt in zip(parts, self.shapes, self.dtypes)]
 
 

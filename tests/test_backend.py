@@ -417,3 +417,26 @@ def test_recurrent_cells_over_a_sequence_are_solved_in_parallel(cell):
     steps = 11 if cell == "lstm" else 12
     assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", steps, False),
                                                                        ("backward", steps, False)]
+
+
+class _ScalarRecurrence(nn.Module):
+    """x <- tanh(a_i x + b_i) on a 0-d state, the coefficients indexed per step."""
+
+    def __init__(self, steps=12):
+        super().__init__()
+        self.steps = steps
+        self.a = nn.Parameter(torch.rand(steps) * 0.5)
+        self.b = nn.Parameter(torch.randn(steps))
+
+    def forward(self, x):
+        for i in range(self.steps):
+            x = torch.tanh(self.a[i] * x + self.b[i])
+        return x
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-d", "1-element"])
+def test_scalar_state(shape):
+    torch.manual_seed(0)
+    y0, g0, y1, g1, solves = run_both(_ScalarRecurrence(), [torch.randn(shape)])
+    assert y1.shape == y0.shape and rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 12, False), ("backward", 12, False)]
