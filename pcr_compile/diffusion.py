@@ -28,6 +28,16 @@ prediction types epsilon, v_prediction and sample; `clip_sample`; and whatever `
 config (timestep_spacing, steps_offset, set_alpha_to_one, Karras / exponential sigmas, zero-SNR rescaling ...).
 `thresholding` and learned variances raise `NotImplementedError`.
 
+`DPMSolverMultistepScheduler` (algorithm types dpmsolver++ and dpmsolver, any solver_order, with diffusers' own
+warm-up and final-step order switching) adds one term per previous data prediction it reads:
+
+    x'   = ... + h_1 * c_1 + ... + h_K * c_K                    # h_k: the data prediction of k steps back
+    h_1' = x * p + m * q;  h_k' = h_(k-1).clone()               # carried along (zeros before the first step)
+
+Its coefficients are read off the scheduler: `step` is linear in the sample and the model outputs, so one run
+on basis vectors gives every sample in terms of them, and each step is solved for the fewest previous
+predictions that reproduce it (see `_plan_multistep`).
+
 Stochastic samplers (DDPM, DDIM with eta > 0, Euler with churn) pre-draw all per-step noise before the first
 step, one `randn_tensor(latents.shape, generator=...)` per step that diffusers' `step` would draw, in the same
 order, so the same `torch.Generator` seed gives the same samples as diffusers. Steps that draw nothing get zeros.
@@ -56,12 +66,13 @@ import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler")
+SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
 
 _STEP_KWARGS = {
     "DDIMScheduler": {"eta": 0.0, "use_clipped_model_output": False},
     "DDPMScheduler": {},
     "EulerDiscreteScheduler": {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0},
+    "DPMSolverMultistepScheduler": {},
 }
 
 
@@ -84,6 +95,11 @@ class StepCoefficients:
     x0_m_coef: float = 0.0
     noise_coef: float = 0.0
     draws_noise: bool = False
+    # multistep samplers: weights of the previous steps' stored predictions, and this step's prediction
+    # `x * hist_x_coef + m * hist_m_coef` that the next steps read
+    hist_coefs: tuple[float, ...] = ()
+    hist_x_coef: float = 0.0
+    hist_m_coef: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,7 @@ class SamplerPlan:
     init_noise_sigma: float
     scales_input: bool
     clip_range: float | None
+    history: int = 0  # multistep samplers: how many previous model outputs a step reads
     stochastic: bool = field(init=False)
     uses_x: bool = field(init=False)
     uses_m: bool = field(init=False)
@@ -150,8 +167,8 @@ def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps:
     options = {**allowed, **kwargs}
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
-    plan = {"DDIMScheduler": _plan_ddim, "DDPMScheduler": _plan_ddpm,
-            "EulerDiscreteScheduler": _plan_euler}[name](sched, **options)
+    plan = {"DDIMScheduler": _plan_ddim, "DDPMScheduler": _plan_ddpm, "EulerDiscreteScheduler": _plan_euler,
+            "DPMSolverMultistepScheduler": _plan_multistep}[name](sched, **options)
     logger.debug("sampling_loop: %s, %d steps, clip=%s, stochastic=%s", name, len(plan.steps), plan.clip_range,
                  plan.stochastic)
     return SamplingLoop(unet, plan)
@@ -214,6 +231,8 @@ class SamplingLoop(nn.Module):
         elif noise is not None:
             raise ValueError(f"{plan.scheduler} with these settings is deterministic; it takes no noise")
         x = latents
+        # Multistep samplers carry the last `history` model outputs (zeros before the first step).
+        hist = [torch.zeros_like(latents) for _ in range(plan.history)]
         for i, s in enumerate(plan.steps):
             t = torch.full((), s.timestep, dtype=plan.timestep_dtype, device=x.device)
             m = self._denoise(x * s.in_scale if plan.scales_input else x, t, unet_kwargs)
@@ -227,6 +246,9 @@ class SamplingLoop(nn.Module):
                 terms.append(x0 * s.clip_coef)
             if plan.stochastic:
                 terms.append(noise[i] * s.noise_coef)
+            terms += [h * c for h, c in zip(hist, s.hist_coefs)]
+            if plan.history:  # this step's prediction; older ones are copied (a step makes what it carries)
+                hist = [x * s.hist_x_coef + m * s.hist_m_coef] + [h.clone() for h in hist[:-1]]
             x = terms[0]
             for term in terms[1:]:
                 x = x + term
@@ -378,6 +400,61 @@ def _plan_euler(sched: Any, s_churn: float, s_tmin: float, s_tmax: float, s_nois
                        float(sched.init_noise_sigma), True, None)
 
 
+def _plan_multistep(sched: Any) -> SamplerPlan:
+    """A deterministic linear multistep sampler (DPM-Solver / DPM-Solver++), read off the scheduler itself.
+
+    Its `step` converts the model output to a data prediction `d = p x + q m` (linear), keeps the last
+    few, and returns a linear combination of the sample and those. Running the scheduler once on basis
+    vectors -- the initial sample and each step's model output as independent symbols -- gives every
+    sample and every stored prediction as a combination of those symbols, with diffusers' own order
+    switching (warm-up, lower order at the end, final sigma). Each step is then solved for
+    `x' = a x + c_0 d + sum_k c_k d_{-k}` over the fewest previous predictions that reproduce it
+    (checked), which is what the loop traces.
+    """
+    name = type(sched).__name__
+    cfg = sched.config
+    _check_config(sched, ("epsilon", "v_prediction", "sample"))
+    algorithm = getattr(cfg, "algorithm_type", "dpmsolver++")
+    if algorithm not in ("dpmsolver++", "dpmsolver"):
+        raise NotImplementedError(f"sampling_loop does not support {name} with algorithm_type={algorithm!r}; "
+                                  "supported: dpmsolver++, dpmsolver (the SDE variants draw noise inside step)")
+    if getattr(cfg, "variance_type", None) is not None:
+        raise NotImplementedError(f"sampling_loop does not support {name} with variance_type={cfg.variance_type!r}")
+    ts = sched.timesteps
+    L = len(ts)
+    probe = copy.deepcopy(sched)
+    eye = torch.eye(1 + L, dtype=torch.float64)  # symbols: [initial sample, model output of step 0, 1, ...]
+    X, D, PQ = [eye[0]], [], []
+    for i, t in enumerate(ts):
+        if probe.step_index is None:
+            probe._init_step_index(t)
+        d = probe.convert_model_output(eye[1 + i], sample=X[i]).to(torch.float64)
+        q = float(d[1 + i])
+        p = float(d[0] / X[i][0]) if float(X[i][0]) != 0.0 else 0.0
+        if float((d - p * X[i] - q * eye[1 + i]).abs().max()) > 1e-6 * float(d.abs().max()):
+            raise NotImplementedError(f"sampling_loop: {name}'s converted model output is not p x + q m")
+        D.append(d)
+        PQ.append((p, q))
+        X.append(probe.step(eye[1 + i], t, X[i]).prev_sample.to(torch.float64))
+    for history in range(4):
+        steps = []
+        for i, t in enumerate(ts.tolist()):
+            cols = [X[i]] + [D[i - k] if i - k >= 0 else torch.zeros_like(X[i]) for k in range(history + 1)]
+            A = torch.stack(cols, dim=1)
+            sol = torch.linalg.lstsq(A, X[i + 1].unsqueeze(1)).solution.squeeze(1)
+            sol = torch.where(A.abs().amax(0) > 0, sol, torch.zeros_like(sol))
+            if float((A @ sol - X[i + 1]).abs().max()) > 1e-6 * float(X[i + 1].abs().max()):
+                break
+            a, c = float(sol[0]), [float(v) for v in sol[1:]]
+            p, q = PQ[i]
+            steps.append(StepCoefficients(t, x_coef=a + c[0] * p, m_coef=c[0] * q, hist_coefs=tuple(c[1:]),
+                                          hist_x_coef=p, hist_m_coef=q))
+        else:
+            return SamplerPlan(name, tuple(steps), ts.dtype, float(sched.init_noise_sigma), False, None,
+                               history=history)
+    raise NotImplementedError(f"sampling_loop: {name} with this config reads more than 3 previous predictions")
+
+
 def _with_noise(c: StepCoefficients, coef: float, draws: bool) -> StepCoefficients:
     return StepCoefficients(c.timestep, c.in_scale, c.x_coef, c.m_coef, c.clip_coef, c.x0_x_coef, c.x0_m_coef,
-                            coef if draws else 0.0, draws)
+                            coef if draws else 0.0, draws, c.hist_coefs, c.hist_x_coef, c.hist_m_coef)

@@ -23,6 +23,7 @@ SCHEDULERS = {
     "ddim": lambda **cfg: diffusers.DDIMScheduler(**cfg),
     "ddpm": lambda **cfg: diffusers.DDPMScheduler(**cfg),
     "euler": lambda **cfg: diffusers.EulerDiscreteScheduler(**cfg),
+    "dpm": lambda **cfg: diffusers.DPMSolverMultistepScheduler(**cfg),
 }
 
 
@@ -112,6 +113,14 @@ MLP_CASES = {  # name: (scheduler, config, sampling_loop / step kwargs)
                                        "steps_offset": 1}, {}),
     "euler-karras": ("euler", {"use_karras_sigmas": True, "timestep_spacing": "trailing"}, {}),
     "euler-churn": ("euler", {}, {"s_churn": 1.0, "s_tmin": 0.5, "s_noise": 1.003}),
+    "dpm++2m": ("dpm", {}, {}),
+    "dpm++3m": ("dpm", {"solver_order": 3}, {}),
+    "dpm++1": ("dpm", {"solver_order": 1}, {}),
+    "dpm++2m-karras-v": ("dpm", {"use_karras_sigmas": True, "prediction_type": "v_prediction"}, {}),
+    "dpm++2m-sigma-min-nolof": ("dpm", {"final_sigmas_type": "sigma_min", "lower_order_final": False}, {}),
+    "dpm2m": ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, {}),
+    "dpm2m-sample-trailing": ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min",
+                                      "prediction_type": "sample", "timestep_spacing": "trailing"}, {}),
 }
 
 
@@ -222,7 +231,7 @@ def test_unet_loop_is_one_periodic_graph(name):
 
 
 @pytest.mark.parametrize("case", ["ddim", "ddim-eta-clipped-eps", "ddpm", "ddpm-noclip-v-large", "euler",
-                                  "euler-churn"])
+                                  "euler-churn", "dpm++2m", "dpm++3m"])
 def test_mlp_loop_is_one_periodic_graph(case):
     name, cfg, kwargs = MLP_CASES[case]
     loop = sampling_loop(tiny_mlp(), SCHEDULERS[name](**cfg), 5, **kwargs)
@@ -253,12 +262,50 @@ def test_compiled_loop_matches_eager_noise():
     assert_close_rel(out_global, ref_global)
 
 
+@pytest.mark.parametrize("cfg,history", [({}, 1), ({"solver_order": 3}, 2), ({"solver_order": 1}, 0)])
+def test_multistep_plan_reads_the_fewest_previous_predictions(cfg, history):
+    loop = sampling_loop(tiny_mlp(), diffusers.DPMSolverMultistepScheduler(**cfg), 10)
+    assert loop.plan.history == history
+    assert all(len(s.hist_coefs) == history for s in loop.plan.steps)
+    # warm-up: the first step is first order (no earlier prediction to read)
+    assert all(c == 0.0 for c in loop.plan.steps[0].hist_coefs)
+
+
+@pytest.mark.parametrize("case", ["dpm++2m", "dpm++3m"])
+def test_compiled_multistep_loop_is_one_chain_matching_diffusers(case):
+    """DPM-Solver++ carries its previous data predictions: one chain with several carried states, solved
+    in parallel, with diffusers' answer."""
+    import pcr_compile
+
+    name, cfg, _ = MLP_CASES[case]
+    mlp = tiny_mlp()
+    latents = torch.randn(6, 2)
+    loop = sampling_loop(mlp, SCHEDULERS[name](**cfg), 12)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = reference_loop(mlp, SCHEDULERS[name](**cfg), 12, latents)
+        with pcr_compile.record_solves() as solves:
+            out = torch.compile(loop, backend="deeppcr", options={"mode": "parallel", "strict": True})(latents)
+    torch._dynamo.reset()
+    assert_close_rel(out, ref)
+    [solve] = solves
+    assert solve.length >= 11 and not solve.fell_back
+    [chain] = pcr_compile.explain(loop, latents, options={"mode": "parallel"}).chains
+    assert len(chain.state_shapes) == 1 + loop.plan.history
+
+
+def test_stochastic_multistep_is_unsupported():
+    with pytest.raises(NotImplementedError, match="sde-dpmsolver"):
+        sampling_loop(tiny_mlp(), diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), 5)
+
+
 # Arguments -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", ["PNDMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"])
+@pytest.mark.parametrize("cls", ["PNDMScheduler", "UniPCMultistepScheduler", "EulerAncestralDiscreteScheduler"])
 def test_unsupported_scheduler(cls):
-    with pytest.raises(NotImplementedError, match=f"{cls}.*DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler"):
+    with pytest.raises(NotImplementedError, match=f"{cls}.*DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, "
+                                                  "DPMSolverMultistepScheduler"):
         sampling_loop(tiny_mlp(), getattr(diffusers, cls)(), 5)
 
 
@@ -312,6 +359,7 @@ def test_imports_without_diffusers(monkeypatch):
     fresh = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, fresh)
     spec.loader.exec_module(fresh)
-    assert fresh.SUPPORTED_SCHEDULERS == ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler")
+    assert fresh.SUPPORTED_SCHEDULERS == ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                                          "DPMSolverMultistepScheduler")
     with pytest.raises(NotImplementedError, match="object"):
         fresh.sampling_loop(tiny_mlp(), object(), 3)
