@@ -279,3 +279,22 @@ def test_checkpointed_bodies_are_checked_inside():
     # bodies that compute different functions split the run where they change
     analysis = find_chains(dynamo_graph(Checkpointed(layers=16, switch_at=8), x).graph, min_length=4)
     assert [c.length for c in analysis.chains] == [8, 8]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_recurrent_cell_compositions_equal_the_kernels_and_batch_under_vmap(bias):
+    from pcr_compile.passes.vmap_compat import gru_cell, lstm_cell
+
+    torch.manual_seed(0)
+    lstm = nn.LSTMCell(4, 6, bias=bias).double()
+    gru = nn.GRUCell(4, 6, bias=bias).double()
+    x, h, c = (torch.randn(5, 3, n, dtype=torch.float64) for n in (4, 6, 6))  # 5 steps of a batch of 3
+    lw = (lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh)
+    gw = (gru.weight_ih, gru.weight_hh, gru.bias_ih, gru.bias_hh)
+    for i in range(5):
+        for a, b in zip(lstm_cell(x[i], (h[i], c[i]), *lw), torch.lstm_cell(x[i], (h[i], c[i]), *lw)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gru_cell(x[i], h[i], *gw), torch.gru_cell(x[i], h[i], *gw), rtol=1e-12, atol=1e-12)
+    hb, cb = torch.vmap(lambda x, h, c: lstm_cell(x, (h, c), *lw))(x, h, c)
+    torch.testing.assert_close(hb[2], lstm_cell(x[2], (h[2], c[2]), *lw)[0])
+    torch.testing.assert_close(torch.vmap(lambda x, h: gru_cell(x, h, *gw))(x, h)[4], gru_cell(x[4], h[4], *gw))
