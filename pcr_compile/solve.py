@@ -296,18 +296,17 @@ def _sequential_adjoint(call: ChainCall, Zprev: torch.Tensor, cot: torch.Tensor,
                         diff_inv: list[int]) -> tuple:
     """The adjoint by one VJP per step, last step first, without vmap: the pullback's output layout
     (d Zprev with d z_0 at [0], *d stacked per-step inputs, *d invariants)."""
-    lay, L = call.layout, call.L
+    L = call.L
     nd = len(diff_stacked)
 
     def step_with(l: int, z: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        per = [t[l] for t in call.stacked]
+        """`call.step(l, z)` as a function of step l's per-step inputs and the invariants too."""
+        stacked, inv = list(call.stacked), list(call.invariants)
         for i, p in zip(diff_stacked, params[:nd]):
-            per[i] = p
-        inv = list(call.invariants)
+            stacked[i] = p.expand(L, *p.shape)  # a view whose every row is p: step l reads p
         for i, p in zip(diff_inv, params[nd:]):
             inv[i] = p
-        out = call.spec.template(*lay.unpack(z, lead=0), *per, *(c[l] for c in call.consts), *inv, *call.syms)
-        return lay.pack(list(out), lead=0, dtype=call.solve_dtype)
+        return call.step(l, z, stacked, inv)
 
     d_stacked = [torch.zeros_like(call.stacked[i]) for i in diff_stacked]
     d_inv = [torch.zeros_like(call.invariants[i]) for i in diff_inv]
