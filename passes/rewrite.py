@@ -140,71 +140,47 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_ite
     created: set[Node] = {call}
     cursor = call
 
-    def emit(target, args, like: Node | None = None) -> Node:
+    def place(make) -> Node:
+        """Create a node (by `make()`) after the previous one placed here."""
         nonlocal cursor
         with graph.inserting_after(cursor):
-            cursor = graph.call_function(target, args)
-        if like is not None:
-            cursor.meta.update({k: v for k, v in like.meta.items() if k in ("example_value", "val", "tensor_meta")})
+            cursor = make()
         created.add(cursor)
         return cursor
+
+    def read(base: Node, index: int, like: Node) -> Node:
+        r = place(lambda: graph.call_function(operator.getitem, (base, index)))
+        r.meta.update({k: v for k, v in like.meta.items() if k in ("example_value", "val", "tensor_meta")})
+        return r
 
     def reroute(old: Node, new: Node) -> None:
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in inside and u not in created)
 
-    results = [emit(operator.getitem, (call, s), like=out) for s, out in enumerate(outputs)]
+    results = [read(call, s, out) for s, out in enumerate(outputs)]
     if match.exposed:
-        sidx = {q: s for s, q in enumerate(match.state_positions)}
-        trajs = [emit(operator.getitem, (call, n_state + s)) for s in range(n_state)]
-        state_nodes: dict[tuple[int, int], Node] = {}
-
-        def state_after(i: int, s: int) -> Node:
-            """The node holding state s after step i (i = -1: the initial state)."""
-            if i < 0:
-                return match.initial[s]
-            if i == L - 1:
-                return results[s]
-            if (i, s) not in state_nodes:
-                like = match.blocks[i][match.state_positions[s]]
-                state_nodes[i, s] = emit(operator.getitem, (trajs[s], i), like=like)
-            return state_nodes[i, s]
-
+        # env[node of the chain] -> its value outside the op; unused reads are removed by dead-code elimination.
+        trajs = [place(lambda s=s: graph.call_function(operator.getitem, (call, n_state + s))) for s in range(n_state)]
+        env: dict[Node, Node] = {}
         for i, blk in enumerate(match.blocks):
-            wanted = {j for (e, j) in match.exposed if e == i}
+            wanted = sorted(j for (e, j) in match.exposed if e == i)
             if not wanted:
                 continue
-            position = {n: j for j, n in enumerate(blk)}
-            prev = {n: sidx[q] for q, n in enumerate(match.blocks[i - 1]) if q in sidx} if i else {}
-            # Block i's nodes that the exposed non-state ones depend on, within the block (its states
-            # come from the trajectory, not recomputed).
-            need: set[int] = set()
-            stack = [j for j in wanted if j not in sidx]
+            for s, q in enumerate(match.state_positions):  # the states after steps i - 1 and i
+                if i > 0 and match.blocks[i - 1][q] not in env:
+                    env[match.blocks[i - 1][q]] = read(trajs[s], i - 1, match.blocks[i - 1][q])
+                env[blk[q]] = results[s] if i == L - 1 else read(trajs[s], i, blk[q])
+            # Copy the block's nodes that the exposed ones depend on (in block order: topological).
+            inner = {n: j for j, n in enumerate(blk)}
+            need, stack = set(), [blk[j] for j in wanted if blk[j] not in env]
             while stack:
-                j = stack.pop()
-                if j in need:
-                    continue
-                need.add(j)
-                stack.extend(position[x] for x in blk[j].all_input_nodes if x in position and position[x] not in sidx)
-            copies: dict[Node, Node] = {}
-
-            def remap(x: Node, i=i, prev=prev, copies=copies, position=position) -> Node:
-                if x in copies:
-                    return copies[x]
-                if x in prev:
-                    return state_after(i - 1, prev[x])
-                if x in position:  # a state of this step
-                    return state_after(i, sidx[position[x]])
-                return x
-
-            for j in sorted(need):
-                for x in blk[j].all_input_nodes:
-                    remap(x)  # emits the trajectory reads it needs before the copy is placed
-                with graph.inserting_after(cursor):
-                    cursor = graph.node_copy(blk[j], remap)
-                created.add(cursor)
-                copies[blk[j]] = cursor
-            for j in sorted(wanted):
-                reroute(blk[j], copies[blk[j]] if blk[j] in copies else state_after(i, sidx[j]))
+                n = stack.pop()
+                if n not in need:
+                    need.add(n)
+                    stack.extend(x for x in n.all_input_nodes if x in inner and x not in env)
+            for n in sorted(need, key=inner.get):
+                env[n] = place(lambda n=n: graph.node_copy(n, lambda a: env.get(a, a)))
+            for j in wanted:
+                reroute(blk[j], env[blk[j]])
     for out, r in zip(outputs, results):
         reroute(out, r)
     for n in reversed(chain_nodes):

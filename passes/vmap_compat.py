@@ -31,16 +31,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     return y
 
 
-def _gates(x, h, w_ih, w_hh, b_ih, b_hh):
-    gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
-    return gi, gh
-
-
 def lstm_cell(x: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None,
               b_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.lstm_cell` (the kernel of `nn.LSTMCell`): gates i, f, g, o; returns (h', c')."""
     h, c = hx
-    gi, gh = _gates(x, h, w_ih, w_hh, b_ih, b_hh)
+    gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
     i, f, g, o = (gi + gh).chunk(4, dim=-1)
     c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c2), c2
@@ -49,7 +44,7 @@ def lstm_cell(x: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih:
 def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
              b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
     """`torch.gru_cell` (the kernel of `nn.GRUCell`): gates r, z and candidate n; returns h'."""
-    gi, gh = _gates(x, h, w_ih, w_hh, b_ih, b_hh)
+    gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
     ir, iz, in_ = gi.chunk(3, dim=-1)
     hr, hz, hn = gh.chunk(3, dim=-1)
     r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)

@@ -101,6 +101,7 @@ class ConvResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch = self.conv(F.silu(self.norm(x)))
+        # no multiply node for 1.0: graphs (and benchmark figures) of the default model stay as they were
         return x + (branch if self.multiplier == 1.0 else self.multiplier * branch)
 
 
@@ -113,7 +114,8 @@ class ConvResNet(nn.Module):
     network at initialisation. They differ in training: with "init" every block's SGD update has the same
     size whatever the depth, so the change of the output grows with the number of blocks and deep nets
     need a learning rate that shrinks with depth; with "forward" the gradients reaching each block shrink
-    by `scale` too, and one learning rate trains every depth stably.
+    by `scale` too, so the output's change per step does not grow with depth (measured: 1024 blocks train
+    stably at lr=0.3, where "init" is chaotic at lr=0.005; benchmarks/RESULTS.md).
     """
 
     def __init__(self, blocks: int = 16, channels: int = 8, in_channels: int = 3, num_classes: int = 10,

@@ -292,6 +292,17 @@ def run_backward(spec: ChainSpec, trajs, states, per_step, consts, invariants, g
                              jacobian, impl, syms, traj_grads)
 
 
+def _substituted(call: ChainCall, diff_stacked: list[int], diff_inv: list[int], params) -> tuple[list, list]:
+    """The call's (stacked per-step inputs, invariants) with the differentiable ones replaced by `params`
+    (stacked first, then invariants), so that a VJP can differentiate with respect to them."""
+    stacked, inv = list(call.stacked), list(call.invariants)
+    for i, p in zip(diff_stacked, params[: len(diff_stacked)]):
+        stacked[i] = p
+    for i, p in zip(diff_inv, params[len(diff_stacked):]):
+        inv[i] = p
+    return stacked, inv
+
+
 def _sequential_adjoint(call: ChainCall, Zprev: torch.Tensor, cot: torch.Tensor, diff_stacked: list[int],
                         diff_inv: list[int]) -> tuple:
     """The adjoint by one VJP per step, last step first, without vmap: the pullback's output layout
@@ -301,12 +312,8 @@ def _sequential_adjoint(call: ChainCall, Zprev: torch.Tensor, cot: torch.Tensor,
 
     def step_with(l: int, z: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         """`call.step(l, z)` as a function of step l's per-step inputs and the invariants too."""
-        stacked, inv = list(call.stacked), list(call.invariants)
-        for i, p in zip(diff_stacked, params[:nd]):
-            stacked[i] = p.expand(L, *p.shape)  # a view whose every row is p: step l reads p
-        for i, p in zip(diff_inv, params[nd:]):
-            inv[i] = p
-        return call.step(l, z, stacked, inv)
+        rows = [p.expand(L, *p.shape) for p in params[:nd]]  # views whose every row is p: step l reads p
+        return call.step(l, z, *_substituted(call, diff_stacked, diff_inv, [*rows, *params[nd:]]))
 
     d_stacked = [torch.zeros_like(call.stacked[i]) for i in diff_stacked]
     d_inv = [torch.zeros_like(call.invariants[i]) for i in diff_inv]
@@ -346,13 +353,7 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
     diff_inv = [i for i, s in enumerate(call.invariants) if s.is_floating_point()]
 
     def full_map(Zp, *params):
-        stacked = list(call.stacked)
-        inv = list(call.invariants)
-        for i, p in zip(diff_stacked, params[: len(diff_stacked)]):
-            stacked[i] = p
-        for i, p in zip(diff_inv, params[len(diff_stacked):]):
-            inv[i] = p
-        return call.batched(Zp, stacked, inv)
+        return call.batched(Zp, *_substituted(call, diff_stacked, diff_inv, params))
 
     primals = [Zprev, *(call.stacked[i] for i in diff_stacked), *(call.invariants[i] for i in diff_inv)]
     # The approximate Jacobian only preconditions the refinement; the exact VJPs make the answer exact.
