@@ -441,8 +441,11 @@ def _plan_multistep(sched: Any) -> SamplerPlan:
         for i, t in enumerate(ts.tolist()):
             cols = [X[i]] + [D[i - k] if i - k >= 0 else torch.zeros_like(X[i]) for k in range(history + 1)]
             A = torch.stack(cols, dim=1)
-            sol = torch.linalg.lstsq(A, X[i + 1].unsqueeze(1)).solution.squeeze(1)
-            sol = torch.where(A.abs().amax(0) > 0, sol, torch.zeros_like(sol))
+            # Fit on the non-zero columns only (warm-up steps have no earlier prediction yet): LAPACK's
+            # default gelsy returned garbage, at random, on the rank-deficient matrix.
+            keep = A.abs().amax(0) > 0
+            sol = torch.zeros(A.shape[1], dtype=A.dtype)
+            sol[keep] = torch.linalg.lstsq(A[:, keep], X[i + 1].unsqueeze(1), driver="gelsd").solution.squeeze(1)
             if float((A @ sol - X[i + 1]).abs().max()) > 1e-6 * float(X[i + 1].abs().max()):
                 break
             a, c = float(sol[0]), [float(v) for v in sol[1:]]
