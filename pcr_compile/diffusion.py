@@ -152,7 +152,7 @@ def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps:
         `prepare_latents`, and returns the final sample.
 
     Raises:
-        ValueError: `num_inference_steps` is not a positive int.
+        ValueError: `num_inference_steps` is not a positive int, or the scheduler gives non-finite values with it.
         NotImplementedError: an unsupported scheduler class or config option (thresholding, learned variance).
         TypeError: a keyword argument this scheduler's `step` does not take.
     """
@@ -436,6 +436,9 @@ def _plan_multistep(sched: Any) -> SamplerPlan:
         D.append(d)
         PQ.append((p, q))
         X.append(probe.step(eye[1 + i], t, X[i]).prev_sample.to(torch.float64))
+        if not (torch.isfinite(d).all() and torch.isfinite(X[-1]).all()):
+            raise ValueError(f"sampling_loop: {name}'s step gives non-finite values at step {i} (timestep "
+                             f"{int(t)}) of {L} with this config; diffusers' own loop would too")
     for history in range(4):
         steps = []
         for i, t in enumerate(ts.tolist()):

@@ -303,6 +303,14 @@ def test_compiled_multistep_loop_is_one_chain_matching_diffusers(case):
     assert len(chain.state_shapes) == 1 + loop.plan.history
 
 
+def test_multistep_config_giving_non_finite_values_is_a_clear_error():
+    # 'leading' spacing with steps_offset=1 starts at timestep 1000, past the 1000 training steps: diffusers'
+    # own loop returns NaN here.
+    sched = diffusers.DPMSolverMultistepScheduler(timestep_spacing="leading", steps_offset=1)
+    with pytest.raises(ValueError, match="non-finite values at step 1 .timestep 999. of 999"):
+        sampling_loop(tiny_mlp(), sched, 999)
+
+
 def test_stochastic_multistep_is_unsupported():
     with pytest.raises(NotImplementedError, match="sde-dpmsolver"):
         sampling_loop(tiny_mlp(), diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), 5)
