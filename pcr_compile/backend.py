@@ -23,7 +23,7 @@ from pcr_compile.passes.structure import linear_pointwise
 
 from . import ops
 from .cost import Decision, decide
-from .options import Options
+from .options import MODES, Options, inductor_modes
 from .solve import ChainSpec
 
 log = logging.getLogger(__name__)
@@ -138,13 +138,24 @@ def capturing_backend(options: Options, sink: list[dict]):
 
 
 def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """The backend function (registered as "deeppcr" through the torch_dynamo_backends entry point)."""
+    """The backend function (registered as "deeppcr" through the torch_dynamo_backends entry point).
+
+    `mode` is torch.compile's: an Inductor mode for the rest of the graph (torch.compile passes `mode` or
+    `options`, never both; `options={"inductor_mode": ...}` combines one with deeppcr's own options).
+    """
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     if mode is not None:
-        raise ValueError(f"backend 'deeppcr' takes no torch.compile mode (got mode={mode!r}); "
-                         "pass options={'mode': 'auto' | 'parallel' | 'sequential'} instead")
+        if mode in MODES:
+            raise ValueError(f"torch.compile(mode={mode!r}) sets Inductor's mode; deeppcr's own mode is an option: "
+                             f"torch.compile(model, backend='deeppcr', options={{'mode': {mode!r}}})")
+        if mode not in inductor_modes():
+            raise ValueError(f"torch.compile mode must be one of Inductor's modes {inductor_modes()} with backend "
+                             f"'deeppcr', got {mode!r}")
+        options = {"inductor_mode": mode}
     opts = Options.parse(options)
+    patches = list_mode_options(opts.inductor_mode) if opts.inductor_mode else None
     try:
         new, plan, names = rewrite(gm, opts)
     except Exception:
@@ -152,7 +163,5 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
             raise
         log.warning("deeppcr: internal error while rewriting chains; compiling the original graph with Inductor",
                     exc_info=True)
-        return compile_fx(gm, example_inputs)
-    if not names:
-        return compile_fx(gm, example_inputs)
-    return compile_fx(new, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(new if names else gm, example_inputs, config_patches=patches)

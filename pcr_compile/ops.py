@@ -7,12 +7,17 @@ and for graphs that read earlier steps' values, and take cotangents like any out
 calls `pcr_compile::chain_<hash>_adjoint(...)`, so AOTAutograd places the chain op in the forward graph
 and the adjoint op in the backward graph, and Inductor compiles around both.
 
+Both ops are tagged `cudagraph_unsafe` (where this torch has the tag): they decide on the host how many
+iterations to run, which a CUDA graph would freeze at the count of its recording, so Inductor must not
+capture a graph that contains them (`mode="reduce-overhead"`, `triton.cudagraphs`).
+
 Ops are named by a hash of their template, not a counter: they outlive `torch._dynamo.reset()` within a
 process, and Inductor caches compiled graphs by their content, so equal names must mean equal ops.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import torch
@@ -27,6 +32,10 @@ SCHEMA_VERSION = 2
 _SPECS: dict[str, ChainSpec] = {}
 _OPS: dict[str, object] = {}
 _lock = threading.Lock()
+# Inductor keeps graphs holding ops with this tag out of CUDA graphs; older torch has no tag (and no kwarg).
+_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_TAGS = {"tags": (_UNSAFE,)} if _UNSAFE is not None and "tags" in inspect.signature(
+    torch.library.custom_op).parameters else {}
 
 
 def _like(template: Tensor, value: Tensor) -> Tensor:
@@ -64,7 +73,7 @@ def get_chain_op(spec: ChainSpec):
 def _define(name: str):
     qual = f"{NAMESPACE}::{name}"
 
-    @torch.library.custom_op(qual, mutates_args=())
+    @torch.library.custom_op(qual, mutates_args=(), **_TAGS)
     def chain(states: list[Tensor], per_step: list[Tensor], consts: list[Tensor], invariants: list[Tensor],
               syms: list[int], length: int, tol: float, max_iters: int, jacobian: str, window: int, kernels: str,
               save_trajectory: bool) -> list[Tensor]:
@@ -86,7 +95,7 @@ def _define(name: str):
             trajs = [s.new_empty((0,)) for s in states]
         return finals + trajs
 
-    @torch.library.custom_op(qual + "_adjoint", mutates_args=())
+    @torch.library.custom_op(qual + "_adjoint", mutates_args=(), **_TAGS)
     def adjoint(trajs: list[Tensor], states: list[Tensor], per_step: list[Tensor], consts: list[Tensor],
                 invariants: list[Tensor], syms: list[int], grads: list[Tensor], traj_grads: list[Tensor], length: int,
                 tol: float, max_iters: int, jacobian: str, kernels: str) -> list[Tensor]:

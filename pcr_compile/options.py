@@ -9,6 +9,13 @@ JACOBIANS = ("auto", "dense", "diagonal", "identity", "zero")
 KERNELS = ("auto", "triton", "torch")
 
 
+def inductor_modes() -> tuple[str, ...]:
+    """The modes this torch's Inductor accepts (`torch.compile(mode=...)`)."""
+    from torch._inductor import list_mode_options
+
+    return tuple(list_mode_options())
+
+
 @dataclass(frozen=True)
 class Options:
     """Options of `torch.compile(model, backend="deeppcr", options={...})`.
@@ -24,6 +31,9 @@ class Options:
     dense_budget: largest dense Jacobian (elements, L * B * w * w) "auto" may materialise.
     kernels: linear-recurrence kernels: "auto" (Triton on CUDA, PyTorch otherwise), "triton", "torch".
     strict: re-raise internal errors instead of falling back to Inductor on the original graph.
+    inductor_mode: the Inductor mode that compiles the rest of the graph ("max-autotune", ...; None:
+        Inductor's default). `torch.compile(..., backend="deeppcr", mode=M)` sets it too (torch.compile
+        takes `mode` or `options`, not both). Graphs holding a chain op are never captured as CUDA graphs.
     """
 
     mode: str = "auto"
@@ -35,6 +45,7 @@ class Options:
     dense_budget: int = 1 << 26
     kernels: str = "auto"
     strict: bool = False
+    inductor_mode: str | None = None
 
     @classmethod
     def parse(cls, options: dict | Options | None) -> Options:
@@ -71,6 +82,8 @@ class Options:
                 bad(key, f"an int >= {lo}")
         if not isinstance(self.strict, bool):
             bad("strict", "a bool")
+        if self.inductor_mode is not None and self.inductor_mode not in inductor_modes():
+            bad("inductor_mode", f"None or one of {inductor_modes()}")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -173,6 +173,7 @@ def test_auto_mode_keeps_cpu_chains_sequential():
     ({"max_iters": 2.5}, "'max_iters' must be an int"),
     ({"min_chain_length": 1}, "'min_chain_length' must be an int >= 2"),
     ({"strict": "yes"}, "'strict' must be a bool"),
+    ({"inductor_mode": "fastest"}, "'inductor_mode' must be None or one of .*max-autotune"),
 ])
 def test_bad_options_raise_value_error(options, match):
     with pytest.raises(ValueError, match=match):
@@ -200,6 +201,66 @@ def test_internal_error_falls_back_to_inductor(monkeypatch, caplog):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="synthetic failure"):
         torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+
+
+@pytest.mark.parametrize("how", ["torch.compile mode", "option"])
+def test_inductor_mode_reaches_inductor(monkeypatch, how):
+    """torch.compile's `mode` (or the `inductor_mode` option) becomes Inductor's config patches for the graph
+    around the chain op, and the chain is still solved."""
+    import torch._inductor.compile_fx as cfx
+    from torch._inductor import list_mode_options
+
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(gm, example_inputs, *args, config_patches=None, **kwargs):
+        seen.append((config_patches, call_targets(gm)))
+        return real(gm, example_inputs, *args, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = DeepMLP(layers=10, width=4)
+    x = torch.randn(3, 4)
+    mode = "max-autotune-no-cudagraphs"
+    if how == "option":
+        kwargs = {"options": {**PARALLEL, "inductor_mode": mode}}
+    else:
+        kwargs = {"mode": mode}
+    with pcr_compile.record_solves() as solves:
+        y = torch.compile(model, backend="deeppcr", **kwargs)(x)
+    assert rel_err(y, model(x)) < 1e-5
+    patches, targets = seen[0]  # compile_fx re-enters itself inside the patches
+    assert patches == list_mode_options(mode) and patches["max_autotune"]
+    if how == "option":  # mode="parallel" solves the chain; torch.compile's mode alone keeps CPU's "auto"
+        assert len(solves) == 1 and any(t.startswith("pcr_compile.chain_") for t in targets)
+
+
+@pytest.mark.parametrize("mode,match", [("parallel", "deeppcr's own mode is an option.*options=.'mode': 'parallel'"),
+                                        ("fastest", "must be one of Inductor's modes")])
+def test_bad_torch_compile_mode_is_a_clear_error(mode, match):
+    compiled = torch.compile(DeepMLP(layers=8, width=2), backend="deeppcr", mode=mode)
+    with pytest.raises(Exception, match=match) as info:
+        compiled(torch.randn(1, 2))
+    assert isinstance(getattr(info.value, "inner_exception", info.value), ValueError)
+
+
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
+def test_chain_ops_are_kept_out_of_cuda_graphs():
+    """The solve picks its iteration count on the host; a CUDA graph would replay the recorded count."""
+    seen = capture_graphs(DeepMLP(layers=10, width=4), [torch.randn(3, 4, requires_grad=True)])
+    ops = [n.target for g in ("forward", "backward") for n in seen[g].graph.nodes
+           if n.op == "call_function" and str(n.target).startswith("pcr_compile.chain_")]
+    assert len(ops) == 2  # the chain op and its adjoint
+    assert all(torch.Tag.cudagraph_unsafe in op.tags for op in ops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reduce_overhead_mode_with_a_chain_follows_each_input():
+    model = DeepMLP(layers=64, width=8).cuda()
+    compiled = torch.compile(model, backend="deeppcr", options={**PARALLEL, "inductor_mode": "reduce-overhead"})
+    for scale in (0.1, 1.0, 3.0, 0.1):  # different inputs need different iteration counts
+        x = scale * torch.randn(16, 8, device="cuda")
+        with torch.no_grad():
+            assert rel_err(compiled(x), model(x)) < 1e-4
 
 
 def test_entry_point_registers_backend():
