@@ -2,7 +2,7 @@
 # One command for a lent GPU machine (H200, torch 2.11 / triton 3.6 preinstalled, no network), < 5 minutes:
 #   1. install the project in place (no dependencies, no build isolation);
 #   2. the kernel tests on the GPU (Triton compiled, not interpreted): tests/test_kernels.py, test_fused_newton.py,
-#      and the chain op through the Triton kernels (tests/test_triton_path.py);
+#      the chain op through the Triton kernels (tests/test_triton_path.py), and a chain under CUDA graphs;
 #   3. benchmarks/kernel_bench.py: linear_recurrence and the fused Newton solve, triton vs torch vs sequential,
 #      with the bandwidth bound;
 #   4. the project's benchmark harness, quick suite (another engineer's; its failure does not fail this script).
@@ -30,6 +30,7 @@ stamp "pip install -e ."
 
 stamp "kernel tests on the GPU (timeout 150 s)"
 timeout 150 "$PY" -m pytest tests/test_kernels.py tests/test_fused_newton.py tests/test_triton_path.py -q \
+    tests/test_backend.py::test_reduce_overhead_mode_with_a_chain_follows_each_input \
     -p no:cacheprovider \
     --durations=10 --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
 rc_tests=$?
