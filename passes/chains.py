@@ -183,6 +183,22 @@ def _val(n: Node):
 # --- eligibility --------------------------------------------------------------------------------------
 
 
+def mutates_in_place(n: Node) -> bool:
+    """Whether `n` is an in-place op (`x += y`, `relu(x, inplace=True)`, `x.mul_(s)`, `torch.relu_(x)`)."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    if n.target in INPLACE_OPERATORS or n.kwargs.get("inplace") is True:
+        return True
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def keep_in_graph(n: Node) -> bool:
+    """`is_impure_node` for dead-code elimination: FX's own check misses in-place methods and operators,
+    whose results are often unused (`x.mul_(s)` as a statement) but whose effect is not."""
+    return n.is_impure() or mutates_in_place(n)
+
+
 def ineligibility(n: Node) -> str | None:
     """Why a node cannot be part of a chain solved out of order, or None."""
     if n.op == "call_module":
@@ -199,9 +215,7 @@ def ineligibility(n: Node) -> str | None:
         p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
         if not (isinstance(p, (int, float)) and p == 0):
             return f"random op {name} with dropout_p={p} (node {n.name})"
-    if n.target in INPLACE_OPERATORS or n.kwargs.get("inplace") is True:
-        return f"in-place op {name} (node {n.name})"
-    if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+    if mutates_in_place(n):
         return f"in-place op {name} (node {n.name})"
     if n.is_impure():
         return f"op with side effects {name} (node {n.name})"

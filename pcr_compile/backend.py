@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.fx import Graph, GraphModule
 
-from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
+from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains, keep_in_graph
+from pcr_compile.passes.functionalize import functionalize_inplace
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
 from pcr_compile.passes.structure import linear_pointwise
 
@@ -90,9 +91,18 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, g, class_name=type(gm).__name__)
 
 
-def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, list[str]]:
-    """A rewritten copy of `gm` with every chain decided "parallel" replaced by its chain op."""
+def prepared_copy(gm: GraphModule) -> GraphModule:
+    """The copy of a Dynamo graph that chains are found in: private in-place ops rewritten out of place."""
     new = copy_graph_module(gm)
+    if functionalize_inplace(new.graph):
+        new.recompile()
+    return new
+
+
+def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, list[str]]:
+    """A rewritten copy of `gm` with every chain decided "parallel" replaced by its chain op (`gm` itself when
+    none is). Private in-place ops are rewritten out of place first (`passes/functionalize.py`)."""
+    new = prepared_copy(gm)
     plan = plan_graph(new, options)
     chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
     specs = [chain_spec(pc.match) for pc in chosen]  # every check before the first mutation
@@ -107,10 +117,11 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
         log.info("deeppcr: chain of %d steps (%d nodes each) -> %s [%s]", pc.match.length,
                  pc.match.nodes_per_step, spec.name, pc.decision.jacobian)
     _trace_plan(plan, names)
-    if chosen:
-        new.graph.eliminate_dead_code()
-        new.graph.lint()
-        new.recompile()
+    if not chosen:
+        return gm, plan, names  # unchanged: not even the out-of-place rewrites
+    new.graph.eliminate_dead_code(is_impure_node=keep_in_graph)
+    new.graph.lint()
+    new.recompile()
     return new, plan, names
 
 
@@ -164,4 +175,4 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
         log.warning("deeppcr: internal error while rewriting chains; compiling the original graph with Inductor",
                     exc_info=True)
         return compile_fx(gm, example_inputs, config_patches=patches)
-    return compile_fx(new if names else gm, example_inputs, config_patches=patches)
+    return compile_fx(new, example_inputs, config_patches=patches)

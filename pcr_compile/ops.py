@@ -28,7 +28,7 @@ from pcr_compile.solve import ChainSpec
 
 NAMESPACE = "pcr_compile"
 # Bumped whenever the arguments or results of the chain or adjoint op change (it is hashed into op names).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SPECS: dict[str, ChainSpec] = {}
 _OPS: dict[str, object] = {}
 _lock = threading.Lock()
@@ -97,12 +97,13 @@ def _define(name: str):
 
     @torch.library.custom_op(qual + "_adjoint", mutates_args=(), **_TAGS)
     def adjoint(trajs: list[Tensor], states: list[Tensor], per_step: list[Tensor], consts: list[Tensor],
-                invariants: list[Tensor], syms: list[int], grads: list[Tensor], traj_grads: list[Tensor], length: int,
-                tol: float, max_iters: int, jacobian: str, kernels: str) -> list[Tensor]:
+                invariants: list[Tensor], syms: list[int], grads: list[Tensor], traj_grads: list[Tensor],
+                needs_grad: list[bool], length: int, tol: float, max_iters: int, jacobian: str,
+                kernels: str) -> list[Tensor]:
         spec = _SPECS[name]
         d_states, d_per_step, d_inv = solve.run_backward(spec, trajs, states, per_step, consts, invariants, grads,
                                                          length, tol, max_iters, jacobian, impl=kernels, syms=syms,
-                                                         traj_grads=traj_grads)
+                                                         traj_grads=traj_grads, needs_grad=needs_grad)
         # custom ops return no None: non-differentiable inputs get zeros.
         inputs = [*states, *per_step, *invariants]
         d_inputs = [*d_states, *d_per_step, *d_inv]
@@ -111,8 +112,8 @@ def _define(name: str):
                 for x, g in zip(inputs, _fresh(out, [trajs, states, per_step, consts, invariants, grads, traj_grads]))]
 
     @adjoint.register_fake
-    def _(trajs, states, per_step, consts, invariants, syms, grads, traj_grads, length, tol, max_iters, jacobian,
-          kernels):
+    def _(trajs, states, per_step, consts, invariants, syms, grads, traj_grads, needs_grad, length, tol, max_iters,
+          jacobian, kernels):
         return [torch.empty_like(t) for t in [*states, *per_step, *invariants]]
 
     def setup_context(ctx, inputs, output):
@@ -121,6 +122,9 @@ def _define(name: str):
         n = len(states)
         ctx.n = (len(states), len(per_step), len(consts), len(invariants))
         ctx.cfg = (list(syms), length, tol, max_iters, jacobian, kernels, save_trajectory)
+        # Which per-step inputs and invariants need gradients: buffers (BatchNorm's running statistics, say)
+        # are floating but not differentiable, and some ops refuse a VJP with respect to them.
+        ctx.needs_grad = [bool(t.requires_grad) for t in [*per_step, *invariants]]
         ctx.save_for_backward(*output[n:], *states, *per_step, *consts, *invariants)
 
     def backward(ctx, grads):
@@ -142,8 +146,8 @@ def _define(name: str):
             g_trajs = []
         else:
             g_trajs = [torch.zeros_like(t) if g is None else g for t, g in zip(trajs, g_trajs)]
-        flat = adjoint(trajs, states, per_step, consts, invariants, syms, g_finals, g_trajs, length, tol, max_iters,
-                       jacobian, kernels)
+        flat = adjoint(trajs, states, per_step, consts, invariants, syms, g_finals, g_trajs, ctx.needs_grad, length,
+                       tol, max_iters, jacobian, kernels)
         d_states, flat = flat[:n_s], flat[n_s:]
         d_per_step, d_inv = flat[:n_p], flat[n_p:]
         return d_states, d_per_step, [None] * n_c, d_inv, [None] * len(syms), None, None, None, None, None, None, None

@@ -280,16 +280,18 @@ def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_it
 
 
 def run_backward(spec: ChainSpec, trajs, states, per_step, consts, invariants, grads, length: int, tol: float,
-                 max_iters: int, jacobian: str, impl: str = "auto", syms=(), traj_grads=()):
+                 max_iters: int, jacobian: str, impl: str = "auto", syms=(), traj_grads=(), needs_grad=None):
     """Adjoint of the chain at the converged trajectory.
 
     `grads` are the cotangents of the final states; `traj_grads` (optional, `(L, *state)` each) those of
-    every step's states, added to the adjoint's right-hand side step by step.
-    Returns gradients for (states, per_step flat, invariants); None where an input is not floating.
+    every step's states, added to the adjoint's right-hand side step by step. `needs_grad` (optional, one
+    bool per per-step input then per invariant) says which inputs gradients are wanted for.
+    Returns gradients for (states, per_step flat, invariants); None where an input is not floating or no
+    gradient is wanted.
     """
     with _functorch_ready():
         return _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters,
-                             jacobian, impl, syms, traj_grads)
+                             jacobian, impl, syms, traj_grads, needs_grad)
 
 
 def _substituted(call: ChainCall, diff_stacked: list[int], diff_inv: list[int], params) -> tuple[list, list]:
@@ -334,7 +336,7 @@ def _sequential_adjoint(call: ChainCall, Zprev: torch.Tensor, cot: torch.Tensor,
 
 
 def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian, impl,
-                  syms, traj_grads=()):
+                  syms, traj_grads=(), needs_grad=None):
     t0 = time.perf_counter()
     call = ChainCall(spec, states, per_step, consts, invariants, length, syms)
     lay = call.layout
@@ -349,8 +351,11 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
     if len(traj_grads):
         cot += lay.pack(list(traj_grads), lead=1, dtype=sd)
 
-    diff_stacked = [i for i, s in enumerate(call.stacked) if s.is_floating_point()]
-    diff_inv = [i for i, s in enumerate(call.invariants) if s.is_floating_point()]
+    k, n_p = spec.n_per_step, len(per_step)
+    wanted = list(needs_grad) if needs_grad is not None and len(needs_grad) else [True] * (n_p + len(invariants))
+    diff_stacked = [i for i, s in enumerate(call.stacked)
+                    if s.is_floating_point() and any(wanted[l * k + i] for l in range(length))]
+    diff_inv = [i for i, s in enumerate(call.invariants) if s.is_floating_point() and wanted[n_p + i]]
 
     def full_map(Zp, *params):
         return call.batched(Zp, *_substituted(call, diff_stacked, diff_inv, params))
@@ -395,7 +400,6 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
     d_inv = [None] * len(call.invariants)
     for i, g in zip(diff_inv, out[1 + len(diff_stacked):]):
         d_inv[i] = g.to(call.invariants[i].dtype)
-    k = spec.n_per_step
     d_per_step = []
     for l in range(length):
         for s in range(k):

@@ -1,0 +1,143 @@
+"""Out-of-place rewrites of in-place ops on tensors that nothing else aliases.
+
+Real models mutate their activations: torchvision's and timm's residual blocks run `nn.ReLU(inplace=True)`
+and `out += identity`, which Dynamo records as `relu(x, inplace=True)` and `operator.iadd(out, identity)`.
+A block with an in-place op cannot be evaluated out of order, so the chain finder declines it. Most such
+mutations are private to the block: the mutated tensor was created a few ops earlier, and no view of it
+exists. For those, the in-place op is the out-of-place op plus "later readers see the new value", and
+this pass rewrites it so: `relu(x, inplace=True)` -> `relu(x)`, `iadd(a, b)` -> `add(a, b)`,
+`a.mul_(b)` -> `a.mul(b)`, `torch.relu_(a)` -> `torch.relu(a)`; every node after the mutation that
+reads `a` (or the in-place op's own result, which is `a`) reads the new node instead.
+
+A mutation is rewritten only when it is provably private (else it is left alone and its block declined):
+- the mutated tensor was produced by an op of this graph (never a graph input, parameter or buffer);
+- no other node's value shares its storage (no view of it, no view it is of), judged from the storages
+  of Dynamo's example values, except the in-place ops on it themselves;
+- the op has an out-of-place twin, and every tensor it reads has the mutated tensor's dtype (or is
+  0-d), so the twin's result has the same dtype and shape as the in-place result.
+AOTAutograd functionalizes the whole graph again later, so this changes nothing downstream.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_flatten
+
+OUT_OF_PLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv, operator.ipow: operator.pow,
+    operator.imod: operator.mod, operator.iand: operator.and_, operator.ior: operator.or_,
+    operator.ixor: operator.xor, operator.ilshift: operator.lshift, operator.irshift: operator.rshift,
+}
+# Trailing-underscore names that are not "the out-of-place op, in place" (or whose twin differs).
+_NOT_TWINS = {"resize_", "resize_as_", "set_", "requires_grad_", "share_memory_", "retain_grad_", "copy_",
+              "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "exponential_", "geometric_", "cauchy_",
+              "log_normal_", "random_", "index_put_", "put_", "scatter_", "scatter_add_", "masked_scatter_",
+              "index_copy_", "index_fill_", "index_add_", "masked_fill_", "squeeze_", "unsqueeze_", "t_",
+              "transpose_", "swapdims_", "swapaxes_", "as_strided_", "detach_", "rename_", "refine_names_",
+              "align_to_", "record_stream_", "pin_memory_", "sparse_resize_", "sparse_resize_and_clear_"}
+
+
+def _val(n: Node):
+    return n.meta.get("example_value", n.meta.get("val"))
+
+
+def _storages(n: Node) -> list:
+    out = []
+    for v in tree_flatten(_val(n))[0]:
+        if isinstance(v, torch.Tensor):
+            try:
+                out.append(StorageWeakRef(v.untyped_storage()))
+            except (NotImplementedError, RuntimeError):  # sparse or otherwise storage-less
+                out.append(None)
+    return out
+
+
+def _twin(n: Node):
+    """(op, target, kwargs) of the out-of-place form of in-place node `n`, or None."""
+    if n.op == "call_function":
+        if n.target in OUT_OF_PLACE_OPERATORS:
+            return "call_function", OUT_OF_PLACE_OPERATORS[n.target], dict(n.kwargs)
+        if n.kwargs.get("inplace") is True:
+            return "call_function", n.target, {**n.kwargs, "inplace": False}
+        name = getattr(n.target, "__name__", None)
+        if isinstance(name, str) and name.endswith("_") and not name.endswith("__") and name not in _NOT_TWINS:
+            for owner in (torch, F, torch.Tensor):
+                if getattr(owner, name, None) is n.target and callable(getattr(owner, name[:-1], None)):
+                    return "call_function", getattr(owner, name[:-1]), dict(n.kwargs)
+        return None
+    if n.op == "call_method" and isinstance(n.target, str):
+        name = n.target
+        if name.endswith("_") and not name.endswith("__") and name not in _NOT_TWINS \
+                and callable(getattr(torch.Tensor, name[:-1], None)):
+            return "call_method", name[:-1], dict(n.kwargs)
+    return None
+
+
+def _mutated(n: Node) -> Node | None:
+    """The node whose tensor in-place node `n` mutates (its first argument)."""
+    if n.args and isinstance(n.args[0], Node):
+        return n.args[0]
+    return None
+
+
+def _same_dtype_reads(n: Node, target: Node) -> bool:
+    dtype = getattr(_val(target), "dtype", None)
+    for x in tree_flatten((n.args, n.kwargs))[0]:
+        if isinstance(x, Node) and x is not target:
+            v = _val(x)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.dtype != dtype:
+                return False
+    return True
+
+
+def functionalize_inplace(graph: Graph) -> int:
+    """Rewrite the private in-place ops of `graph` out of place (see the module docstring); returns how many."""
+    nodes = list(graph.nodes)
+    groups: dict[object, list[Node]] = defaultdict(list)
+    for n in nodes:
+        for s in _storages(n):
+            if s is not None and n.op != "output":
+                groups[s].append(n)
+    rewritable: set[Node] = set()  # in-place nodes of private groups
+    for members in groups.values():
+        root, rest = members[0], members[1:]
+        if not rest or root.op not in ("call_function", "call_method") or _twin(root) is not None:
+            continue
+        if not isinstance(_val(root), torch.Tensor):
+            continue
+        ok = True
+        for m in rest:
+            if _twin(m) is None or _mutated(m) not in members or not isinstance(_val(m), torch.Tensor) \
+                    or not _same_dtype_reads(m, _mutated(m)) or len(_storages(m)) != 1:
+                ok = False
+                break
+        if ok:
+            rewritable.update(rest)
+    if not rewritable:
+        return 0
+    group_of = {m: key for key, members in groups.items() if members[-1] in rewritable for m in members}
+    latest = {key: members[0] for key, members in groups.items() if members[-1] in rewritable}
+
+    def read(a: Node) -> Node:
+        return latest[group_of[a]] if a in group_of else a
+
+    for n in nodes:
+        n.args = torch.fx.node.map_arg(n.args, read)
+        n.kwargs = torch.fx.node.map_arg(n.kwargs, read)
+        if n in rewritable:
+            op, target, kwargs = _twin(n)
+            with graph.inserting_before(n):
+                new = graph.create_node(op, target, n.args, kwargs)
+            new.meta = dict(n.meta)
+            latest[group_of[n]] = new
+    for n in reversed(nodes):
+        if n in rewritable and not n.users:
+            graph.erase_node(n)
+    return len(rewritable)

@@ -1,0 +1,212 @@
+"""In-place ops in blocks: private mutations are rewritten out of place (and the chain solved), the others
+are left alone (and their blocks declined), and every compiled answer is eager's."""
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import grads_rel_err, rel_err
+from helpers import PARALLEL, run_both
+
+import pcr_compile
+from pcr_compile.passes.chains import find_chains
+from pcr_compile.passes.functionalize import functionalize_inplace
+
+
+def dynamo_graph(model, *inputs):
+    out = torch._dynamo.explain(model)(*inputs)
+    assert out.graph_count == 1, out.break_reasons
+    return out.graphs[0]
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: `nn.ReLU(inplace=True)` and `out += identity`."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        nn.init.constant_(self.bn2.weight, 0.1)  # a small residual branch, as zero-init-residual starts
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TorchvisionStyleResNet(nn.Module):
+    def __init__(self, blocks=9, c=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.layer = nn.Sequential(*[BasicBlock(c) for _ in range(blocks)])
+        self.head = nn.Linear(c, 4)
+        for m in self.modules():  # non-trivial running statistics
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.head(self.layer(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_functionalize_rewrites_private_mutations_only():
+    gm = dynamo_graph(TorchvisionStyleResNet(blocks=3).eval(), torch.randn(1, 3, 5, 5))
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert sum("iadd" in t for t in targets) == 3
+    assert find_chains(gm.graph, min_length=3).chains == ()  # declined as it stands
+    n = functionalize_inplace(gm.graph)
+    assert n == 3 * 3  # per block: two ReLUs and the +=
+    assert not any(n.kwargs.get("inplace") for n in gm.graph.nodes)
+    assert not any("iadd" in str(n.target) for n in gm.graph.nodes)
+    gm.recompile()
+    [c] = find_chains(gm.graph, min_length=3).chains
+    assert c.length == 3
+
+
+def test_torchvision_style_resnet_is_one_chain_with_eager_values_and_grads():
+    """Eval mode with gradients (fine-tuning with frozen BatchNorm statistics): the running statistics are
+    per-step inputs that are floating but take no gradient."""
+    model = TorchvisionStyleResNet(blocks=9).eval()
+    x = torch.randn(2, 3, 6, 6)
+    [chain] = pcr_compile.explain(model, x, options=PARALLEL).chains
+    assert chain.length == 9 and chain.decision == "parallel"
+    y0, g0, y1, g1, solves = run_both(model, [x])
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert [s.direction for s in solves] == ["forward", "backward"]
+    assert not any(s.fell_back for s in solves)
+
+
+class MutatesInput(nn.Module):
+    """Each block mutates its input in place; for the first block that is the caller's tensor."""
+
+    def __init__(self, layers=9):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+
+    def forward(self, x):
+        for lin in self.lins:
+            x.mul_(0.9)
+            x = torch.tanh(lin(x))
+        return x
+
+
+class ReadsAView(nn.Module):
+    """A view of the tensor taken before the in-place op sees the mutation: not private."""
+
+    def __init__(self, layers=9):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+
+    def forward(self, x):
+        for lin in self.lins:
+            h = lin(x)
+            v = h[:, :2]
+            h.relu_()
+            x = torch.tanh(h) + torch.cat([v, v], 1)
+        return x
+
+
+class PromotesInPlace(nn.Module):
+    """`h += b` with a float64 `b` stays float32 in place; `h + b` would be float64: not rewritten."""
+
+    def __init__(self, layers=9):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+
+    def forward(self, x, b):
+        for lin in self.lins:
+            h = lin(x)
+            h += b
+            x = torch.tanh(h)
+        return x
+
+
+def test_mutation_of_the_callers_tensor_stays_and_the_rest_is_a_chain():
+    torch.manual_seed(0)
+    model = MutatesInput()
+    x = torch.randn(3, 4)
+    [chain] = pcr_compile.explain(model, x.clone(), options=PARALLEL).chains
+    assert chain.length == 8  # blocks 2-9 mutate the previous block's fresh result
+    with torch.no_grad():
+        x_eager, x_compiled = x.clone(), x.clone()
+        ref = model(x_eager)
+        with pcr_compile.record_solves() as solves:
+            out = torch.compile(model, backend="deeppcr", options=PARALLEL)(x_compiled)
+    assert rel_err(out, ref) < 1e-6 and len(solves) == 1
+    torch.testing.assert_close(x_compiled, x_eager, rtol=0, atol=0)  # the caller sees the same mutation
+    assert not torch.equal(x_compiled, x)
+
+
+@pytest.mark.parametrize("make,inputs", [
+    (ReadsAView, lambda: [torch.randn(3, 4)]),
+    (PromotesInPlace, lambda: [torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)]),
+])
+def test_mutations_that_are_not_private_stay_and_decline_the_block(make, inputs):
+    torch.manual_seed(0)
+    model = make()
+    args = inputs()
+    report = pcr_compile.explain(model, *[a.clone() for a in args], options=PARALLEL)
+    assert report.chains == [] and any("in-place" in d.reason for d in report.declined), report
+    with torch.no_grad():
+        ref = model(*[a.clone() for a in args])
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="deeppcr", options=PARALLEL)(*[a.clone() for a in args])
+    assert out.dtype == ref.dtype and rel_err(out, ref) < 1e-6
+
+
+class InPlaceResidual(nn.Module):
+    """`x = x + f(x)` then `x.mul_(s)`: method-form in-place ops on a block's own result."""
+
+    def __init__(self, layers=10):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(6, 6) for _ in range(layers))
+
+    def forward(self, x):
+        x = x.clone()
+        for lin in self.lins:
+            x = x + 0.3 * torch.relu_(lin(x))
+            x.mul_(0.9)
+        return x
+
+
+def test_method_and_function_forms_are_rewritten_and_solved():
+    torch.manual_seed(0)
+    model = InPlaceResidual()
+    x = torch.randn(3, 6)
+    y0, g0, y1, g1, solves = run_both(model, [x])
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert len(solves) == 2 and solves[0].length == 10
+
+
+class ScalesInputThenChain(nn.Module):
+    """An in-place statement whose result is unused, outside any chain: dead-code elimination after the
+    rewrite once dropped it (FX does not count in-place methods as impure), silently changing the answer."""
+
+    def __init__(self, layers=9):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+
+    def forward(self, x):
+        x.mul_(2.0)
+        for lin in self.lins:
+            x = torch.tanh(lin(x))
+        return x
+
+
+def test_in_place_statement_outside_the_chain_survives_the_rewrite():
+    torch.manual_seed(0)
+    model = ScalesInputThenChain()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        x_eager, x_compiled = x.clone(), x.clone()
+        ref = model(x_eager)
+        with pcr_compile.record_solves() as solves:
+            out = torch.compile(model, backend="deeppcr", options=PARALLEL)(x_compiled)
+    assert len(solves) == 1 and solves[0].length == 9
+    assert rel_err(out, ref) < 1e-6
+    torch.testing.assert_close(x_compiled, 2.0 * x, rtol=0, atol=0)
