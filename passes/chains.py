@@ -24,6 +24,7 @@ Prior art: `torch/_dynamo/graph_region_tracker.py` (repeated regions), `torch/fx
 
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 from collections import Counter
@@ -183,11 +184,30 @@ def _val(n: Node):
 # --- eligibility --------------------------------------------------------------------------------------
 
 
+def inplace_flag_position(n: Node) -> int | None:
+    """Where `n`'s call passes a true `inplace` flag: -1 as a keyword, its index when positional
+    (`F.relu(x, True)`), None when it passes none."""
+    if n.op != "call_function":
+        return None
+    if n.kwargs.get("inplace") is True:
+        return -1
+    try:
+        params = list(inspect.signature(n.target).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    if "inplace" in params:
+        i = params.index("inplace")
+        if i < len(n.args) and n.args[i] is True:
+            return i
+    return None
+
+
 def mutates_in_place(n: Node) -> bool:
-    """Whether `n` is an in-place op (`x += y`, `relu(x, inplace=True)`, `x.mul_(s)`, `torch.relu_(x)`)."""
+    """Whether `n` is an in-place op (`x += y`, `relu(x, inplace=True)` or `relu(x, True)`, `x.mul_(s)`,
+    `torch.relu_(x)`)."""
     if n.op not in ("call_function", "call_method"):
         return False
-    if n.target in INPLACE_OPERATORS or n.kwargs.get("inplace") is True:
+    if n.target in INPLACE_OPERATORS or inplace_flag_position(n) is not None:
         return True
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     return isinstance(name, str) and name.endswith("_") and not name.endswith("__")

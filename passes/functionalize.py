@@ -29,6 +29,8 @@ from torch.fx import Graph, Node
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
+from .chains import inplace_flag_position
+
 OUT_OF_PLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
     operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv, operator.ipow: operator.pow,
@@ -60,23 +62,27 @@ def _storages(n: Node) -> list:
 
 
 def _twin(n: Node):
-    """(op, target, kwargs) of the out-of-place form of in-place node `n`, or None."""
+    """(op, target, args, kwargs) of the out-of-place form of in-place node `n`, or None."""
+    args, kwargs = tuple(n.args), dict(n.kwargs)
     if n.op == "call_function":
         if n.target in OUT_OF_PLACE_OPERATORS:
-            return "call_function", OUT_OF_PLACE_OPERATORS[n.target], dict(n.kwargs)
-        if n.kwargs.get("inplace") is True:
-            return "call_function", n.target, {**n.kwargs, "inplace": False}
+            return "call_function", OUT_OF_PLACE_OPERATORS[n.target], args, kwargs
+        pos = inplace_flag_position(n)
+        if pos == -1:
+            return "call_function", n.target, args, {**kwargs, "inplace": False}
+        if pos is not None:
+            return "call_function", n.target, args[:pos] + (False,) + args[pos + 1:], kwargs
         name = getattr(n.target, "__name__", None)
         if isinstance(name, str) and name.endswith("_") and not name.endswith("__") and name not in _NOT_TWINS:
             for owner in (torch, F, torch.Tensor):
                 if getattr(owner, name, None) is n.target and callable(getattr(owner, name[:-1], None)):
-                    return "call_function", getattr(owner, name[:-1]), dict(n.kwargs)
+                    return "call_function", getattr(owner, name[:-1]), args, kwargs
         return None
     if n.op == "call_method" and isinstance(n.target, str):
         name = n.target
         if name.endswith("_") and not name.endswith("__") and name not in _NOT_TWINS \
                 and callable(getattr(torch.Tensor, name[:-1], None)):
-            return "call_method", name[:-1], dict(n.kwargs)
+            return "call_method", name[:-1], args, kwargs
     return None
 
 
@@ -132,9 +138,9 @@ def functionalize_inplace(graph: Graph) -> int:
         n.args = torch.fx.node.map_arg(n.args, read)
         n.kwargs = torch.fx.node.map_arg(n.kwargs, read)
         if n in rewritable:
-            op, target, kwargs = _twin(n)
+            op, target, args, kwargs = _twin(n)
             with graph.inserting_before(n):
-                new = graph.create_node(op, target, n.args, kwargs)
+                new = graph.create_node(op, target, args, kwargs)
             new.meta = dict(n.meta)
             latest[group_of[n]] = new
     for n in reversed(nodes):

@@ -111,6 +111,33 @@ class ReadsAView(nn.Module):
         return x
 
 
+class PositionalInplaceFlag(nn.Module):
+    """`F.relu(h, True)`: the in-place flag passed by position, with a view of `h` read afterwards. This was
+    once taken for a pure op and solved (silently wrong by 0.7)."""
+
+    def __init__(self, layers=9, view=True):
+        super().__init__()
+        self.view = view
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+
+    def forward(self, x):
+        for lin in self.lins:
+            h = lin(x)
+            v = h[:, :2] if self.view else x[:, :2]
+            nn.functional.relu(h, True)
+            x = torch.tanh(h) + torch.cat([v, v], 1)
+        return x
+
+
+def test_positional_inplace_flag_on_a_private_tensor_is_rewritten():
+    torch.manual_seed(0)
+    model = PositionalInplaceFlag(view=False)
+    x = torch.randn(3, 4)
+    y0, g0, y1, g1, solves = run_both(model, [x])
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert solves[0].length == 9
+
+
 class PromotesInPlace(nn.Module):
     """`h += b` with a float64 `b` stays float32 in place; `h + b` would be float64: not rewritten."""
 
@@ -144,6 +171,7 @@ def test_mutation_of_the_callers_tensor_stays_and_the_rest_is_a_chain():
 
 @pytest.mark.parametrize("make,inputs", [
     (ReadsAView, lambda: [torch.randn(3, 4)]),
+    (PositionalInplaceFlag, lambda: [torch.randn(3, 4)]),
     (PromotesInPlace, lambda: [torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)]),
 ])
 def test_mutations_that_are_not_private_stay_and_decline_the_block(make, inputs):
