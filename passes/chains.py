@@ -209,6 +209,16 @@ def mutates_in_place(n: Node) -> bool:
         return False
     if n.target in INPLACE_OPERATORS or inplace_flag_position(n) is not None:
         return True
+    if n.kwargs.get("out") is not None:  # torch.tanh(a, out=h) writes h
+        return True
+    norm = getattr(n.target, "__name__", None)
+    if norm in ("batch_norm", "instance_norm"):  # training with running statistics updates them in place
+        args = list(n.args) + [None] * 8
+        running = n.kwargs.get("running_mean", args[1])
+        flag = "training" if norm == "batch_norm" else "use_input_stats"
+        training = n.kwargs.get(flag, args[5] if len(n.args) > 5 else norm == "instance_norm")
+        if running is not None and training:
+            return True
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
 

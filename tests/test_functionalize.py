@@ -238,3 +238,42 @@ def test_in_place_statement_outside_the_chain_survives_the_rewrite():
     assert len(solves) == 1 and solves[0].length == 9
     assert rel_err(out, ref) < 1e-6
     torch.testing.assert_close(x_compiled, 2.0 * x, rtol=0, atol=0)
+
+
+class FunctionalBatchNorm(nn.Module):
+    """`F.batch_norm(..., training=True)` writes its running statistics: a mutation without an underscore."""
+
+    def __init__(self, training, layers=9):
+        super().__init__()
+        self.training_stats = training
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+        for i in range(layers):
+            self.register_buffer(f"mean{i}", torch.zeros(4))
+            self.register_buffer(f"var{i}", torch.ones(4))
+
+    def forward(self, x):
+        for i, lin in enumerate(self.lins):
+            h = nn.functional.batch_norm(lin(x), getattr(self, f"mean{i}"), getattr(self, f"var{i}"),
+                                         training=self.training_stats)
+            x = torch.tanh(h)
+        return x
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_updating_running_statistics_is_a_mutation(training):
+    report = pcr_compile.explain(FunctionalBatchNorm(training), torch.randn(3, 4), options=PARALLEL)
+    if training:
+        assert report.chains == [] and any("in-place op batch_norm" in d.reason for d in report.declined)
+    else:
+        assert [c.length for c in report.chains] == [9]
+
+
+def test_out_argument_is_a_mutation():
+    from pcr_compile.passes.chains import mutates_in_place
+
+    g = torch.fx.Graph()
+    a, h = g.placeholder("a"), g.placeholder("h")
+    assert mutates_in_place(g.call_function(torch.tanh, (a,), {"out": h}))
+    assert not mutates_in_place(g.call_function(torch.tanh, (a,)))
+    assert mutates_in_place(g.call_function(nn.functional.relu, (a, True)))
+    assert not mutates_in_place(g.call_function(nn.functional.relu, (a, False)))
