@@ -193,7 +193,7 @@ def inplace_flag_position(n: Node) -> int | None:
         return -1
     try:
         params = list(inspect.signature(n.target).parameters)
-    except (TypeError, ValueError):  # builtins without a signature
+    except Exception:  # builtins and C extensions without a signature
         return None
     if "inplace" in params:
         i = params.index("inplace")
