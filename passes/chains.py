@@ -184,6 +184,10 @@ def _val(n: Node):
 # --- eligibility --------------------------------------------------------------------------------------
 
 
+# Node meta key: why `passes/functionalize.py` left this in-place op in place.
+KEPT_META = "pcr_kept_in_place"
+
+
 def inplace_flag_position(n: Node) -> int | None:
     """Where `n`'s call passes a true `inplace` flag: -1 as a keyword, its index when positional
     (`F.relu(x, True)`), None when it passes none."""
@@ -246,7 +250,8 @@ def ineligibility(n: Node) -> str | None:
         if not (isinstance(p, (int, float)) and p == 0):
             return f"random op {name} with dropout_p={p} (node {n.name})"
     if mutates_in_place(n):
-        return f"in-place op {name} (node {n.name})"
+        kept = n.meta.get(KEPT_META)
+        return f"in-place op {name} (node {n.name}{'; kept in place: ' + kept if kept else ''})"
     if n.is_impure():
         return f"op with side effects {name} (node {n.name})"
     body = inlinable_body(n)

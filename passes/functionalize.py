@@ -29,7 +29,7 @@ from torch.fx import Graph, Node
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
-from .chains import inplace_flag_position
+from .chains import KEPT_META, inplace_flag_position, mutates_in_place
 
 OUT_OF_PLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -103,6 +103,24 @@ def _same_dtype_reads(n: Node, target: Node) -> bool:
     return True
 
 
+def _not_private(root: Node, rest: list[Node], members: list[Node]) -> str | None:
+    """Why the in-place ops on the tensor of `root` cannot be rewritten out of place, or None."""
+    if root.op == "placeholder":
+        return f"it writes {root.name}, an input, parameter or buffer of the graph"
+    if root.op not in ("call_function", "call_method") or not isinstance(_val(root), torch.Tensor):
+        return f"it writes a value of {root.name} that is not a plain tensor"
+    for m in rest:
+        if _twin(m) is None:
+            if mutates_in_place(m):
+                return f"{m.name} has no out-of-place form"
+            return f"{m.name} is a view of, or aliases, the written tensor"
+        if _mutated(m) not in members or not isinstance(_val(m), torch.Tensor) or len(_storages(m)) != 1:
+            return f"{m.name} writes a tensor that other values alias"
+        if not _same_dtype_reads(m, _mutated(m)):
+            return f"{m.name} reads a tensor of another dtype (out of place it would promote)"
+    return None
+
+
 def functionalize_inplace(graph: Graph) -> int:
     """Rewrite the private in-place ops of `graph` out of place (see the module docstring); returns how many."""
     nodes = list(graph.nodes)
@@ -114,18 +132,15 @@ def functionalize_inplace(graph: Graph) -> int:
     rewritable: set[Node] = set()  # in-place nodes of private groups
     for members in groups.values():
         root, rest = members[0], members[1:]
-        if not rest or root.op not in ("call_function", "call_method") or _twin(root) is not None:
+        if not rest:
             continue
-        if not isinstance(_val(root), torch.Tensor):
-            continue
-        ok = True
-        for m in rest:
-            if _twin(m) is None or _mutated(m) not in members or not isinstance(_val(m), torch.Tensor) \
-                    or not _same_dtype_reads(m, _mutated(m)) or len(_storages(m)) != 1:
-                ok = False
-                break
-        if ok:
+        why = _not_private(root, rest, members)
+        if why is None:
             rewritable.update(rest)
+        else:  # kept in place; the chain finder quotes why when it declines the block
+            for m in rest:
+                if mutates_in_place(m):
+                    m.meta[KEPT_META] = why
     if not rewritable:
         return 0
     group_of = {m: key for key, members in groups.items() if members[-1] in rewritable for m in members}

@@ -169,17 +169,20 @@ def test_mutation_of_the_callers_tensor_stays_and_the_rest_is_a_chain():
     assert not torch.equal(x_compiled, x)
 
 
-@pytest.mark.parametrize("make,inputs", [
-    (ReadsAView, lambda: [torch.randn(3, 4)]),
-    (PositionalInplaceFlag, lambda: [torch.randn(3, 4)]),
-    (PromotesInPlace, lambda: [torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)]),
+@pytest.mark.parametrize("make,inputs,why", [
+    (ReadsAView, lambda: [torch.randn(3, 4)], "is a view of, or aliases, the written tensor"),
+    (PositionalInplaceFlag, lambda: [torch.randn(3, 4)], "is a view of, or aliases, the written tensor"),
+    (PromotesInPlace, lambda: [torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)],
+     "reads a tensor of another dtype"),
 ])
-def test_mutations_that_are_not_private_stay_and_decline_the_block(make, inputs):
+def test_mutations_that_are_not_private_stay_and_decline_the_block(make, inputs, why):
     torch.manual_seed(0)
     model = make()
     args = inputs()
     report = pcr_compile.explain(model, *[a.clone() for a in args], options=PARALLEL)
-    assert report.chains == [] and any("in-place" in d.reason for d in report.declined), report
+    assert report.chains == [], report
+    assert any("in-place op" in d.reason and "kept in place: " in d.reason and why in d.reason
+               for d in report.declined), report.declined
     with torch.no_grad():
         ref = model(*[a.clone() for a in args])
         torch._dynamo.reset()
