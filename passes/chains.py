@@ -184,8 +184,10 @@ def _val(n: Node):
 # --- eligibility --------------------------------------------------------------------------------------
 
 
-# Node meta key: why `passes/functionalize.py` left this in-place op in place.
+# Node meta keys set by `passes/functionalize.py`: why it left an in-place op in place; and the nodes it
+# moved to the end of the graph (running-statistics writes), which are never part of a chain.
 KEPT_META = "pcr_kept_in_place"
+DEFERRED_META = "pcr_deferred"
 
 
 def inplace_flag_position(n: Node) -> int | None:
@@ -568,7 +570,7 @@ def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: in
 
 def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
     """Find the chains of `graph` (read only). Chains are returned in graph order."""
-    seq = [n for n in graph.nodes if n.op in COMPUTE_OPS]
+    seq = [n for n in graph.nodes if n.op in COMPUTE_OPS and not n.meta.get(DEFERRED_META)]
     interned: dict[tuple, int] = {}
     sig_ids = [interned.setdefault(node_signature(n), len(interned)) for n in seq]
     # Repeats from 3 steps up are candidates, so that shorter ones are reported as declined.

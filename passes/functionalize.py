@@ -29,7 +29,7 @@ from torch.fx import Graph, Node
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
-from .chains import KEPT_META, inplace_flag_position, mutates_in_place
+from .chains import DEFERRED_META, KEPT_META, inplace_flag_position, mutates_in_place
 
 OUT_OF_PLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -162,3 +162,71 @@ def functionalize_inplace(graph: Graph) -> int:
         if n in rewritable and not n.users:
             graph.erase_node(n)
     return len(rewritable)
+
+
+def _is_batch_norm(n: Node) -> bool:
+    return n.op == "call_function" and n.target is F.batch_norm
+
+
+def _stat_like(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """An example value shaped like a per-channel statistic of `x` (from the running buffer's example)."""
+    return buf.to(x.dtype) if buf.dtype != x.dtype else buf
+
+
+def defer_running_stat_updates(graph: Graph) -> int:
+    """Move BatchNorm's running-statistics updates in training mode to the end of the graph.
+
+    `F.batch_norm(x, running_mean, running_var, w, b, training=True, momentum, eps)` normalises by the
+    batch statistics and, as a side effect, writes the running statistics; `nn.BatchNorm*` also bumps
+    `num_batches_tracked` in place just before. Those writes make every training-mode BatchNorm block
+    ineligible. When nothing else in the graph reads the buffers, they are read by no one before the
+    graph returns, so the writes can happen last: the call becomes the pure `F.batch_norm(x, None, None,
+    w, b, True, momentum, eps)`, and `running_mean.lerp_(mean(x.detach()), momentum)` /
+    `running_var.lerp_(var(x.detach(), unbiased), momentum)` (what the kernel computes) and the
+    `num_batches_tracked` bump are emitted before the output. A chain then reads `x` back from its
+    solved trajectory for them. Cumulative averaging (`momentum=None`) is left alone. Returns how many
+    calls were changed.
+    """
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    changed = 0
+    for n in list(graph.nodes):
+        if not _is_batch_norm(n):
+            continue
+        args = list(n.args) + [None] * (8 - len(n.args))
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        defaults = (None, None, None, None, None, False, 0.1, 1e-5)
+        bound = {k: n.kwargs.get(k, args[i] if i < len(n.args) else defaults[i]) for i, k in enumerate(names)}
+        x, rm, rv, momentum = bound["input"], bound["running_mean"], bound["running_var"], bound["momentum"]
+        if bound["training"] is not True or not isinstance(momentum, float) or not isinstance(x, Node):
+            continue
+        if not all(isinstance(b, Node) and b.op == "placeholder" and set(b.users) == {n} for b in (rm, rv)):
+            continue
+        xv = _val(x)
+        if not isinstance(xv, torch.Tensor) or xv.dim() < 2:
+            continue
+        dims = [0, *range(2, xv.dim())]
+        n.args, n.kwargs = (x, None, None, bound["weight"], bound["bias"], True, momentum, bound["eps"]), {}
+        with graph.inserting_before(output):
+            data = graph.call_method("detach", (x,))  # the kernel's writes are not differentiated
+            mean = graph.call_method("mean", (data, dims))
+            var = graph.call_method("var", (data, dims), {"unbiased": True})
+            for buf, stat in ((rm, mean), (rv, var)):
+                cast = graph.call_method("to", (stat, _val(buf).dtype))
+                update = graph.call_method("lerp_", (buf, cast, momentum))
+                update.meta["example_value"] = _val(buf)
+                cast.meta["example_value"] = _val(buf)
+        for node in (mean, var):  # example values, for later passes
+            node.meta["example_value"] = _stat_like(xv, _val(rm))
+        casts = [*mean.users, *var.users]
+        for node in (data, mean, var, *casts, *(u for c in casts for u in c.users)):
+            node.meta[DEFERRED_META] = True
+        changed += 1
+    if changed:
+        # nn.BatchNorm's `num_batches_tracked.add_(1)`: an in-place bump of an integer buffer nobody reads.
+        for n in list(graph.nodes):
+            if n.op == "call_method" and n.target == "add_" and not n.users and isinstance(n.args[0], Node) \
+                    and n.args[0].op == "placeholder" and set(n.args[0].users) == {n} \
+                    and getattr(_val(n.args[0]), "dtype", None) == torch.long:
+                output.prepend(n)
+                n.meta[DEFERRED_META] = True
+    return changed

@@ -18,7 +18,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains, keep_in_graph
-from pcr_compile.passes.functionalize import functionalize_inplace
+from pcr_compile.passes.functionalize import defer_running_stat_updates, functionalize_inplace
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
 from pcr_compile.passes.structure import linear_pointwise
 
@@ -92,9 +92,10 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
 
 
 def prepared_copy(gm: GraphModule) -> GraphModule:
-    """The copy of a Dynamo graph that chains are found in: private in-place ops rewritten out of place."""
+    """The copy of a Dynamo graph that chains are found in: BatchNorm's running-statistics updates moved to
+    the end, and private in-place ops rewritten out of place (`passes/functionalize.py`)."""
     new = copy_graph_module(gm)
-    if functionalize_inplace(new.graph):
+    if defer_running_stat_updates(new.graph) + functionalize_inplace(new.graph):
         new.recompile()
     return new
 

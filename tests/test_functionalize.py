@@ -262,13 +262,33 @@ class FunctionalBatchNorm(nn.Module):
         return x
 
 
+class FunctionalBatchNormReadsStats(FunctionalBatchNorm):
+    def forward(self, x):
+        return super().forward(x) * self.mean3.sum()
+
+
 @pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_updating_running_statistics_is_a_mutation(training):
-    report = pcr_compile.explain(FunctionalBatchNorm(training), torch.randn(3, 4), options=PARALLEL)
+def test_functional_batch_norm_in_training_moves_its_writes_or_declines(training):
+    """`F.batch_norm(training=True)` writes its running statistics: the writes move after the chain, or,
+    when the graph reads a statistic, stay and decline the block (`mutates_in_place` sees them)."""
+    from pcr_compile.passes.chains import mutates_in_place
+
+    x = torch.randn(3, 4)
+    report = pcr_compile.explain(FunctionalBatchNorm(training), x, options=PARALLEL)
+    assert [c.length for c in report.chains] == [9]
+    reads = FunctionalBatchNormReadsStats(training)
     if training:
-        assert report.chains == [] and any("in-place op batch_norm" in d.reason for d in report.declined)
-    else:
-        assert [c.length for c in report.chains] == [9]
+        gm = dynamo_graph(reads, x)
+        assert sum(mutates_in_place(n) for n in gm.graph.nodes) == 9
+        report = pcr_compile.explain(reads, x, options={**PARALLEL, "min_chain_length": 3})
+        assert [c.length for c in report.chains] == [3, 5]  # around block 3, whose write stays
+    eager, compiled = FunctionalBatchNormReadsStats(training), FunctionalBatchNormReadsStats(training)
+    compiled.load_state_dict(eager.state_dict())
+    y0 = eager(x)
+    y1 = torch.compile(compiled, backend="deeppcr", options={**PARALLEL, "min_chain_length": 3})(x)
+    assert rel_err(y1, y0) < 1e-5
+    for (name, b0), b1 in zip(eager.named_buffers(), compiled.buffers()):
+        assert rel_err(b1, b0) < 1e-5 and b1.grad_fn is None, name
 
 
 def test_out_argument_is_a_mutation():
@@ -280,3 +300,57 @@ def test_out_argument_is_a_mutation():
     assert not mutates_in_place(g.call_function(torch.tanh, (a,)))
     assert mutates_in_place(g.call_function(nn.functional.relu, (a, True)))
     assert not mutates_in_place(g.call_function(nn.functional.relu, (a, False)))
+
+
+def _train_step(model, x, compiled=None):
+    """One forward and backward; `compiled`: the deeppcr options to compile with (True: PARALLEL)."""
+    options = PARALLEL if compiled is True else compiled
+    y = (torch.compile(model, backend="deeppcr", options=options) if compiled else model)(x)
+    y.pow(2).mean().backward()
+    return y, [p.grad for p in model.parameters()], dict(model.named_buffers())
+
+
+def test_training_mode_batch_norm_chain_updates_running_statistics_like_eager():
+    """BatchNorm in training mode: batch statistics in the chain, running-statistics writes after it."""
+    import copy
+
+    eager = TorchvisionStyleResNet(blocks=9).train()
+    compiled_model = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 6, 6)
+    [chain] = pcr_compile.explain(copy.deepcopy(eager), x, options=PARALLEL).chains
+    assert chain.length == 9
+    y0, g0, b0 = _train_step(eager, x)
+    with pcr_compile.record_solves() as solves:
+        y1, g1, b1 = _train_step(compiled_model, x, compiled=True)
+    assert [s.direction for s in solves] == ["forward", "backward"] and not any(s.fell_back for s in solves)
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert b0.keys() == b1.keys()
+    for name in b0:
+        if name.endswith("num_batches_tracked"):
+            assert int(b1[name]) == int(b0[name]) == 1, name
+        else:
+            assert rel_err(b1[name], b0[name]) < 1e-5 and b1[name].grad_fn is None, name
+            assert not torch.equal(b1[name], TorchvisionStyleResNet(blocks=9).get_buffer(name)), name  # written
+
+
+class ReadsRunningMean(TorchvisionStyleResNet):
+    """Reads a running mean after the forward: its write cannot move, so the blocks stay declined."""
+
+    def forward(self, x):
+        return super().forward(x) + self.layer[4].bn1.running_mean.sum()
+
+
+def test_running_statistics_read_in_the_graph_keep_their_writes_in_place():
+    """Block 4's first BatchNorm keeps its write in place, the others' move: two chains of 4 around it."""
+    import copy
+
+    eager = ReadsRunningMean(blocks=9).train()
+    compiled_model = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 6, 6)
+    options = {**PARALLEL, "min_chain_length": 4}
+    report = pcr_compile.explain(copy.deepcopy(eager), x, options=options)
+    assert [c.length for c in report.chains] == [4, 4]
+    y0, g0, b0 = _train_step(eager, x)
+    y1, g1, b1 = _train_step(compiled_model, x, compiled=options)
+    assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
+    assert all(rel_err(b1[k], b0[k]) < 1e-5 for k in b0)
