@@ -168,11 +168,6 @@ def _is_batch_norm(n: Node) -> bool:
     return n.op == "call_function" and n.target is F.batch_norm
 
 
-def _stat_like(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """An example value shaped like a per-channel statistic of `x` (from the running buffer's example)."""
-    return buf.to(x.dtype) if buf.dtype != x.dtype else buf
-
-
 def defer_running_stat_updates(graph: Graph) -> int:
     """Move BatchNorm's running-statistics updates in training mode to the end of the graph.
 
@@ -207,18 +202,15 @@ def defer_running_stat_updates(graph: Graph) -> int:
         dims = [0, *range(2, xv.dim())]
         n.args, n.kwargs = (x, None, None, bound["weight"], bound["bias"], True, momentum, bound["eps"]), {}
         with graph.inserting_before(output):
-            data = graph.call_method("detach", (x,))  # the kernel's writes are not differentiated
+            # Not differentiated, and in the buffers' precision (the kernel accumulates in float for half).
+            detached = graph.call_method("detach", (x,))
+            data = graph.call_method("to", (detached, _val(rm).dtype))
             mean = graph.call_method("mean", (data, dims))
             var = graph.call_method("var", (data, dims), {"unbiased": True})
-            for buf, stat in ((rm, mean), (rv, var)):
-                cast = graph.call_method("to", (stat, _val(buf).dtype))
-                update = graph.call_method("lerp_", (buf, cast, momentum))
-                update.meta["example_value"] = _val(buf)
-                cast.meta["example_value"] = _val(buf)
-        for node in (mean, var):  # example values, for later passes
-            node.meta["example_value"] = _stat_like(xv, _val(rm))
-        casts = [*mean.users, *var.users]
-        for node in (data, mean, var, *casts, *(u for c in casts for u in c.users)):
+            updates = [graph.call_method("lerp_", (buf, stat, momentum)) for buf, stat in ((rm, mean), (rv, var))]
+        for node, like in ((mean, rm), (var, rv), *zip(updates, (rm, rv))):  # example values, for later passes
+            node.meta["example_value"] = _val(like)
+        for node in (detached, data, mean, var, *updates):
             node.meta[DEFERRED_META] = True
         changed += 1
     if changed:
