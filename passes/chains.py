@@ -141,6 +141,9 @@ class Declined:
 class Analysis:
     chains: tuple[ChainMatch, ...]
     declined: tuple[Declined, ...]
+    # Declined candidates that read a value from two steps back: (blocks, (position, leaf) slots), for
+    # `passes/carry.py`.
+    lagged: tuple = ()
 
 
 # --- signatures ---------------------------------------------------------------------------------------
@@ -326,17 +329,20 @@ def _candidate_runs(sig_ids: list[int], min_length: int, max_periods: int = 32) 
 
 def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> int:
     """Block-boundary offset in [0, p) with the fewest carried values that cannot be states (not floating
-    tensors: a tuple such as an LSTM cell's (h, c) result), then the fewest carried values; ties go to
-    the earliest."""
+    tensors: a tuple such as an LSTM cell's (h, c) result), then the fewest values read from two blocks
+    back (which no chain can carry: a boundary that puts a carried copy (`passes/carry.py`) in the wrong
+    block), then the fewest carried values; ties go to the earliest."""
     best, best_cost = 0, None
     for phi in range(p):
         if (end - a - phi) // p < min_length:
             break
         A = set(seq[a + phi: a + phi + p])
         B = seq[a + phi + p: a + phi + 2 * p]
+        before = set(seq[max(0, a + phi - p): a + phi])
         carried = {x for n in B for x in n.all_input_nodes if x in A}
+        far = {x for n in B for x in n.all_input_nodes if x in before}
         unfit = sum(not (_is_tensor_node(x) and _val(x).is_floating_point()) for x in carried)
-        cost = (unfit, len(carried))
+        cost = (unfit, len(far), len(carried))
         if best_cost is None or cost < best_cost:
             best, best_cost = phi, cost
     return best
@@ -348,6 +354,34 @@ def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> i
 class _Split(Exception):
     def __init__(self, pieces: list[tuple[int, int]], reason: str):
         self.pieces, self.reason = pieces, reason
+
+
+class _Lagged(_Split):
+    """The blocks read, at `slots` ((block position, argument leaf) pairs), a value of two steps back: a
+    chain once `passes/carry.py` carries that value through the step between."""
+
+    def __init__(self, blocks, slots: list[tuple[int, int]]):
+        super().__init__([], "steps read a value from two steps back (carried by the backend; explain "
+                             "and the backend chain it)")
+        self.blocks, self.slots = blocks, slots
+
+
+def _lag2_slots(rows: list[tuple]) -> list[tuple[int, int]]:
+    """The (position, leaf) slots where steps 2.. read two steps back and step 1 reads an outside value, with
+    every other reference the same in every step; [] when the blocks do not read so."""
+    first, ref = rows[0], rows[1]
+    if any(r != ref for r in rows[2:]):
+        return []
+    slots = []
+    for j, (a_row, b_row) in enumerate(zip(first, ref)):
+        for li, (a, b) in enumerate(zip(a_row, b_row)):
+            if b[0] == "far":
+                if b[2] != 2 or a != ("out",):
+                    return []
+                slots.append((j, li))
+            elif a != b:
+                return []
+    return slots
 
 
 def _is_tensor_node(n: Node) -> bool:
@@ -404,7 +438,8 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
                 if isinstance(x, Node):
                     if x in where:
                         bi, q = where[x]
-                        row.append(("internal", q) if bi == i else ("state", q) if bi == i - 1 else ("far", q))
+                        row.append(("internal", q) if bi == i else ("state", q) if bi == i - 1 else
+                                   ("far", q, i - bi))
                     else:
                         row.append(("out",))
                 else:
@@ -413,6 +448,10 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
         return tuple(out)
 
     ref = tags(1)
+    if k >= 4 and tags(2) != ref:
+        lagged = _lag2_slots([tags(i) for i in range(1, k)])
+        if lagged:
+            raise _Lagged(blocks, lagged)
     for i in range(2, k):
         if tags(i) != ref:
             raise _Split([(0, i), (i, k)], f"step {i} reads different values than step 1")
@@ -552,20 +591,23 @@ def _describe(blocks, reason: str) -> Declined:
 
 
 def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: int, chains: list,
-                     declined: list, in_autocast: set[Node]) -> None:
+                     declined: list, in_autocast: set[Node], lagged: list) -> None:
     blocks = [tuple(seq[start + i * p: start + (i + 1) * p]) for i in range(k)]
     if k < min_length:
         declined.append(_describe(blocks, f"{k} steps < min_chain_length={min_length}"))
         return
     try:
         chains.append(_validate(blocks, in_autocast))
+    except _Lagged as e:
+        declined.append(_describe(blocks, e.reason))
+        lagged.append((e.blocks, tuple(e.slots)))
     except _Split as e:
         useful = [(a, b) for a, b in e.pieces if b - a >= min_length]
         if not useful:
             declined.append(_describe(blocks, e.reason))
         log.debug("candidate %s..%s (%d steps) split: %s", blocks[0][0].name, blocks[-1][-1].name, k, e.reason)
         for a, b in useful:
-            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, in_autocast)
+            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, in_autocast, lagged)
 
 
 def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
@@ -586,11 +628,12 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
     occupied = [False] * len(seq)
     chains: list[ChainMatch] = []
     declined: list[Declined] = []
+    lagged: list = []
     for _cover, p, start, k in cands:
         if any(occupied[start: start + p * k]):
             continue
         found: list[ChainMatch] = []
-        _validate_region(seq, start, p, k, min_length, found, declined, in_autocast)
+        _validate_region(seq, start, p, k, min_length, found, declined, in_autocast, lagged)
         for c in found:
             pos = {n: i for i, n in enumerate(seq[start: start + p * k], start)}
             lo, hi = pos[c.first], pos[c.last]
@@ -601,4 +644,4 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
     chains.sort(key=lambda c: order[c.first])
     for c in chains:
         log.debug("chain %s..%s: %d steps of %d nodes", c.first.name, c.last.name, c.length, c.nodes_per_step)
-    return Analysis(chains=tuple(chains), declined=tuple(declined))
+    return Analysis(chains=tuple(chains), declined=tuple(declined), lagged=tuple(lagged))

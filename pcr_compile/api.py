@@ -127,7 +127,7 @@ def report_graph(report: Report, index: int, gm: torch.fx.GraphModule, options: 
     """Add one graph's analysis to `report`; returns the plan."""
     from .backend import plan_graph, prepared_copy
 
-    plan = plan_graph(prepared_copy(gm), options)
+    plan = plan_graph(prepared_copy(gm, options), options)
     report.graphs.append(GraphSummary(index=index, nodes=len(gm.graph.nodes), ops=op_counts(gm)))
     report.chains.extend(chain_report(index, pc) for pc in plan.chains)
     report.declined.extend(DeclinedReport(graph=index, **asdict(d)) for d in plan.declined)

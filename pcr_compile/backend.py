@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.fx import Graph, GraphModule
 
+from pcr_compile.passes.carry import carry_lagged_values
 from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains, keep_in_graph
 from pcr_compile.passes.functionalize import defer_running_stat_updates, functionalize_inplace
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
@@ -91,11 +92,14 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, g, class_name=type(gm).__name__)
 
 
-def prepared_copy(gm: GraphModule) -> GraphModule:
+def prepared_copy(gm: GraphModule, options: Options) -> GraphModule:
     """The copy of a Dynamo graph that chains are found in: BatchNorm's running-statistics updates moved to
-    the end, and private in-place ops rewritten out of place (`passes/functionalize.py`)."""
+    the end, private in-place ops rewritten out of place (`passes/functionalize.py`), and values read two
+    steps back carried through the step between (`passes/carry.py`)."""
     new = copy_graph_module(gm)
-    if defer_running_stat_updates(new.graph) + functionalize_inplace(new.graph):
+    changed = defer_running_stat_updates(new.graph) + functionalize_inplace(new.graph)
+    changed += carry_lagged_values(new.graph, min_length=options.min_chain_length)
+    if changed:
         new.recompile()
     return new
 
@@ -103,7 +107,7 @@ def prepared_copy(gm: GraphModule) -> GraphModule:
 def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, list[str]]:
     """A rewritten copy of `gm` with every chain decided "parallel" replaced by its chain op (`gm` itself when
     none is). Private in-place ops are rewritten out of place first (`passes/functionalize.py`)."""
-    new = prepared_copy(gm)
+    new = prepared_copy(gm, options)
     plan = plan_graph(new, options)
     chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
     specs = [chain_spec(pc.match) for pc in chosen]  # every check before the first mutation
