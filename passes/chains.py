@@ -338,7 +338,7 @@ def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> i
             break
         A = set(seq[a + phi: a + phi + p])
         B = seq[a + phi + p: a + phi + 2 * p]
-        before = set(seq[max(0, a + phi - p): a + phi])
+        before = set(seq[max(a, a + phi - p): a + phi])  # the run's nodes in the block before A
         carried = {x for n in B for x in n.all_input_nodes if x in A}
         far = {x for n in B for x in n.all_input_nodes if x in before}
         unfit = sum(not (_is_tensor_node(x) and _val(x).is_floating_point()) for x in carried)

@@ -84,3 +84,29 @@ def test_verlet_integrator_is_one_chain():
     y0, g0, y1, g1, solves = run_both(model, [x0, v0])
     assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
     assert solves[0].length == 15
+
+
+class ReadsValuesMadeJustBefore(nn.Module):
+    """Every layer reads values computed right before the first one (as rotary cos/sin tables are in
+    Llama): outside the run, they are invariants, and must not count as reads from two blocks back."""
+
+    def __init__(self, layers=8, width=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lins = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.gate = nn.Linear(width, width)
+        self.shift = nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        scale = torch.sigmoid(self.gate(x.mean(0)))
+        bias = torch.cos(self.shift)
+        for lin in self.lins:
+            x = torch.tanh(lin(x) * scale + bias)
+        return x
+
+
+def test_invariants_made_just_before_the_run_keep_the_first_block_boundary():
+    model = ReadsValuesMadeJustBefore()
+    x = torch.randn(3, 6)
+    [chain] = pcr_compile.explain(model, x, options=PARALLEL).chains
+    assert chain.length == 8 and chain.invariant_inputs >= 2
