@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch.fx import Graph, Node
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .chains import find_chains
+from .chains import Analysis, find_chains
 
 
 def _leaf(n: Node, li: int):
@@ -28,9 +28,9 @@ def _set_leaf(n: Node, li: int, value: Node) -> None:
     n.args, n.kwargs = tree_unflatten(leaves, spec)
 
 
-def carry_lagged_values(graph: Graph, min_length: int = 8) -> int:
-    """Insert the carried copies for every run `find_chains` reports as reading two steps back; returns how
-    many runs were changed (the caller finds chains again)."""
+def carry_lagged_values(graph: Graph, min_length: int = 8) -> tuple[int, Analysis]:
+    """Insert the carried copies for every run `find_chains` reports as reading two steps back. Returns how
+    many runs were changed and the analysis it made, which still holds for `graph` when none was."""
     analysis = find_chains(graph, min_length=min_length)
     done: set[Node] = set()
     changed = 0
@@ -40,8 +40,8 @@ def carry_lagged_values(graph: Graph, min_length: int = 8) -> int:
         k = len(blocks)
         # One copy per distinct source position: q, the block position read two steps back.
         sources: dict[int, list[tuple[int, int]]] = {}
-        for j, li in slots:
-            q = _position(blocks, 2, j, li)
+        for j, li in slots:  # block 2 reads block 0's node q there
+            q = blocks[0].index(_leaf(blocks[2][j], li))
             sources.setdefault(q, []).append((j, li))
         # Block 1 must read one outside value per source position (block 0's copy of it).
         outside = {}
@@ -64,10 +64,5 @@ def carry_lagged_values(graph: Graph, min_length: int = 8) -> int:
                         _set_leaf(blocks[i][j], li, copies[i - 1])
             done.update(n for blk in blocks for n in blk)
             changed += 1
-    return changed
+    return changed, analysis
 
-
-def _position(blocks, i: int, j: int, li: int) -> int:
-    """The position in block i - 2 of the node that block i reads at slot (j, li)."""
-    target = _leaf(blocks[i][j], li)
-    return blocks[i - 2].index(target)

@@ -125,9 +125,9 @@ def chain_report(graph_index: int, planned) -> ChainReport:
 
 def report_graph(report: Report, index: int, gm: torch.fx.GraphModule, options: Options):
     """Add one graph's analysis to `report`; returns the plan."""
-    from .backend import plan_graph, prepared_copy
+    from .backend import prepared
 
-    plan = plan_graph(prepared_copy(gm, options), options)
+    _, plan = prepared(gm, options)
     report.graphs.append(GraphSummary(index=index, nodes=len(gm.graph.nodes), ops=op_counts(gm)))
     report.chains.extend(chain_report(index, pc) for pc in plan.chains)
     report.declined.extend(DeclinedReport(graph=index, **asdict(d)) for d in plan.declined)

@@ -43,9 +43,10 @@ class GraphPlan:
     declined: tuple  # passes.chains.Declined
 
 
-def plan_graph(gm: GraphModule, options: Options) -> GraphPlan:
-    """Analysis and decisions for one graph; does not mutate it."""
-    analysis: Analysis = find_chains(gm.graph, min_length=options.min_chain_length)
+def plan_graph(gm: GraphModule, options: Options, analysis: Analysis | None = None) -> GraphPlan:
+    """Analysis (made here unless given) and decisions for one graph; does not mutate it."""
+    if analysis is None:
+        analysis = find_chains(gm.graph, min_length=options.min_chain_length)
     planned = []
     for m in analysis.chains:
         device = m.state_values()[0].device
@@ -92,23 +93,23 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, g, class_name=type(gm).__name__)
 
 
-def prepared_copy(gm: GraphModule, options: Options) -> GraphModule:
-    """The copy of a Dynamo graph that chains are found in: BatchNorm's running-statistics updates moved to
-    the end, private in-place ops rewritten out of place (`passes/functionalize.py`), and values read two
-    steps back carried through the step between (`passes/carry.py`)."""
+def prepared(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan]:
+    """The copy of a Dynamo graph that chains are found in, and its plan. In the copy, BatchNorm's
+    running-statistics updates are moved to the end and private in-place ops rewritten out of place
+    (`passes/functionalize.py`), and values read two steps back are carried through the step between
+    (`passes/carry.py`)."""
     new = copy_graph_module(gm)
     changed = defer_running_stat_updates(new.graph) + functionalize_inplace(new.graph)
-    changed += carry_lagged_values(new.graph, min_length=options.min_chain_length)
-    if changed:
+    carried, analysis = carry_lagged_values(new.graph, min_length=options.min_chain_length)
+    if changed or carried:
         new.recompile()
-    return new
+    return new, plan_graph(new, options, None if carried else analysis)
 
 
 def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, list[str]]:
     """A rewritten copy of `gm` with every chain decided "parallel" replaced by its chain op (`gm` itself when
-    none is). Private in-place ops are rewritten out of place first (`passes/functionalize.py`)."""
-    new = prepared_copy(gm, options)
-    plan = plan_graph(new, options)
+    none is); chains are found in the prepared copy (`prepared`)."""
+    new, plan = prepared(gm, options)
     chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
     specs = [chain_spec(pc.match) for pc in chosen]  # every check before the first mutation
     names = []

@@ -57,7 +57,7 @@ def test_finder_reports_the_lagged_run_and_the_carry_makes_it_a_chain():
     assert any("two steps back" in d.reason for d in before.declined)
     [(blocks, slots)] = before.lagged
     assert len(blocks) == 12 and len(slots) == 1
-    assert carry_lagged_values(gm.graph) == 1
+    assert carry_lagged_values(gm.graph)[0] == 1
     gm.recompile()
     [chain] = find_chains(gm.graph, min_length=8).chains
     assert chain.length == 12 and len(chain.state_positions) == 2  # x and the carried copy of prev
