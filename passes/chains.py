@@ -24,6 +24,7 @@ Prior art: `torch/_dynamo/graph_region_tracker.py` (repeated regions), `torch/fx
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import operator
@@ -193,43 +194,51 @@ KEPT_META = "pcr_kept_in_place"
 DEFERRED_META = "pcr_deferred"
 
 
-def inplace_flag_position(n: Node) -> int | None:
-    """Where `n`'s call passes a true `inplace` flag: -1 as a keyword, its index when positional
-    (`F.relu(x, True)`), None when it passes none."""
+@functools.cache
+def _signature(target) -> inspect.Signature | None:
+    try:
+        return inspect.signature(target)
+    except Exception:  # builtins and C extensions without a signature; unhashable targets miss the cache
+        return None
+
+
+def bound_arguments(n: Node) -> inspect.BoundArguments | None:
+    """The call's arguments bound to its Python signature, defaults applied (None for ops without one)."""
     if n.op != "call_function":
         return None
-    if n.kwargs.get("inplace") is True:
-        return -1
     try:
-        params = list(inspect.signature(n.target).parameters)
-    except Exception:  # builtins and C extensions without a signature
+        sig = _signature(n.target)
+    except TypeError:  # unhashable target
+        sig = None
+    if sig is None:
         return None
-    if "inplace" in params:
-        i = params.index("inplace")
-        if i < len(n.args) and n.args[i] is True:
-            return i
-    return None
+    try:
+        bound = sig.bind(*n.args, **n.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return bound
 
 
 def mutates_in_place(n: Node) -> bool:
     """Whether `n` is an in-place op (`x += y`, `relu(x, inplace=True)` or `relu(x, True)`, `x.mul_(s)`,
-    `torch.relu_(x)`)."""
+    `torch.relu_(x)`, `torch.tanh(a, out=h)`, or batch/instance norm writing running statistics)."""
     if n.op not in ("call_function", "call_method"):
         return False
-    if n.target in INPLACE_OPERATORS or inplace_flag_position(n) is not None:
+    if n.target in INPLACE_OPERATORS or n.kwargs.get("out") is not None:
         return True
-    if n.kwargs.get("out") is not None:  # torch.tanh(a, out=h) writes h
-        return True
-    norm = getattr(n.target, "__name__", None)
-    if norm in ("batch_norm", "instance_norm"):  # training with running statistics updates them in place
-        args = list(n.args) + [None] * 8
-        running = n.kwargs.get("running_mean", args[1])
-        flag = "training" if norm == "batch_norm" else "use_input_stats"
-        training = n.kwargs.get(flag, args[5] if len(n.args) > 5 else norm == "instance_norm")
-        if running is not None and training:
-            return True
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+    if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+        return True
+    bound = bound_arguments(n)
+    if bound is None:  # torch.batch_norm / torch.instance_norm (no Python signature): assume they write
+        return name in ("batch_norm", "instance_norm")
+    args = bound.arguments
+    if args.get("inplace") is True:
+        return True
+    # Training-mode normalisation with running statistics updates them in place.
+    training = args.get("training", args.get("use_input_stats")) if name in ("batch_norm", "instance_norm") else None
+    return bool(training) and args.get("running_mean") is not None
 
 
 def keep_in_graph(n: Node) -> bool:
@@ -361,8 +370,8 @@ class _Lagged(_Split):
     chain once `passes/carry.py` carries that value through the step between."""
 
     def __init__(self, blocks, slots: list[tuple[int, int]]):
-        super().__init__([], "steps read a value from two steps back (carried by the backend; explain "
-                             "and the backend chain it)")
+        # Seen in a report only when `passes/carry.py` could not carry the value (or before it runs).
+        super().__init__([], "steps read a value from two steps back, not carried through the step between")
         self.blocks, self.slots = blocks, slots
 
 

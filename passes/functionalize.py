@@ -29,7 +29,7 @@ from torch.fx import Graph, Node
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
-from .chains import DEFERRED_META, KEPT_META, inplace_flag_position, mutates_in_place
+from .chains import DEFERRED_META, KEPT_META, bound_arguments, mutates_in_place
 
 OUT_OF_PLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -67,11 +67,10 @@ def _twin(n: Node):
     if n.op == "call_function":
         if n.target in OUT_OF_PLACE_OPERATORS:
             return "call_function", OUT_OF_PLACE_OPERATORS[n.target], args, kwargs
-        pos = inplace_flag_position(n)
-        if pos == -1:
-            return "call_function", n.target, args, {**kwargs, "inplace": False}
-        if pos is not None:
-            return "call_function", n.target, args[:pos] + (False,) + args[pos + 1:], kwargs
+        bound = bound_arguments(n)
+        if bound is not None and bound.arguments.get("inplace") is True:
+            bound.arguments["inplace"] = False
+            return "call_function", n.target, bound.args, bound.kwargs
         name = getattr(n.target, "__name__", None)
         if isinstance(name, str) and name.endswith("_") and not name.endswith("__") and name not in _NOT_TWINS:
             for owner in (torch, F, torch.Tensor):
@@ -164,10 +163,6 @@ def functionalize_inplace(graph: Graph) -> int:
     return len(rewritable)
 
 
-def _is_batch_norm(n: Node) -> bool:
-    return n.op == "call_function" and n.target is F.batch_norm
-
-
 def defer_running_stat_updates(graph: Graph) -> int:
     """Move BatchNorm's running-statistics updates in training mode to the end of the graph.
 
@@ -185,14 +180,12 @@ def defer_running_stat_updates(graph: Graph) -> int:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     changed = 0
     for n in list(graph.nodes):
-        if not _is_batch_norm(n):
+        bound = bound_arguments(n) if n.op == "call_function" and n.target is F.batch_norm else None
+        if bound is None:
             continue
-        args = list(n.args) + [None] * (8 - len(n.args))
-        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-        defaults = (None, None, None, None, None, False, 0.1, 1e-5)
-        bound = {k: n.kwargs.get(k, args[i] if i < len(n.args) else defaults[i]) for i, k in enumerate(names)}
-        x, rm, rv, momentum = bound["input"], bound["running_mean"], bound["running_var"], bound["momentum"]
-        if bound["training"] is not True or not isinstance(momentum, float) or not isinstance(x, Node):
+        args = bound.arguments
+        x, rm, rv, momentum = args["input"], args["running_mean"], args["running_var"], args["momentum"]
+        if args["training"] is not True or not isinstance(momentum, float) or not isinstance(x, Node):
             continue
         if not all(isinstance(b, Node) and b.op == "placeholder" and set(b.users) == {n} for b in (rm, rv)):
             continue
@@ -200,7 +193,8 @@ def defer_running_stat_updates(graph: Graph) -> int:
         if not isinstance(xv, torch.Tensor) or xv.dim() < 2:
             continue
         dims = [0, *range(2, xv.dim())]
-        n.args, n.kwargs = (x, None, None, bound["weight"], bound["bias"], True, momentum, bound["eps"]), {}
+        args["running_mean"] = args["running_var"] = None
+        n.args, n.kwargs = bound.args, bound.kwargs
         with graph.inserting_before(output):
             # Not differentiated, and in the buffers' precision (the kernel accumulates in float for half).
             detached = graph.call_method("detach", (x,))

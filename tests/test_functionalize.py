@@ -81,12 +81,16 @@ def test_torchvision_style_resnet_is_one_chain_with_eager_values_and_grads():
     assert not any(s.fell_back for s in solves)
 
 
-class MutatesInput(nn.Module):
-    """Each block mutates its input in place; for the first block that is the caller's tensor."""
+class LinearStack(nn.Module):
+    """`layers` Linear(width, width) modules; subclasses differ only in `forward`."""
 
-    def __init__(self, layers=9):
+    def __init__(self, layers=9, width=4):
         super().__init__()
-        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+        self.lins = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+
+class MutatesInput(LinearStack):
+    """Each block mutates its input in place; for the first block that is the caller's tensor."""
 
     def forward(self, x):
         for lin in self.lins:
@@ -95,12 +99,8 @@ class MutatesInput(nn.Module):
         return x
 
 
-class ReadsAView(nn.Module):
+class ReadsAView(LinearStack):
     """A view of the tensor taken before the in-place op sees the mutation: not private."""
-
-    def __init__(self, layers=9):
-        super().__init__()
-        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
 
     def forward(self, x):
         for lin in self.lins:
@@ -111,14 +111,13 @@ class ReadsAView(nn.Module):
         return x
 
 
-class PositionalInplaceFlag(nn.Module):
+class PositionalInplaceFlag(LinearStack):
     """`F.relu(h, True)`: the in-place flag passed by position, with a view of `h` read afterwards. This was
     once taken for a pure op and solved (silently wrong by 0.7)."""
 
     def __init__(self, layers=9, view=True):
-        super().__init__()
+        super().__init__(layers)
         self.view = view
-        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
 
     def forward(self, x):
         for lin in self.lins:
@@ -138,12 +137,8 @@ def test_positional_inplace_flag_on_a_private_tensor_is_rewritten():
     assert solves[0].length == 9
 
 
-class PromotesInPlace(nn.Module):
+class PromotesInPlace(LinearStack):
     """`h += b` with a float64 `b` stays float32 in place; `h + b` would be float64: not rewritten."""
-
-    def __init__(self, layers=9):
-        super().__init__()
-        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
 
     def forward(self, x, b):
         for lin in self.lins:
@@ -190,12 +185,11 @@ def test_mutations_that_are_not_private_stay_and_decline_the_block(make, inputs,
     assert out.dtype == ref.dtype and rel_err(out, ref) < 1e-6
 
 
-class InPlaceResidual(nn.Module):
+class InPlaceResidual(LinearStack):
     """`x = x + f(x)` then `x.mul_(s)`: method-form in-place ops on a block's own result."""
 
     def __init__(self, layers=10):
-        super().__init__()
-        self.lins = nn.ModuleList(nn.Linear(6, 6) for _ in range(layers))
+        super().__init__(layers, width=6)
 
     def forward(self, x):
         x = x.clone()
@@ -214,13 +208,9 @@ def test_method_and_function_forms_are_rewritten_and_solved():
     assert len(solves) == 2 and solves[0].length == 10
 
 
-class ScalesInputThenChain(nn.Module):
+class ScalesInputThenChain(LinearStack):
     """An in-place statement whose result is unused, outside any chain: dead-code elimination after the
     rewrite once dropped it (FX does not count in-place methods as impure), silently changing the answer."""
-
-    def __init__(self, layers=9):
-        super().__init__()
-        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
 
     def forward(self, x):
         x.mul_(2.0)
@@ -243,13 +233,12 @@ def test_in_place_statement_outside_the_chain_survives_the_rewrite():
     torch.testing.assert_close(x_compiled, 2.0 * x, rtol=0, atol=0)
 
 
-class FunctionalBatchNorm(nn.Module):
+class FunctionalBatchNorm(LinearStack):
     """`F.batch_norm(..., training=True)` writes its running statistics: a mutation without an underscore."""
 
     def __init__(self, training, layers=9):
-        super().__init__()
+        super().__init__(layers)
         self.training_stats = training
-        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
         for i in range(layers):
             self.register_buffer(f"mean{i}", torch.zeros(4))
             self.register_buffer(f"var{i}", torch.ones(4))
@@ -291,7 +280,7 @@ def test_functional_batch_norm_in_training_moves_its_writes_or_declines(training
         assert rel_err(b1, b0) < 1e-5 and b1.grad_fn is None, name
 
 
-def test_out_argument_is_a_mutation():
+def test_mutations_found_from_the_call_arguments():
     from pcr_compile.passes.chains import mutates_in_place
 
     g = torch.fx.Graph()
@@ -300,6 +289,10 @@ def test_out_argument_is_a_mutation():
     assert not mutates_in_place(g.call_function(torch.tanh, (a,)))
     assert mutates_in_place(g.call_function(nn.functional.relu, (a, True)))
     assert not mutates_in_place(g.call_function(nn.functional.relu, (a, False)))
+    assert not mutates_in_place(g.call_function(nn.functional.batch_norm, (a, h, h)))  # training=False
+    assert mutates_in_place(g.call_function(nn.functional.batch_norm, (a, h, h), {"training": True}))
+    assert not mutates_in_place(g.call_function(nn.functional.batch_norm, (a, None, None, None, None, True)))
+    assert mutates_in_place(g.call_function(nn.functional.instance_norm, (a, h, h)))  # use_input_stats=True
 
 
 def _train_step(model, x, compiled=None):
