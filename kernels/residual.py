@@ -1,0 +1,53 @@
+"""The residual of a chain solve and its stopping rule: one definition for every solver path.
+
+A chain is `z_l = f_l(z_{l-1})`, l = 1..L, on packed states `(L, B, w)`: L steps, B rows (samples), w
+features. For a guess `Z` with `F_l = f_l(Z_{l-1})` the residual is `r = Z - F` and the *step residual*
+
+    rho_l = max_b  max_i |r_{l,b,i}|  /  max(max_i |F_{l,b,i}|, tiny)            (tiny: finfo(dtype).tiny)
+
+is each step's residual relative to that step's own size, row by row (NaN counts as inf). The solve
+accepts step l when `rho_l <= tol`, the converged prefix is the leading accepted steps, and the solve has
+converged when every step is accepted. The same rule, with `F` the evaluated right-hand side
+`c_m + J_{m+1}^T lam_{m+1}`, holds for the adjoint. The fused Newton kernels (`triton_newton.py`) compute
+the same ratio per (step, row) on the device.
+
+Why per step and per row, and what it guarantees. A guess that passes is the *exact* trajectory of the
+chain with every step perturbed, `z_l = f_l(z_{l-1}) + r_l`, `|r_{l,b}| <= tol |f_l(z_{l-1})_b|`: a
+backward error of at most `tol` of each step's own size, the kind of guarantee floating-point evaluation
+itself gives with `tol` = the unit roundoff u. The error against sequential evaluation follows by
+linearising, `e_l = J_l e_{l-1} + r_l`:
+
+    e_l = sum_{m <= l} J_l J_{l-1} ... J_{m+1} r_m
+
+the residuals propagated by the Jacobian products. Eager's own rounding errors `delta_m`, with
+`|delta_m| ~ u |z_m|`, propagate through the same products, so the parallel result's error is at most
+about `tol / u` times sequential evaluation's own, at every scale, whatever the products do. Where the
+products follow the state's size (`|J_l ... J_{m+1}| ~ |z_l| / |z_m|`: positively homogeneous layers,
+bias-free ReLU or linear chains, any chain in its linear range) the relative error of step l is at most
+`l * tol`. A rule that measures residuals against the chain's *largest* step (`max_l |F_l|`) instead lets
+the errors of steps far smaller than the largest grow unseen: chains whose activations shrink or grow by
+more than `1/tol` came back wrong and "converged" under it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """The floor of a step's scale: the smallest normal number of `dtype` (a row whose `F` is exactly zero
+    is accepted only when its residual is exactly zero)."""
+    return torch.finfo(dtype).tiny
+
+
+def step_residuals(r: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """`rho_l` for every step: `(L,)` from `r`, `F` of shape `(L, B, w)` (or `(L, ...)`: rows are dim 1,
+    features the rest; `(L, w)` is one row per step). NaN residuals give inf."""
+    L = r.shape[0]
+    if r.numel() == 0:
+        return torch.zeros(L, dtype=r.dtype, device=r.device)
+    rows = r.reshape(L, r.shape[1], -1) if r.dim() >= 3 else r.reshape(L, 1, -1)
+    scale = F.reshape(rows.shape).abs().amax(-1).clamp_min(tiny(F.dtype))  # (L, B)
+    ratio = rows.abs().amax(-1) / scale  # (L, B)
+    ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, float("inf")), ratio)
+    return ratio.amax(-1)
