@@ -12,9 +12,13 @@ scales with the residual rather than with the state.
 the identity ("identity": Picard, as ParaDiGMS) or zero ("zero": Jacobi). All share the fixed point, the
 sequential result, and all are exact after at most L iterations (iteration k fixes step k at least).
 
-Stopping: `max_l |z_l - F_l| / scale_l <= tol` (scale_l = max |F_l|, per step). On non-finite residuals, divergence or
-`max_iters`, the solve finishes sequentially from the converged prefix, so the answer is always within
-the tolerance of sequential evaluation.
+Stopping (one rule for both directions and every path, defined and derived in ``residual.py``): step l
+is accepted when `max_b max_i |z_{l,b,i} - F_{l,b,i}| / max_i |F_{l,b,i}| <= tol`, each row measured against
+its own size at that step; the result is then the exact trajectory of the chain with every step
+perturbed by at most `tol` of its own size, and its error against sequential evaluation is those
+perturbations propagated through the Jacobian products, as eager's own rounding errors are. On
+non-finite residuals, divergence or `max_iters`, the solve finishes sequentially from the accepted
+(verified) prefix. Each iteration reads its residuals from the device once.
 
 Adjoint: `lam_{L-1} = c_{L-1}`, `lam_m = J_{m+1}^T lam_{m+1} + c_m`, solved by iterative refinement: a
 reverse linear recurrence on the approximate `A^T`, corrected with exact batched vector-Jacobian products
@@ -31,11 +35,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import linear_recurrence
+from .residual import host_values, step_residuals
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-TINY = 1e-30
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -62,22 +66,17 @@ def _solve(A: torch.Tensor | None, b: torch.Tensor, structure: str, reverse: boo
                              impl=impl)
 
 
-def _relative_residual(r: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Per-step residual relative to that step's scale, max |F_l| (floored at 1e-3 of the chain's scale so
-    that a step whose state is near zero is not held to an absolute zero)."""
-    if r.numel() == 0:
-        return torch.zeros(r.shape[0]), 0.0
-    scale = F.abs().flatten(1).amax(1)
-    floor = max(float(scale.max()) * 1e-3, TINY) if bool(torch.isfinite(scale).all()) else TINY
-    rel = r.abs().flatten(1).amax(1) / scale.clamp_min(floor)
-    return rel, float(rel.max())
+def _host_residuals(rho: torch.Tensor) -> list[float]:
+    """The one device-to-host read of an iteration: every step's residual (NaN/inf included)."""
+    return host_values(rho)
 
 
-def _converged_prefix(res_per_step: torch.Tensor, tol: float) -> int:
-    """Number of leading steps whose (relative) residual is finite and within tol."""
-    bad = ~(res_per_step <= tol)  # NaN counts as bad
-    idx = torch.nonzero(bad)
-    return int(idx[0, 0]) if idx.numel() else res_per_step.shape[0]
+def _prefix(rho: list[float], tol: float) -> int:
+    """Leading steps whose step residual is within tol (NaN and inf are not)."""
+    for i, x in enumerate(rho):
+        if not x <= tol:
+            return i
+    return len(rho)
 
 
 def newton_forward(
@@ -94,6 +93,7 @@ def newton_forward(
     window: int = 0,
     keep_trajectory: bool = True,
     impl: str = "auto",
+    parts: list[int] | None = None,
 ) -> tuple[torch.Tensor, SolveStats]:
     """Solve the chain from packed `z0` (B, w).
 
@@ -109,6 +109,11 @@ def newton_forward(
     converged leading steps are committed and the window moves past them. Newton (and Picard) fix at least
     the first unconverged step per update, so every update makes progress. `max_iters` bounds the updates
     per window length of progress. `impl` selects the linear-recurrence kernels (see `linear_recurrence`).
+    `parts` splits the packed features into the carried tensors, each measured against its own size.
+
+    Stopping and acceptance (``kernels/residual.py``, with the derivation): step l is accepted when its
+    step residual `rho_l <= tol`; only accepted leading steps are committed, and the sequential fallback
+    starts from the last committed one, so a fallback never continues from a wrong state.
     """
     stats = SolveStats()
     L = length
@@ -127,10 +132,11 @@ def newton_forward(
         F, A = evaluate(s, Zprev, need_A)
         F = F.to(solve_dtype)
         r = Zw - F
-        res_steps, res = _relative_residual(r, F)
+        rho = _host_residuals(step_residuals(r, F, parts))  # the iteration's one host read
+        res = max(rho) if rho else 0.0
         stats.residuals.append(res)
         stats.residual = res
-        p = _converged_prefix(res_steps, tol)
+        p = _prefix(rho, tol)
         if p < n:
             if not math.isfinite(res):
                 stats.reason = "non-finite residual"
@@ -188,12 +194,17 @@ def adjoint_solve(
     tol: float,
     max_iters: int,
     impl: str = "auto",
+    parts: list[int] | None = None,
 ) -> tuple[torch.Tensor, SolveStats]:
     """Solve `lam_m = J_{m+1}^T lam_{m+1} + cot_m` (m = L-1..0, lam_L = 0) for packed `lam` (L, B, w).
 
     `vjp(lam)` returns `U` with `U[s] = J_s^T lam[s]` for every step s (one batched VJP; the exact
     operator); `A` approximates `J` in `structure` form (None for identity / zero); `step_vjp(s, v)`
     returns `J_s^T v` for one step (the sequential fallback).
+
+    Stopping: the same step residual as the forward (``kernels/residual.py``), each step's residual against
+    its evaluated right-hand side `cot_m + J_{m+1}^T lam_{m+1}`; the fallback continues from the verified
+    trailing steps only.
     """
     stats = SolveStats()
     L = cot.shape[0]
@@ -202,14 +213,16 @@ def adjoint_solve(
     while True:
         U = vjp(lam)
         # residual r_m = cot_m + U_{m+1} - lam_m  (U_L = 0)
-        r = cot - lam
-        r[:-1] += U[1:]
-        res_steps, res = _relative_residual(r, lam)
+        G = cot.clone()  # the evaluated right-hand side cot_m + J_{m+1}^T lam_{m+1}: the adjoint's "F"
+        G[:-1] += U[1:]
+        r = G - lam
+        rho = _host_residuals(step_residuals(r, G, parts))  # the iteration's one host read
+        res = max(rho) if rho else 0.0
         stats.residuals.append(res)
         stats.residual = res
-        done = _converged_prefix(res_steps.flip(0), tol)
+        done = _prefix(rho[::-1], tol)
         stats.prefix = done
-        if res <= tol:
+        if done == L:
             stats.converged = True
             return lam, stats
         if not math.isfinite(res):

@@ -40,14 +40,38 @@ def tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
 
-def step_residuals(r: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
-    """`rho_l` for every step: `(L,)` from `r`, `F` of shape `(L, B, w)` (or `(L, ...)`: rows are dim 1,
-    features the rest; `(L, w)` is one row per step). NaN residuals give inf."""
+def step_residuals(r: torch.Tensor, F: torch.Tensor, parts: list[int] | None = None) -> torch.Tensor:
+    """`rho_l` for every step: `(L,)` from `r`, `F` of shape `(L, B, w)` (rows are dim 1, features the
+    last dim; `(L, w)` is one row per step). `parts` splits the features into the carried tensors they pack
+    (an LSTM's `h` and `c`, say): each is measured against its own size, so a small state beside a large
+    one is held to its own scale too. NaN residuals give inf."""
     L = r.shape[0]
     if r.numel() == 0:
         return torch.zeros(L, dtype=r.dtype, device=r.device)
     rows = r.reshape(L, r.shape[1], -1) if r.dim() >= 3 else r.reshape(L, 1, -1)
-    scale = F.reshape(rows.shape).abs().amax(-1).clamp_min(tiny(F.dtype))  # (L, B)
-    ratio = rows.abs().amax(-1) / scale  # (L, B)
-    ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, float("inf")), ratio)
-    return ratio.amax(-1)
+    Fr = F.reshape(rows.shape)
+    if parts is not None and len(parts) > 1:
+        pieces = zip(rows.split(parts, dim=-1), Fr.split(parts, dim=-1))
+    else:
+        pieces = [(rows, Fr)]
+    rho = None
+    for rp, fp in pieces:
+        scale = fp.abs().amax(-1).clamp_min(tiny(F.dtype))  # (L, B)
+        ratio = (rp.abs().amax(-1) / scale).amax(-1)  # (L,)
+        rho = ratio if rho is None else torch.maximum(rho, ratio)
+    return torch.where(torch.isnan(rho), torch.full_like(rho, float("inf")), rho)
+
+
+_HOST_READS = [0]
+
+
+def host_values(t: torch.Tensor) -> list:
+    """`t.tolist()`, counted: every device-to-host read of the solvers goes through here, so that
+    benchmarks can count host syncs on the CPU too (where `.tolist()` dispatches no op to see)."""
+    _HOST_READS[0] += 1
+    return t.tolist()
+
+
+def host_reads() -> int:
+    """How many reads `host_values` has made in this process."""
+    return _HOST_READS[0]

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
+from .chains import bound_arguments
+
 LINEAR_TARGETS = {torch._C._nn.linear, F.linear}
 # Elementwise ops of one tensor (other arguments constants), with the fused kernels' names where they exist.
 POINTWISE = {
@@ -26,6 +28,11 @@ POINTWISE = {
     operator.sub: None, operator.neg: None, torch.mul: None,
 }
 POINTWISE_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid", "relu": "relu", "mul": None, "div": None}
+# Arguments besides the input that a named activation may carry and still be the fused kernels' function:
+# `inplace` (any value: the graph is functional by now) and `approximate="none"` (the erf GELU). Any other
+# argument (`approximate="tanh"`, a softplus beta, ...) changes the function: such a call is still a
+# pointwise op (its exact derivative comes from the copied node), but not a named activation.
+NEUTRAL_ARGUMENTS = {"inplace": None, "approximate": "none"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,26 @@ class LinearPointwise:
     residual: bool
     activation: str | None  # the single named activation, for the fused kernels; None otherwise
     pointwise: GraphModule  # a -> act(a), the elementwise part
+
+
+def _named_activation(n: Node) -> str | None:
+    """The fused kernels' name of `n`'s function, or None when it has none or its arguments change it."""
+    if n.op == "call_method":
+        return POINTWISE_METHODS.get(n.target) if len(n.args) == 1 and not n.kwargs else None
+    name = POINTWISE.get(n.target)
+    if name is None:
+        return None
+    extra = dict(n.kwargs)
+    if len(n.args) > 1:
+        bound = bound_arguments(n)
+        if bound is None:  # a builtin without a Python signature (torch._C._nn.gelu, say): unknown meaning
+            return None
+        params = list(bound.signature.parameters)
+        extra.update({k: bound.arguments[k] for k in params[1:len(n.args)]})
+    for key, value in extra.items():
+        if key not in NEUTRAL_ARGUMENTS or (NEUTRAL_ARGUMENTS[key] is not None and value != NEUTRAL_ARGUMENTS[key]):
+            return None
+    return name
 
 
 def _only_node_arg(n: Node) -> Node | None:
@@ -81,7 +108,7 @@ def linear_pointwise(template: GraphModule, n_state: int, n_per_step: int) -> Li
                 (n.op == "call_method" and n.target in POINTWISE_METHODS)
         if not known or _only_node_arg(n) is not prev or len(n.users) != 1:
             return None
-        names.append(POINTWISE.get(n.target) if n.op == "call_function" else POINTWISE_METHODS.get(n.target))
+        names.append(_named_activation(n))
         prev = n
     g = Graph()
     a = g.placeholder("a")

@@ -7,7 +7,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-_local = threading.local()
+# Collectors are process-wide, not per thread: the autograd engine runs CUDA backward work on its own
+# device threads, and a solve run there inside the `with` block must be recorded too.
+_lock = threading.Lock()
+_active: list[list[SolveRecord]] = []
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,11 @@ class SolveRecord:
     chain: str  # the chain op's name in the pcr_compile namespace, e.g. "chain_3f2a9c0d1e2b4a5f"
     length: int  # steps in the chain
     iterations: int  # linear solves (Newton / Picard / refinement iterations) performed
-    residual: float  # final residual: max over steps of |z_l - f_l(z_{l-1})| / max |f_l(z_{l-1})|
+    # final residual: max over steps l of rho_l = max over rows b of |z_lb - f_l(z_{l-1})_b| / |f_l(z_{l-1})_b|
+    # (max norms; each carried tensor against its own size; the adjoint: lam against its right-hand side).
+    # The result is within tol of each step's own size in this sense (kernels/residual.py derives what that
+    # means for the error against sequential evaluation).
+    residual: float
     converged: bool  # the parallel iteration reached the tolerance
     fell_back: bool  # the chain was finished (partly) by sequential evaluation
     direction: str  # "forward" | "backward"
@@ -28,29 +35,26 @@ class SolveRecord:
     seconds: float = 0.0
 
 
-def _collectors() -> list[list[SolveRecord]]:
-    if not hasattr(_local, "collectors"):
-        _local.collectors = []
-    return _local.collectors
-
-
 def emit(record: SolveRecord) -> None:
-    for c in _collectors():
-        c.append(record)
+    with _lock:
+        for c in _active:
+            c.append(record)
 
 
 @contextlib.contextmanager
 def record_solves() -> Iterator[list[SolveRecord]]:
-    """Collect one :class:`SolveRecord` per chain solve run inside the block (this thread only).
+    """Collect one :class:`SolveRecord` per chain solve run while the block is open, in any thread (the
+    autograd engine's device threads included: a backward run there is recorded too).
 
     >>> with pcr_compile.record_solves() as solves:
     ...     y = compiled(x); y.sum().backward()
     >>> [(s.direction, s.iterations) for s in solves]
     """
     records: list[SolveRecord] = []
-    _collectors().append(records)
+    with _lock:
+        _active.append(records)
     try:
         yield records
     finally:
-        active = _collectors()
-        del active[next(i for i, c in enumerate(active) if c is records)]  # by identity: lists compare equal
+        with _lock:
+            del _active[next(i for i, c in enumerate(_active) if c is records)]  # by identity: lists compare equal

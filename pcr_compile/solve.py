@@ -26,6 +26,7 @@ import torch
 from torch.func import vjp, vmap
 
 from pcr_compile.kernels import fused_newton, newton
+from pcr_compile.kernels.residual import host_values
 from pcr_compile.passes.structure import LinearPointwise
 from pcr_compile.records import SolveRecord, emit
 
@@ -215,7 +216,9 @@ def _record(spec: ChainSpec, L: int, direction: str, jacobian: str, stats: newto
 
 
 def _all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    """Whether every floating tensor is finite, in one host read."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return not flags or bool(host_values(torch.stack(flags).all()))
 
 
 def run_forward(spec: ChainSpec, states, per_step, consts, invariants, length: int, tol: float, max_iters: int,
@@ -253,7 +256,7 @@ def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_it
     z0 = lay.pack(call.states, lead=0, dtype=call.solve_dtype)
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
     structure = call.structure_for(jacobian)
-    if jacobian == "sequential" or not _all_finite(call.states):
+    if jacobian == "sequential" or not _all_finite([z0]):
         # Non-finite input data: eager's NaN/inf pattern is only reproduced by evaluating in order.
         Z, stats = call.sequential(z0, keep_trajectory), newton.SolveStats(
             fell_back=jacobian != "sequential", converged=jacobian == "sequential",
@@ -269,7 +272,8 @@ def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_it
                     Z, stats = newton.newton_forward(
                         z0, length, lambda s, Zp, need: call.evaluate(s, Zp, need, structure), call.step,
                         structure=structure, tol=tol, max_iters=max_iters, solve_dtype=call.solve_dtype,
-                        round_dtype=call.round_dtype, window=window, keep_trajectory=keep_trajectory, impl=impl)
+                        round_dtype=call.round_dtype, window=window, keep_trajectory=keep_trajectory, impl=impl,
+                        parts=lay.sizes)
         except Exception as e:  # a template that cannot be batched, say: exact sequential answer instead
             log.warning("pcr_compile: parallel solve of %s failed (%s: %s); evaluating sequentially",
                         spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -384,7 +388,7 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
 
         with torch.no_grad():
             lam, stats = newton.adjoint_solve(cot, apply_vjp, A, step_vjp, structure=structure, tol=tol,
-                                              max_iters=max_iters if ok else 0, impl=impl)
+                                              max_iters=max_iters if ok else 0, impl=impl, parts=lay.sizes)
             out = last["out"] if last.get("lam") is lam else pullback(lam)
     except Exception as e:  # a template that cannot be batched, say: the exact adjoint step by step instead
         log.warning("pcr_compile: parallel adjoint of %s failed (%s: %s); evaluating sequentially",

@@ -64,3 +64,25 @@ def test_record_solves_collects_per_block_and_thread():
         t.join()
     assert here == [] and seen == [[]]
     compiled(x)  # outside any block: nothing is recorded, nothing fails
+
+
+def test_record_solves_collects_a_backward_run_in_another_thread():
+    model = DeepMLP(layers=10, width=4)
+    x = torch.randn(2, 4)
+    compiled = torch.compile(model, backend="deeppcr", options={"mode": "parallel", "strict": True})
+    y = compiled(x)  # forward outside the block: not recorded
+    errors = []
+
+    def backward():
+        try:
+            y.pow(2).sum().backward()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    with pcr_compile.record_solves() as solves:
+        t = threading.Thread(target=backward)
+        t.start()
+        t.join()
+    assert not errors
+    assert [s.direction for s in solves] == ["backward"]
+    assert all(p.grad is not None for p in model.parameters())
