@@ -57,6 +57,8 @@ class SolveStats:
     prefix: int = 0  # leading steps that had converged when the solve stopped
     residuals: list[float] = field(default_factory=list)
     reason: str = ""
+    evaluations: int = 0  # batched evaluations of all (window) steps; the last one certifies the result
+    sequential_steps: int = 0  # steps evaluated one at a time (the fallback)
 
 
 def _solve(A: torch.Tensor | None, b: torch.Tensor, structure: str, reverse: bool, impl: str) -> torch.Tensor:
@@ -130,6 +132,7 @@ def newton_forward(
         Zprev = torch.cat([z_prev.unsqueeze(0), Zw[:-1]], dim=0)
         need_A = structure in ("dense", "diagonal") and stats.iterations < budget
         F, A = evaluate(s, Zprev, need_A)
+        stats.evaluations += 1
         F = F.to(solve_dtype)
         r = Zw - F
         rho = _host_residuals(step_residuals(r, F, parts))  # the iteration's one host read
@@ -177,6 +180,7 @@ def newton_forward(
     stats.fell_back = True
     log.debug("Newton solve fell back after %d iterations (%s); prefix %d of %d", stats.iterations,
               stats.reason, s, L)
+    stats.sequential_steps = L - s
     for l in range(s, L):
         z_prev = step(l, z_prev).to(solve_dtype)
         if Z is not None:
@@ -212,6 +216,7 @@ def adjoint_solve(
     done = 0  # trailing steps whose residual is within tol: kept as they are, like the forward's prefix
     while True:
         U = vjp(lam)
+        stats.evaluations += 1
         # residual r_m = cot_m + U_{m+1} - lam_m  (U_L = 0)
         G = cot.clone()  # the evaluated right-hand side cot_m + J_{m+1}^T lam_{m+1}: the adjoint's "F"
         G[:-1] += U[1:]
@@ -241,6 +246,7 @@ def adjoint_solve(
     if not done:
         lam[L - 1] = cot[L - 1]
         done = 1
+    stats.sequential_steps = L - done
     for m in range(L - 1 - done, -1, -1):  # sequentially, from the converged suffix
         lam[m] = step_vjp(m + 1, lam[m + 1]).to(lam.dtype) + cot[m]
     return lam, stats

@@ -97,6 +97,10 @@ class ChainMatch:
     exposed: tuple[tuple[int, int], ...] = ()
     # attribute names (in the graph's module) of block 0's inlined bodies (activation checkpointing)
     submodules: tuple[str, ...] = ()
+    # Per-step slices of one tensor the model already holds stacked (`W[i]`, `W.select(0, i)`,
+    # `W.unbind(0)[i]` with i = start + step): (block position, the stacked tensor's node, start). Each is a
+    # per-step input passed as `source[start:start + L]` itself, no copy; its gradient is one (L, ...) tensor.
+    sliced: tuple[tuple[int, Node, int], ...] = ()
 
     @property
     def length(self) -> int:
@@ -426,6 +430,48 @@ def _autocast_nodes(graph: Graph) -> set[Node]:
     return inside
 
 
+SELECT_TARGETS = {operator.getitem, torch.select}
+UNBIND_TARGETS = {torch.unbind, "unbind"}
+
+
+def _stacked_slice(blocks: list[tuple[Node, ...]], j: int, where: dict) -> tuple[Node, int] | None:
+    """(stacked tensor, start) when node j of every block reads step `start + i` of one outside tensor along
+    dim 0 (`W[i]`, `torch.select(W, 0, i)`, `W.select(0, i)`, `W.unbind(0)[i]`), else None."""
+    node0 = blocks[0][j]
+    is_select = (node0.op == "call_function" and node0.target in SELECT_TARGETS) or \
+        (node0.op == "call_method" and node0.target in ("select", "__getitem__"))
+    if not is_select or node0.kwargs:
+        return None
+    args = [blk[j].args for blk in blocks]
+    if any(len(a) != len(args[0]) or len(a) not in (2, 3) for a in args):
+        return None
+    src = args[0][0]
+    if not isinstance(src, Node) or src in where or any(a[0] is not src for a in args):
+        return None
+    if len(args[0]) == 3:  # select(W, dim, i)
+        if any(a[1] != 0 for a in args) or node0.target is operator.getitem:
+            return None
+        idx = [a[2] for a in args]
+    else:
+        idx = [a[1] for a in args]
+    if not all(type(i) is int for i in idx) or any(idx[i] != idx[0] + i for i in range(len(idx))) or idx[0] < 0:
+        return None
+    source = src
+    if isinstance(_val(src), (tuple, list)):  # W.unbind(0)[i]: the stacked tensor is W
+        if not ((src.op == "call_function" and src.target is torch.unbind) or
+                (src.op == "call_method" and src.target == "unbind")):
+            return None
+        dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
+        if dim != 0 or not isinstance(src.args[0], Node):
+            return None
+        source = src.args[0]
+    val = _val(source)
+    if not isinstance(val, torch.Tensor) or val.dim() < 1 or not isinstance(val.shape[0], int) \
+            or idx[-1] >= val.shape[0]:
+        return None
+    return source, idx[0]
+
+
 def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset()) -> ChainMatch:
     """Validate blocks as a chain or raise _Split with the sub-ranges worth trying and the reason."""
     k = len(blocks)
@@ -508,11 +554,17 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
     lifted_groups: dict[tuple, int] = {}
     folded: list[int] = []
     submodules: dict[str, int] = {}
+    sliced: list[tuple[int, Node, int]] = []
     arg_refs = []
     leaves_by_block = [[_leaves(n) for n in blk] for blk in blocks]
     for j in range(p):
         node0 = blocks[0][j]
         row_refs = []
+        sl = _stacked_slice(blocks, j, where) if all((i, j) not in exposed for i in range(k)) else None
+        if sl is not None:
+            sliced.append((j, *sl))  # a per-step input: the template reads step l of the stacked tensor
+            arg_refs.append(())
+            continue
         const_differs = [
             li for li, t in enumerate(ref[j]) if t[0] == "c"
             and any(not _const_equal(leaves_by_block[i][j][li], leaves_by_block[0][j][li]) for i in range(1, k))
@@ -582,6 +634,7 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
         arg_refs=tuple(arg_refs),
         exposed=tuple(exposed),
         submodules=tuple(submodules),
+        sliced=tuple(sliced),
     )
 
 

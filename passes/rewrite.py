@@ -39,7 +39,9 @@ def build_template(match: ChainMatch) -> Template:
     """One step of the chain as a GraphModule: (*states, *per_step, *consts, *invariants, *syms) -> tuple(states)."""
     g = Graph()
     states = [g.placeholder(f"state_{i}") for i in range(len(match.initial))]
-    per_step = [g.placeholder(f"step_{i}") for i in range(len(match.per_step))]
+    n_groups = len(match.per_step)
+    per_step = [g.placeholder(f"step_{i}") for i in range(n_groups + len(match.sliced))]
+    sliced_at = {j: per_step[n_groups + i] for i, (j, _, _) in enumerate(match.sliced)}
     n_lift = len(match.lifted)
     lifted = [g.placeholder(f"const_{i}") for i in range(n_lift)]
     folded = [g.placeholder(f"const_{n_lift + i}") for i in range(len(match.folded))]
@@ -64,6 +66,9 @@ def build_template(match: ChainMatch) -> Template:
         if j in match.folded:
             env[j] = folded[match.folded.index(j)]
             continue
+        if j in sliced_at:  # step l of a tensor the model holds stacked: a per-step input
+            env[j] = sliced_at[j]
+            continue
         leaves, spec = tree_flatten((node.args, node.kwargs))
         new_leaves = [x if ref.kind == "const" else sources[ref.kind][ref.index]
                       for ref, x in zip(match.arg_refs[j], leaves)]
@@ -81,6 +86,11 @@ def build_template(match: ChainMatch) -> Template:
     code = gm.code + "".join(getattr(root, b).code for b in body_names)
     key = hashlib.sha1((code + repr(layout)).encode()).hexdigest()[:16]
     return Template(gm, key, *layout)
+
+
+def _rows(n: Node) -> int | None:
+    v = n.meta.get("example_value", n.meta.get("val"))
+    return int(v.shape[0]) if isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], int) else None
 
 
 def folded_values(match: ChainMatch) -> list[torch.Tensor]:
@@ -105,9 +115,13 @@ def lifted_values(match: ChainMatch, device) -> list[torch.Tensor]:
     return out
 
 
-def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_iters: int, jacobian: str,
-                  window: int, kernels: str, save_trajectory: bool, const_prefix: str) -> Node:
+def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: float, max_iters: int, jacobian: str,
+                  window: int, kernels: str, save_trajectory: bool, const_prefix: str, adaptive: bool = False) -> Node:
     """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile.
+
+    `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.ops``); every
+    per-step group enters as one `torch.stack` of its nodes, so the graph's autograd differentiates the
+    stack and each layer's gradient is a view of one stacked gradient.
 
     The op returns the last step's states, then (with `save_trajectory`, forced on when the chain has
     exposed values) every step's states stacked `(L, *state)`. Exposed states of earlier steps are read
@@ -129,12 +143,23 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, *, tol: float, max_ite
         with graph.inserting_after(anchor):
             anchor = graph.get_attr(name)
         const_nodes.append(anchor)
+    stacked = []
+    for group in match.per_step:  # one (L, ...) input per group, stacked in the graph: autograd sees the stack
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(torch.stack, (list(group),))
+        stacked.append(anchor)
+    for _, source, start in match.sliced:  # already stacked in the model: passed as it is (a view at most)
+        if start == 0 and _rows(source) == L:
+            stacked.append(source)
+            continue
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(operator.getitem, (source, slice(start, start + L)))
+        stacked.append(anchor)
     with graph.inserting_after(anchor):
-        per_step_flat = [group[l] for l in range(L) for group in match.per_step]
-        call = graph.call_function(
-            op, (list(match.initial), per_step_flat, const_nodes, list(match.invariants),
-                 list(match.sym_invariants), L, float(tol),
-                 int(max_iters), jacobian, int(window), kernels, save_trajectory))
+        call = graph.call_function(op, call_args(
+            states=list(match.initial), stacked=stacked, consts=const_nodes, invariants=list(match.invariants),
+            syms=list(match.sym_invariants), length=L, tol=float(tol), max_iters=int(max_iters), jacobian=jacobian,
+            window=int(window), kernels=kernels, save_trajectory=save_trajectory, adaptive=bool(adaptive)))
     chain_nodes = [n for blk in match.blocks for n in blk]
     inside = set(chain_nodes)
     created: set[Node] = {call}

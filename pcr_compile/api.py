@@ -118,9 +118,26 @@ def chain_report(graph_index: int, planned) -> ChainReport:
                    for v in m.state_values())
     return ChainReport(graph=graph_index, first=m.first.name, last=m.last.name, length=m.length,
                        nodes_per_step=m.nodes_per_step, kind=m.kind, state_shape=shapes[0], state_shapes=shapes,
-                       per_step_inputs=len(m.per_step) + len(m.folded), lifted_constants=len(m.lifted),
+                       per_step_inputs=len(m.per_step) + len(m.sliced) + len(m.folded),
+                       lifted_constants=len(m.lifted),
                        invariant_inputs=len(m.invariants), jacobian=d.jacobian, decision=d.decision,
                        reason=d.reason, exposed_values=len(m.exposed))
+
+
+def _with_run_time_switch(report: ChainReport, planned, options: Options) -> ChainReport:
+    """mode="auto" switches a chain whose solve did not pay to sequential at run time (solve.SWITCH_FRACTION):
+    say so in the chain's reason when that chain's op has been switched in this process."""
+    if options.mode != "auto" or planned.decision.decision != "parallel":
+        return report
+    from dataclasses import replace
+
+    from . import solve
+    from .backend import chain_spec
+
+    why = solve.switched(chain_spec(planned.match).name)
+    if not why:
+        return report
+    return replace(report, reason=f"{report.reason}; switched to sequential at run time: {why[0]}")
 
 
 def report_graph(report: Report, index: int, gm: torch.fx.GraphModule, options: Options):
@@ -129,7 +146,7 @@ def report_graph(report: Report, index: int, gm: torch.fx.GraphModule, options: 
 
     _, plan = prepared(gm, options)
     report.graphs.append(GraphSummary(index=index, nodes=len(gm.graph.nodes), ops=op_counts(gm)))
-    report.chains.extend(chain_report(index, pc) for pc in plan.chains)
+    report.chains.extend(_with_run_time_switch(chain_report(index, pc), pc, options) for pc in plan.chains)
     report.declined.extend(DeclinedReport(graph=index, **asdict(d)) for d in plan.declined)
     return plan
 

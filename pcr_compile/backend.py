@@ -72,7 +72,8 @@ def _trace_plan(plan: GraphPlan, names: list[str]) -> None:
 def _needs_grad(match: ChainMatch) -> bool:
     if not torch.is_grad_enabled():
         return False
-    nodes = [*match.initial, *(n for g in match.per_step for n in g), *match.invariants]
+    nodes = [*match.initial, *(n for g in match.per_step for n in g), *(src for _, src, _ in match.sliced),
+             *match.invariants]
     return any(getattr(n.meta.get("example_value"), "requires_grad", False) for n in nodes)
 
 
@@ -80,7 +81,7 @@ def chain_spec(match: ChainMatch) -> ChainSpec:
     t = build_template(match)
     # The op's schema version is part of its name: Inductor's on-disk cache stores compiled graphs that
     # call ops by name, and a cached graph must never call an op whose arguments have changed since.
-    name = "chain_" + hashlib.sha1(f"{t.key}/{ops.SCHEMA_VERSION}".encode()).hexdigest()[:16]
+    name = "chain_" + hashlib.sha1(f"{t.key}/{ops.SCHEMA_KEY}".encode()).hexdigest()[:16]
     return ChainSpec(name=name, template=t.gm, n_state=t.n_state, n_per_step=t.n_per_step,
                      n_consts=t.n_consts, n_invariants=t.n_invariants, n_syms=t.n_syms, kind=match.kind,
                      lp=linear_pointwise(t.gm, t.n_state, t.n_per_step))
@@ -115,10 +116,10 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
     names = []
     for i, (pc, spec) in enumerate(zip(chosen, specs)):
         op = ops.get_chain_op(spec)
-        rewrite_chain(new, pc.match, op, tol=options.tol or 0.0, max_iters=options.max_iters,
+        rewrite_chain(new, pc.match, op, ops.chain_call_args, tol=options.tol or 0.0, max_iters=options.max_iters,
                       jacobian=pc.decision.jacobian, window=options.window,
                       kernels=options.kernels, save_trajectory=_needs_grad(pc.match),
-                      const_prefix=f"_pcr_chain{i}_const")
+                      const_prefix=f"_pcr_chain{i}_const", adaptive=options.mode == "auto")
         names.append(f"{ops.NAMESPACE}::{spec.name}")
         log.info("deeppcr: chain of %d steps (%d nodes each) -> %s [%s]", pc.match.length,
                  pc.match.nodes_per_step, spec.name, pc.decision.jacobian)

@@ -1,11 +1,17 @@
 """The chain ops: one `torch.library.custom_op` per chain template, with its adjoint as a second op.
 
-`pcr_compile::chain_<hash>(states, per_step, consts, invariants, syms, length, tol, max_iters, jacobian,
-window, kernels, save_trajectory) -> [*finals, *trajectories]` solves the chain (see ``solve.py``); the
-trajectories (every step's states, `(L, *state)`) are returned with `save_trajectory`, for the backward
-and for graphs that read earlier steps' values, and take cotangents like any output; its autograd formula
-calls `pcr_compile::chain_<hash>_adjoint(...)`, so AOTAutograd places the chain op in the forward graph
-and the adjoint op in the backward graph, and Inductor compiles around both.
+`pcr_compile::chain_<hash>(...)` solves the chain (see ``solve.py``); `pcr_compile::chain_<hash>_adjoint(...)`
+is its autograd formula, so AOTAutograd places the chain op in the forward graph and the adjoint op in the
+backward graph, and Inductor compiles around both. The arguments of both ops are defined once, below
+(`CHAIN_ARGS`, `ADJOINT_ARGS`): the schemas, the fake kernels, the autograd wiring and the call in the
+rewritten graph (`passes/rewrite.py`, through :func:`chain_call_args`) are all built from those lists, and
+a hash of the two schemas is part of every op's name (so a cached compiled graph never calls an op whose
+arguments have changed since). No argument list grows with the chain's length: per-step inputs arrive
+stacked, one `(L, ...)` tensor per group, and their gradients leave the same way.
+
+The chain op returns the last step's states, then (with `save_trajectory`) every step's states stacked
+`(L, *state)`, for the backward and for graphs that read earlier steps' values; those take cotangents
+like any output.
 
 Both ops are tagged `cudagraph_unsafe` (where this torch has the tag): they decide on the host how many
 iterations to run, which a CUDA graph would freeze at the count of its recording, so Inductor must not
@@ -17,8 +23,10 @@ process, and Inductor caches compiled graphs by their content, so equal names mu
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import threading
+from collections import namedtuple
 
 import torch
 from torch import Tensor
@@ -27,8 +35,52 @@ from pcr_compile import solve
 from pcr_compile.solve import ChainSpec
 
 NAMESPACE = "pcr_compile"
-# Bumped whenever the arguments or results of the chain or adjoint op change (it is hashed into op names).
-SCHEMA_VERSION = 3
+
+# (name, schema type) of every argument, in order: the one definition of both ops' arguments.
+CHAIN_ARGS = (
+    ("states", "Tensor[]"),  # z_0, one tensor per carried state
+    ("stacked", "Tensor[]"),  # per-step inputs, one (L, ...) tensor per group
+    ("consts", "Tensor[]"),  # lifted / folded per-step constants, (L, ...) each
+    ("invariants", "Tensor[]"),  # inputs shared by every step
+    ("syms", "SymInt[]"),  # symbolic sizes shared by every step
+    ("length", "int"),
+    ("tol", "float"),
+    ("max_iters", "int"),
+    ("jacobian", "str"),
+    ("window", "int"),
+    ("kernels", "str"),
+    ("save_trajectory", "bool"),
+    ("adaptive", "bool"),  # mode="auto": switch to sequential after a solve that did not pay (solve.py)
+)
+ADJOINT_ARGS = (
+    ("trajs", "Tensor[]"),  # every step's states (L, *state), from the forward
+    ("states", "Tensor[]"),
+    ("stacked", "Tensor[]"),
+    ("consts", "Tensor[]"),
+    ("invariants", "Tensor[]"),
+    ("syms", "SymInt[]"),
+    ("grads", "Tensor[]"),  # cotangents of the final states
+    ("traj_grads", "Tensor[]"),  # cotangents of the trajectories ([] when none)
+    ("needs_grad", "bool[]"),  # per stacked group, then per invariant
+    ("length", "int"),
+    ("tol", "float"),
+    ("max_iters", "int"),
+    ("jacobian", "str"),
+    ("kernels", "str"),
+    ("adaptive", "bool"),
+)
+ChainArgs = namedtuple("ChainArgs", [n for n, _ in CHAIN_ARGS])
+AdjointArgs = namedtuple("AdjointArgs", [n for n, _ in ADJOINT_ARGS])
+
+
+def _schema(args) -> str:
+    return "(" + ", ".join(f"{t} {n}" for n, t in args) + ") -> Tensor[]"
+
+
+CHAIN_SCHEMA, ADJOINT_SCHEMA = _schema(CHAIN_ARGS), _schema(ADJOINT_ARGS)
+# Hashed into every op name (backend.chain_spec): derived from the schemas, never bumped by hand.
+SCHEMA_KEY = hashlib.sha1((CHAIN_SCHEMA + ADJOINT_SCHEMA).encode()).hexdigest()[:12]
+
 _SPECS: dict[str, ChainSpec] = {}
 _OPS: dict[str, object] = {}
 _lock = threading.Lock()
@@ -38,15 +90,23 @@ _TAGS = {"tags": (_UNSAFE,)} if _UNSAFE is not None and "tags" in inspect.signat
     torch.library.custom_op).parameters else {}
 
 
+def chain_call_args(**kw) -> tuple:
+    """The chain op's positional arguments from keywords named as in `CHAIN_ARGS` (the rewrite's call)."""
+    return tuple(ChainArgs(**kw))
+
+
 def _like(template: Tensor, value: Tensor) -> Tensor:
-    """`value` copied into `torch.empty_like(template)`: the layout the fake kernels promise (Inductor checks
-    strides)."""
+    """`value` in the layout of `torch.empty_like(template)` (the layout the fake kernels promise; Inductor
+    checks strides): a copy only where the layouts differ."""
+    if value.stride() == torch.empty_like(template).stride():
+        return value
     return torch.empty_like(template).copy_(value)
 
 
 def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:
     """Custom ops may not return aliases of their inputs or of each other. Storages are compared directly:
-    inside compiled graphs view tracking is off, so `tensor._base` cannot be trusted."""
+    inside compiled graphs view tracking is off, so `tensor._base` cannot be trusted. (The lists hold a few
+    tensors per carried state and per-step group: nothing here grows with the chain's length.)"""
     seen = {t.untyped_storage()._cdata for group in inputs for t in group}
     out = []
     for t in outputs:
@@ -73,71 +133,67 @@ def get_chain_op(spec: ChainSpec):
 def _define(name: str):
     qual = f"{NAMESPACE}::{name}"
 
-    @torch.library.custom_op(qual, mutates_args=(), **_TAGS)
-    def chain(states: list[Tensor], per_step: list[Tensor], consts: list[Tensor], invariants: list[Tensor],
-              syms: list[int], length: int, tol: float, max_iters: int, jacobian: str, window: int, kernels: str,
-              save_trajectory: bool) -> list[Tensor]:
-        spec = _SPECS[name]
-        trajs = solve.run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian,
-                                  window, keep_trajectory=save_trajectory, impl=kernels, syms=syms)
-        finals = [_like(s, t[-1]) for s, t in zip(states, trajs)]
-        if not save_trajectory:
+    @torch.library.custom_op(qual, mutates_args=(), schema=CHAIN_SCHEMA, **_TAGS)
+    def chain(*args) -> list[Tensor]:
+        a = ChainArgs(*args)
+        trajs = solve.run_forward(_SPECS[name], a.states, a.stacked, a.consts, a.invariants, a.length, a.tol,
+                                  a.max_iters, a.jacobian, a.window, keep_trajectory=a.save_trajectory,
+                                  impl=a.kernels, syms=a.syms, adaptive=a.adaptive)
+        finals = [torch.empty_like(s).copy_(t[-1]) for s, t in zip(a.states, trajs)]  # one state each, not L
+        if not a.save_trajectory:
             trajs = [t.new_empty((0,)) for t in trajs]
-        return _fresh(finals + trajs, [states, per_step, consts, invariants])
+        return _fresh(finals + trajs, [a.states, a.stacked, a.consts, a.invariants])
 
     @chain.register_fake
-    def _(states, per_step, consts, invariants, syms, length, tol, max_iters, jacobian, window, kernels,
-          save_trajectory):
-        finals = [torch.empty_like(s) for s in states]
-        if save_trajectory:
-            trajs = [s.new_empty((length, *s.shape)) for s in states]
+    def _(*args):
+        a = ChainArgs(*args)
+        finals = [torch.empty_like(s) for s in a.states]
+        if a.save_trajectory:
+            trajs = [s.new_empty((a.length, *s.shape)) for s in a.states]
         else:
-            trajs = [s.new_empty((0,)) for s in states]
+            trajs = [s.new_empty((0,)) for s in a.states]
         return finals + trajs
 
-    @torch.library.custom_op(qual + "_adjoint", mutates_args=(), **_TAGS)
-    def adjoint(trajs: list[Tensor], states: list[Tensor], per_step: list[Tensor], consts: list[Tensor],
-                invariants: list[Tensor], syms: list[int], grads: list[Tensor], traj_grads: list[Tensor],
-                needs_grad: list[bool], length: int, tol: float, max_iters: int, jacobian: str,
-                kernels: str) -> list[Tensor]:
-        spec = _SPECS[name]
-        d_states, d_per_step, d_inv = solve.run_backward(spec, trajs, states, per_step, consts, invariants, grads,
-                                                         length, tol, max_iters, jacobian, impl=kernels, syms=syms,
-                                                         traj_grads=traj_grads, needs_grad=needs_grad)
+    @torch.library.custom_op(qual + "_adjoint", mutates_args=(), schema=ADJOINT_SCHEMA, **_TAGS)
+    def adjoint(*args) -> list[Tensor]:
+        a = AdjointArgs(*args)
+        d_states, d_stacked, d_inv = solve.run_backward(
+            _SPECS[name], a.trajs, a.states, a.stacked, a.consts, a.invariants, a.grads, a.length, a.tol,
+            a.max_iters, a.jacobian, impl=a.kernels, syms=a.syms, traj_grads=a.traj_grads, needs_grad=a.needs_grad,
+            adaptive=a.adaptive)
         # custom ops return no None: non-differentiable inputs get zeros.
-        inputs = [*states, *per_step, *invariants]
-        d_inputs = [*d_states, *d_per_step, *d_inv]
-        out = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, d_inputs)]
-        return [_like(x, g) if g.stride() != torch.empty_like(x).stride() else g
-                for x, g in zip(inputs, _fresh(out, [trajs, states, per_step, consts, invariants, grads, traj_grads]))]
+        inputs = [*a.states, *a.stacked, *a.invariants]
+        out = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(inputs, [*d_states, *d_stacked,
+                                                                                            *d_inv])]
+        taken = [a.trajs, a.states, a.stacked, a.consts, a.invariants, a.grads, a.traj_grads]
+        return [_like(x, g) for x, g in zip(inputs, _fresh(out, taken))]
 
     @adjoint.register_fake
-    def _(trajs, states, per_step, consts, invariants, syms, grads, traj_grads, needs_grad, length, tol, max_iters,
-          jacobian, kernels):
-        return [torch.empty_like(t) for t in [*states, *per_step, *invariants]]
+    def _(*args):
+        a = AdjointArgs(*args)
+        return [torch.empty_like(t) for t in [*a.states, *a.stacked, *a.invariants]]
 
     def setup_context(ctx, inputs, output):
-        (states, per_step, consts, invariants, syms, length, tol, max_iters, jacobian, window, kernels,
-         save_trajectory) = inputs
-        n = len(states)
-        ctx.n = (len(states), len(per_step), len(consts), len(invariants))
-        ctx.cfg = (list(syms), length, tol, max_iters, jacobian, kernels, save_trajectory)
-        # Which per-step inputs and invariants need gradients: buffers (BatchNorm's running statistics, say)
+        a = ChainArgs(*inputs)
+        n = len(a.states)
+        ctx.a = a._replace(states=None, stacked=None, consts=None, invariants=None)  # the non-tensor arguments
+        ctx.n = (n, len(a.stacked), len(a.consts), len(a.invariants))
+        # Which per-step groups and invariants need gradients: buffers (BatchNorm's running statistics, say)
         # are floating but not differentiable, and some ops refuse a VJP with respect to them.
-        ctx.needs_grad = [bool(t.requires_grad) for t in [*per_step, *invariants]]
-        ctx.save_for_backward(*output[n:], *states, *per_step, *consts, *invariants)
+        ctx.needs_grad = [bool(t.requires_grad) for t in [*a.stacked, *a.invariants]]
+        ctx.save_for_backward(*output[n:], *a.states, *a.stacked, *a.consts, *a.invariants)
 
     def backward(ctx, grads):
         n_s, n_p, n_c, n_i = ctx.n
-        syms, length, tol, max_iters, jacobian, kernels, save_trajectory = ctx.cfg
-        if not save_trajectory:
+        a = ctx.a
+        if not a.save_trajectory:
             raise RuntimeError(
                 f"{qual}: backward through a chain compiled without gradients (no input required grad and "
                 "grad mode was off when it was compiled); recompile with grad enabled")
         saved = list(ctx.saved_tensors)
         trajs, rest = saved[:n_s], saved[n_s:]
         states, rest = rest[:n_s], rest[n_s:]
-        per_step, rest = rest[:n_p], rest[n_p:]
+        stacked, rest = rest[:n_p], rest[n_p:]
         consts, invariants = rest[:n_c], rest[n_c:]
         g_finals = [torch.zeros_like(s) if g is None else g for s, g in zip(states, grads[:n_s])]
         # Cotangents of the trajectories: present when the graph reads earlier steps' values (exposed).
@@ -146,11 +202,15 @@ def _define(name: str):
             g_trajs = []
         else:
             g_trajs = [torch.zeros_like(t) if g is None else g for t, g in zip(trajs, g_trajs)]
-        flat = adjoint(trajs, states, per_step, consts, invariants, syms, g_finals, g_trajs, ctx.needs_grad, length,
-                       tol, max_iters, jacobian, kernels)
+        flat = adjoint(*AdjointArgs(trajs=trajs, states=states, stacked=stacked, consts=consts, invariants=invariants,
+                                    syms=a.syms, grads=g_finals, traj_grads=g_trajs, needs_grad=ctx.needs_grad,
+                                    length=a.length, tol=a.tol, max_iters=a.max_iters, jacobian=a.jacobian,
+                                    kernels=a.kernels, adaptive=a.adaptive))
         d_states, flat = flat[:n_s], flat[n_s:]
-        d_per_step, d_inv = flat[:n_p], flat[n_p:]
-        return d_states, d_per_step, [None] * n_c, d_inv, [None] * len(syms), None, None, None, None, None, None, None
+        d_stacked, d_inv = flat[:n_p], flat[n_p:]
+        grads_in = ChainArgs(states=d_states, stacked=d_stacked, consts=[None] * n_c, invariants=d_inv,
+                             syms=[None] * len(a.syms), **{k: None for k in ChainArgs._fields[5:]})
+        return tuple(grads_in)
 
     chain.register_autograd(backward, setup_context=setup_context)
     return getattr(getattr(torch.ops, NAMESPACE), name).default

@@ -33,6 +33,11 @@ class SolveRecord:
     residuals: tuple[float, ...] = field(default_factory=tuple)  # residual after 0, 1, ... iterations
     reason: str = ""  # why it fell back, if it did
     seconds: float = 0.0
+    # What the solve and its check cost: batched evaluations of every step (forward: the chain; backward:
+    # its vector-Jacobian product), the last of which certifies the result (its residual is the one
+    # reported), and steps evaluated one at a time by a fallback.
+    evaluations: int = 0
+    sequential_steps: int = 0
 
 
 def emit(record: SolveRecord) -> None:

@@ -1,10 +1,12 @@
 """Run-time side of a chain op: evaluate the block template over all steps and drive the solvers.
 
 A chain is described by a :class:`ChainSpec` (made by the rewrite pass): an FX template of one step,
-`template(*states, *per_step, *consts, *invariants) -> tuple(new_states)`, with
+`template(*states, *stacked[l], *consts[l], *invariants) -> tuple(new_states)`, with
 
 - states: the carried tensors, `(B, ...)` each;
-- per_step: inputs that differ per step (layer parameters), passed flat, step-major, and stacked here;
+- stacked: inputs that differ per step (layer parameters), one `(L, ...)` tensor per group, stacked in the
+  rewritten graph (so that autograd differentiates the stack: each layer's gradient is a view of one
+  stacked gradient) or passed as they are where the model already holds them stacked (`W[i]` reads);
 - consts: per-step constants lifted out of the graph, already stacked `(L, ...)`;
 - invariants: inputs shared by every step;
 - syms: symbolic sizes shared by every step (ints at run time; dynamic shapes).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -32,6 +35,18 @@ from pcr_compile.records import SolveRecord, emit
 
 # Dense Jacobians are materialised only up to this width when "diagonal" needs a generic diagonal.
 DENSE_DIAGONAL_MAX_WIDTH = 64
+# mode="auto": a solve that needed more than this fraction of the chain's steps in iterations (or fell back)
+# switches its chain to sequential evaluation for later calls with the same shapes. On the launch-count
+# model (benchmarks: a Newton / Picard iteration launches the block's ops once over all steps, plus the
+# linear solve, the residual and its host read, about 10 launches and a sync more), an iteration of a
+# small block (2-4 ops: a linear layer and an activation) costs what 3-6 sequential steps cost, and one of
+# a transformer block (20+ ops) what 1.5 steps cost; above L/4 iterations the parallel solve cannot beat L
+# sequential steps for the small blocks, and at most ~2.5x for the large ones, which is not worth its
+# extra work. A chain that takes ~L iterations (12-layer transformer stacks under Picard, samplers on
+# random-weight denoisers) is switched after its first call.
+SWITCH_FRACTION = 0.25
+_SWITCHED: dict[tuple, str] = {}  # (chain op, direction, shapes) -> why it runs sequentially now
+_switch_lock = threading.Lock()
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +93,12 @@ class Layout:
 class ChainCall:
     """One call of a chain op with its inputs: closures over the template for the solvers."""
 
-    def __init__(self, spec: ChainSpec, states, per_step, consts, invariants, length: int, syms=()):
+    def __init__(self, spec: ChainSpec, states, stacked, consts, invariants, length: int, syms=()):
         self.spec = spec
         self.syms = list(syms)
         self.L = length
         k = spec.n_per_step
-        self.stacked = [torch.stack(per_step[s::k]) for s in range(k)]  # each (L, ...)
+        self.stacked = list(stacked)  # k tensors (L, ...)
         self.consts = list(consts)
         self.invariants = list(invariants)
         self.states = list(states)
@@ -212,7 +227,31 @@ def _record(spec: ChainSpec, L: int, direction: str, jacobian: str, stats: newto
     emit(SolveRecord(chain=spec.name, length=L, iterations=stats.iterations, residual=stats.residual,
                      converged=stats.converged, fell_back=stats.fell_back, direction=direction, jacobian=jacobian,
                      prefix=stats.prefix, residuals=tuple(stats.residuals), reason=stats.reason,
-                     seconds=time.perf_counter() - t0))
+                     seconds=time.perf_counter() - t0, evaluations=stats.evaluations,
+                     sequential_steps=stats.sequential_steps))
+
+
+def _switch_key(spec: ChainSpec, direction: str, states) -> tuple:
+    return (spec.name, direction, tuple((tuple(s.shape), s.dtype, s.device.type) for s in states))
+
+
+def switched(name: str) -> list[str]:
+    """Why chain op `name` runs sequentially now (mode="auto" learned it from a solve), one reason per
+    direction and shape; [] when it was never switched."""
+    with _switch_lock:
+        return [why for (n, _, _), why in _SWITCHED.items() if n == name]
+
+
+def _learn(spec: ChainSpec, direction: str, states, L: int, stats) -> None:
+    """Remember a solve that did not pay (mode="auto"): its later calls with these shapes run sequentially."""
+    if not (stats.fell_back or stats.iterations > SWITCH_FRACTION * L):
+        return
+    what = f"fell back ({stats.reason})" if stats.fell_back else f"took {stats.iterations} iterations"
+    why = (f"auto: the first {direction} solve {what} for {L} steps (> {SWITCH_FRACTION:g} L iterations do not "
+           "pay); sequential from then on for these shapes")
+    with _switch_lock:
+        _SWITCHED.setdefault(_switch_key(spec, direction, states), why)
+    log.info("deeppcr: %s %s", spec.name, why)
 
 
 def _all_finite(tensors) -> bool:
@@ -221,14 +260,15 @@ def _all_finite(tensors) -> bool:
     return not flags or bool(host_values(torch.stack(flags).all()))
 
 
-def run_forward(spec: ChainSpec, states, per_step, consts, invariants, length: int, tol: float, max_iters: int,
+def run_forward(spec: ChainSpec, states, stacked, consts, invariants, length: int, tol: float, max_iters: int,
                 jacobian: str, window: int = 0, keep_trajectory: bool = True, impl: str = "auto",
-                syms=()) -> list[torch.Tensor]:
+                syms=(), adaptive: bool = False) -> list[torch.Tensor]:
     """Solve the chain; returns the trajectories `(L, *state_shape)`, one per state, in the states' dtypes
-    (only the last step, `(1, *state_shape)`, when `keep_trajectory` is False)."""
+    (only the last step, `(1, *state_shape)`, when `keep_trajectory` is False). `adaptive` (mode="auto"):
+    a solve that does not pay switches later calls with the same shapes to sequential evaluation."""
     with _functorch_ready():
-        return _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
-                            keep_trajectory, impl, syms)
+        return _run_forward(spec, states, stacked, consts, invariants, length, tol, max_iters, jacobian, window,
+                            keep_trajectory, impl, syms, adaptive)
 
 
 def _fused(call: ChainCall, z0: torch.Tensor, jacobian: str, tol: float, max_iters: int, window: int, impl: str):
@@ -244,22 +284,28 @@ def _fused(call: ChainCall, z0: torch.Tensor, jacobian: str, tol: float, max_ite
     if not res.converged:
         return None  # the general solver takes over, with its prefix-preserving fallback
     stats = newton.SolveStats(iterations=res.iterations, residual=res.residual, converged=True, prefix=call.L,
-                              residuals=list(res.residuals), reason="fused")
+                              residuals=list(res.residuals), reason="fused", evaluations=res.iterations + 1)
     return res.traj.to(call.solve_dtype), stats
 
 
-def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_iters, jacobian, window,
-                 keep_trajectory, impl, syms):
+def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_iters, jacobian, window,
+                 keep_trajectory, impl, syms, adaptive=False):
     t0 = time.perf_counter()
-    call = ChainCall(spec, states, per_step, consts, invariants, length, syms)
+    call = ChainCall(spec, states, stacked, consts, invariants, length, syms)
     lay = call.layout
     z0 = lay.pack(call.states, lead=0, dtype=call.solve_dtype)
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
     structure = call.structure_for(jacobian)
+    learned = _SWITCHED.get(_switch_key(spec, "forward", call.states)) if adaptive else None
+    if learned:
+        Z = call.sequential(z0, keep_trajectory)
+        stats = newton.SolveStats(converged=True, sequential_steps=length, reason=learned)
+        _record(spec, length, "forward", "sequential", stats, t0)
+        return lay.unpack(Z, lead=1)
     if jacobian == "sequential" or not _all_finite([z0]):
         # Non-finite input data: eager's NaN/inf pattern is only reproduced by evaluating in order.
         Z, stats = call.sequential(z0, keep_trajectory), newton.SolveStats(
-            fell_back=jacobian != "sequential", converged=jacobian == "sequential",
+            fell_back=jacobian != "sequential", converged=jacobian == "sequential", sequential_steps=length,
             reason="non-finite input state" if jacobian != "sequential" else "")
     else:
         try:
@@ -277,25 +323,29 @@ def _run_forward(spec, states, per_step, consts, invariants, length, tol, max_it
         except Exception as e:  # a template that cannot be batched, say: exact sequential answer instead
             log.warning("pcr_compile: parallel solve of %s failed (%s: %s); evaluating sequentially",
                         spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-            stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}")
+            stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}", sequential_steps=length)
             Z = call.sequential(z0, keep_trajectory)
     _record(spec, length, "forward", structure, stats, t0)
+    if adaptive:
+        _learn(spec, "forward", call.states, length, stats)
     return lay.unpack(Z, lead=1)
 
 
-def run_backward(spec: ChainSpec, trajs, states, per_step, consts, invariants, grads, length: int, tol: float,
-                 max_iters: int, jacobian: str, impl: str = "auto", syms=(), traj_grads=(), needs_grad=None):
+def run_backward(spec: ChainSpec, trajs, states, stacked, consts, invariants, grads, length: int, tol: float,
+                 max_iters: int, jacobian: str, impl: str = "auto", syms=(), traj_grads=(), needs_grad=None,
+                 adaptive: bool = False):
     """Adjoint of the chain at the converged trajectory.
 
     `grads` are the cotangents of the final states; `traj_grads` (optional, `(L, *state)` each) those of
     every step's states, added to the adjoint's right-hand side step by step. `needs_grad` (optional, one
-    bool per per-step input then per invariant) says which inputs gradients are wanted for.
-    Returns gradients for (states, per_step flat, invariants); None where an input is not floating or no
-    gradient is wanted.
+    bool per stacked group then per invariant) says which inputs gradients are wanted for.
+    Returns gradients for (states, stacked groups `(L, ...)` each, invariants); None where an input is not
+    floating or no gradient is wanted. No per-step copies: each group's gradient comes out of one
+    batched vector-Jacobian product.
     """
     with _functorch_ready():
-        return _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters,
-                             jacobian, impl, syms, traj_grads, needs_grad)
+        return _run_backward(spec, trajs, states, stacked, consts, invariants, grads, length, tol, max_iters,
+                             jacobian, impl, syms, traj_grads, needs_grad, adaptive)
 
 
 def _substituted(call: ChainCall, diff_stacked: list[int], diff_inv: list[int], params) -> tuple[list, list]:
@@ -339,10 +389,10 @@ def _sequential_adjoint(call: ChainCall, Zprev: torch.Tensor, cot: torch.Tensor,
     return (dZ, *d_stacked, *d_inv)
 
 
-def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, length, tol, max_iters, jacobian, impl,
-                  syms, traj_grads=(), needs_grad=None):
+def _run_backward(spec, trajs, states, stacked, consts, invariants, grads, length, tol, max_iters, jacobian, impl,
+                  syms, traj_grads=(), needs_grad=None, adaptive=False):
     t0 = time.perf_counter()
-    call = ChainCall(spec, states, per_step, consts, invariants, length, syms)
+    call = ChainCall(spec, states, stacked, consts, invariants, length, syms)
     lay = call.layout
     sd = call.solve_dtype
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
@@ -355,11 +405,10 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
     if len(traj_grads):
         cot += lay.pack(list(traj_grads), lead=1, dtype=sd)
 
-    k, n_p = spec.n_per_step, len(per_step)
-    wanted = list(needs_grad) if needs_grad is not None and len(needs_grad) else [True] * (n_p + len(invariants))
-    diff_stacked = [i for i, s in enumerate(call.stacked)
-                    if s.is_floating_point() and any(wanted[l * k + i] for l in range(length))]
-    diff_inv = [i for i, s in enumerate(call.invariants) if s.is_floating_point() and wanted[n_p + i]]
+    k = len(call.stacked)
+    wanted = list(needs_grad) if needs_grad is not None and len(needs_grad) else [True] * (k + len(invariants))
+    diff_stacked = [i for i, s in enumerate(call.stacked) if s.is_floating_point() and wanted[i]]
+    diff_inv = [i for i, s in enumerate(call.invariants) if s.is_floating_point() and wanted[k + i]]
 
     def full_map(Zp, *params):
         return call.batched(Zp, *_substituted(call, diff_stacked, diff_inv, params))
@@ -367,6 +416,24 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
     primals = [Zprev, *(call.stacked[i] for i in diff_stacked), *(call.invariants[i] for i in diff_inv)]
     # The approximate Jacobian only preconditions the refinement; the exact VJPs make the answer exact.
     structure = call.structure_for(jacobian if jacobian in ("dense", "diagonal", "identity", "zero") else "identity")
+    learned = _SWITCHED.get(_switch_key(spec, "backward", call.states)) if adaptive else None
+    if learned:
+        out = _sequential_adjoint(call, Zprev, cot, diff_stacked, diff_inv)
+        stats = newton.SolveStats(converged=True, reason=learned, sequential_steps=length)
+        structure = "sequential"
+    else:
+        out, stats, structure = _parallel_adjoint(spec, call, Zprev, Z, cot, full_map, primals, diff_stacked,
+                                                  diff_inv, structure, tol, max_iters, impl, lay.sizes, length)
+    _record(spec, length, "backward", structure, stats, t0)
+    if adaptive and not learned:
+        _learn(spec, "backward", call.states, length, stats)
+    return _gradients(call, out, diff_stacked, diff_inv)
+
+
+def _parallel_adjoint(spec, call, Zprev, Z, cot, full_map, primals, diff_stacked, diff_inv, structure, tol,
+                      max_iters, impl, parts, length):
+    """The adjoint by refinement over all steps at once (or step by step where the template cannot be
+    batched): (the pullback's outputs, stats, the strategy that ran)."""
     try:
         _, pullback = vjp(full_map, *primals)
         last: dict = {}
@@ -388,25 +455,24 @@ def _run_backward(spec, trajs, states, per_step, consts, invariants, grads, leng
 
         with torch.no_grad():
             lam, stats = newton.adjoint_solve(cot, apply_vjp, A, step_vjp, structure=structure, tol=tol,
-                                              max_iters=max_iters if ok else 0, impl=impl, parts=lay.sizes)
+                                              max_iters=max_iters if ok else 0, impl=impl, parts=parts)
             out = last["out"] if last.get("lam") is lam else pullback(lam)
     except Exception as e:  # a template that cannot be batched, say: the exact adjoint step by step instead
         log.warning("pcr_compile: parallel adjoint of %s failed (%s: %s); evaluating sequentially",
                     spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         out = _sequential_adjoint(call, Zprev, cot, diff_stacked, diff_inv)
-        stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}")
-    _record(spec, length, "backward", structure, stats, t0)
+        stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}", sequential_steps=length)
+    return out, stats, structure
 
+
+def _gradients(call: ChainCall, out, diff_stacked: list[int], diff_inv: list[int]):
+    """(d states, d stacked groups, d invariants) from the pullback's outputs; None where none is wanted."""
+    lay = call.layout
     d_states = lay.unpack(out[0][0], lead=0)
     d_stacked = [None] * len(call.stacked)
     for i, g in zip(diff_stacked, out[1: 1 + len(diff_stacked)]):
-        d_stacked[i] = g
+        d_stacked[i] = g.to(call.stacked[i].dtype)
     d_inv = [None] * len(call.invariants)
     for i, g in zip(diff_inv, out[1 + len(diff_stacked):]):
         d_inv[i] = g.to(call.invariants[i].dtype)
-    d_per_step = []
-    for l in range(length):
-        for s in range(k):
-            g = d_stacked[s]
-            d_per_step.append(None if g is None else g[l].to(per_step[l * k + s].dtype))
-    return d_states, d_per_step, d_inv
+    return d_states, d_stacked, d_inv

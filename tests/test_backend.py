@@ -501,3 +501,30 @@ def test_scalar_state(shape):
     y0, g0, y1, g1, solves = run_both(_ScalarRecurrence(), [torch.randn(shape)])
     assert y1.shape == y0.shape and rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
     assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 12, False), ("backward", 12, False)]
+
+
+def test_auto_switches_a_chain_that_does_not_pay_to_sequential_after_its_first_solve(monkeypatch):
+    """mode="auto" (here made to pick "parallel" as it would on a GPU): a Picard solve that needs about L
+    iterations is switched to sequential evaluation for later calls with the same shapes, forward and
+    backward; record_solves and explain say so and why."""
+    import pcr_compile.backend as backend
+    from pcr_compile import solve
+    from pcr_compile.cost import Decision
+
+    monkeypatch.setattr(backend, "decide", lambda m, o, d: Decision("parallel", "identity", "auto (as on cuda)"))
+    model = DeepMLP(layers=12, width=4, gain=3.0)  # expansive: Picard needs about L iterations
+    x = torch.randn(3, 4)
+    compiled = torch.compile(model, backend="deeppcr", options={"mode": "auto", "strict": True})
+    with pcr_compile.record_solves() as first:
+        compiled(x).pow(2).mean().backward()
+    fwd = first[0]
+    assert fwd.jacobian == "identity" and fwd.iterations > solve.SWITCH_FRACTION * 12
+    with pcr_compile.record_solves() as later:
+        y = compiled(x)
+        y.pow(2).mean().backward()
+    assert [(r.direction, r.jacobian) for r in later] == [("forward", "sequential"), ("backward", "sequential")]
+    assert all(r.reason.startswith("auto: the first") and not r.fell_back for r in later)
+    torch.testing.assert_close(y, model(x))
+    assert solve.switched(fwd.chain.removeprefix("pcr_compile::"))
+    report = pcr_compile.explain(model, x, options={"mode": "auto"})
+    assert "switched to sequential" in report.chains[0].reason

@@ -87,14 +87,10 @@ def _rel(a, b) -> float:
 def _parallel(W, b, x, v, act, jacobian):
     spec = _spec(act)
     L = W.shape[0]
-    per_step = [t for l in range(L) for t in (W[l], b[l])]
     with pcr_compile.record_solves() as recs:
-        (traj,) = solve.run_forward(spec, [x], per_step, [], [], L, tol=0.0, max_iters=2 * L + 10,
-                                    jacobian=jacobian)
-        d_states, d_per, _ = solve.run_backward(spec, [traj], [x], per_step, [], [], [v.to(x.dtype)], L, tol=0.0,
-                                                max_iters=2 * L + 10, jacobian=jacobian)
-    gW = torch.stack(d_per[0::2])
-    gb = torch.stack(d_per[1::2])
+        (traj,) = solve.run_forward(spec, [x], [W, b], [], [], L, tol=0.0, max_iters=2 * L + 10, jacobian=jacobian)
+        d_states, (gW, gb), _ = solve.run_backward(spec, [traj], [x], [W, b], [], [], [v.to(x.dtype)], L, tol=0.0,
+                                                   max_iters=2 * L + 10, jacobian=jacobian)
     return traj[-1], gW, gb, d_states[0], recs
 
 
@@ -128,9 +124,8 @@ def test_fell_back_from_the_start_is_eagers_answer():
     W, b, x, v = _chain(16, 4, 2, 1e12, True, "relu", 0)
     W, b, x = W.float(), b.float(), x.float()
     spec = _spec("relu")
-    per_step = [t for l in range(16) for t in (W[l], b[l])]
     with pcr_compile.record_solves() as recs:
-        (traj,) = solve.run_forward(spec, [x], per_step, [], [], 16, tol=0.0, max_iters=0, jacobian="identity")
+        (traj,) = solve.run_forward(spec, [x], [W, b], [], [], 16, tol=0.0, max_iters=0, jacobian="identity")
     assert recs[0].fell_back and recs[0].prefix == 0
     torch.testing.assert_close(traj[-1], _eager(W, b, x, v, "relu")[0], rtol=0, atol=0)
 
@@ -191,3 +186,17 @@ def test_the_issue_chains_give_eagers_answer_forward_and_in_training(case):
     assert _rel(y, y64) <= 20 * max(_rel(y32, y64), U32)
     for a, e, r in zip(g, g32, g64):
         assert _rel(a, r) <= 20 * max(_rel(e, r), U32)
+
+
+def test_records_report_what_the_solve_and_its_check_cost():
+    W, b, x, v = _chain(12, 3, 2, 1.0, True, "tanh", 5)
+    *_, recs = _parallel(W.float(), b.float(), x.float(), v, "tanh", "dense")
+    fwd, bwd = recs
+    assert fwd.evaluations == fwd.iterations + 1 and fwd.sequential_steps == 0
+    assert bwd.evaluations == bwd.iterations + 1
+    spec = _spec("tanh")
+    with pcr_compile.record_solves() as recs:
+        solve.run_forward(spec, [x.float()], [W.float(), b.float()], [], [], 12, tol=0.0, max_iters=1,
+                          jacobian="identity")
+    [r] = recs
+    assert r.fell_back and r.sequential_steps == 12 - r.prefix and r.evaluations == 2

@@ -1,0 +1,89 @@
+"""pcr_compile/ops.py: the chain ops' arguments, defined once, and what a call costs as the chain grows.
+
+Per-step inputs enter the op stacked (one `(L, ...)` tensor per group) and their gradients leave stacked,
+so nothing about a call grows with L but the data: the op's argument list, and the copies in a compiled
+training step (graph nodes and the ops the solve runs), are the same at 10 and at 40 layers. (On the
+Triton path, the CUDA one: the PyTorch PCR's levels add O(log L) ops.)
+"""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pcr_compile import ops, solve
+from pcr_compile.backend import capturing_backend
+from pcr_compile.models import DeepMLP
+from pcr_compile.options import Options
+
+COPIES = ("clone", "copy_", "copy", "_to_copy")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_schemas_are_built_from_one_argument_list():
+    assert ops.CHAIN_SCHEMA.startswith("(Tensor[] states, Tensor[] stacked,")
+    assert [n for n, _ in ops.CHAIN_ARGS] == list(ops.ChainArgs._fields)
+    assert [n for n, _ in ops.ADJOINT_ARGS] == list(ops.AdjointArgs._fields)
+    assert len(ops.chain_call_args(**{n: i for i, n in enumerate(ops.ChainArgs._fields)})) == len(ops.CHAIN_ARGS)
+    with pytest.raises(TypeError):
+        ops.chain_call_args(states=[])  # every argument is named: none can be forgotten
+
+
+def _training_step_counts(L: int, monkeypatch) -> tuple[collections.Counter, dict, list]:
+    """Copy ops of one compiled training step: nodes of the AOTAutograd forward and backward graphs
+    (each runs once per call), and the ops the chain op's solves run (counted with a dispatch mode)."""
+    torch.manual_seed(0)
+    model = DeepMLP(layers=L, width=4)
+    x = torch.randn(2, 4)
+    graphs: list[dict] = []
+    backend = capturing_backend(Options.parse({"mode": "parallel", "strict": True, "kernels": "triton"}), graphs)
+    compiled = torch.compile(model, backend=backend)
+    compiled(x).pow(2).mean().backward()  # compile
+
+    solve_ops = collections.Counter()
+    for name in ("run_forward", "run_backward"):
+        fn = getattr(solve, name)
+
+        def counted(*a, _fn=fn, **k):
+            with _CountOps() as c:
+                out = _fn(*a, **k)
+            solve_ops.update(c.counts)
+            return out
+
+        monkeypatch.setattr(solve, name, counted)
+    model.zero_grad(set_to_none=True)
+    compiled(x).pow(2).mean().backward()
+    monkeypatch.undo()
+    [g] = graphs
+    graph_ops = collections.Counter()
+    for kind in ("forward", "backward"):
+        for n in g[kind].graph.nodes:
+            if n.op == "call_function":
+                graph_ops[str(n.target).split(".")[1] if "aten" in str(n.target) else str(n.target)] += 1
+    chain_args = [n for n in g["forward"].graph.nodes if "pcr_compile.chain_" in str(n.target)]
+    return solve_ops, graph_ops, chain_args
+
+
+def test_a_training_step_makes_no_per_step_copies(monkeypatch):
+    small = _training_step_counts(10, monkeypatch)
+    large = _training_step_counts(40, monkeypatch)
+    for counts_s, counts_l in ((small[0], large[0]), (small[1], large[1])):
+        copies_s = {k: counts_s[k] for k in COPIES}
+        copies_l = {k: counts_l[k] for k in COPIES}
+        assert copies_s == copies_l, (copies_s, copies_l)
+    assert large[0]["stack"] == small[0]["stack"] <= 2  # the solve no longer restacks the parameters per call
+    # The op's arguments: the same number of tensors at 10 and 40 layers (2 stacked groups, not 2 L tensors).
+    [op_s], [op_l] = small[2], large[2]
+    sizes = [len(a) if isinstance(a, (list, tuple)) else 1 for a in op_s.args]
+    assert sizes == [len(a) if isinstance(a, (list, tuple)) else 1 for a in op_l.args]
+    assert sizes[1] == 2

@@ -1,0 +1,91 @@
+"""Models that hold their layers' parameters stacked (`W = nn.Parameter(torch.randn(L, w, w))`, read as
+`W[i]`, `W.select(0, i)` or `W.unbind(0)[i]`): chains of kind "layers" whose per-step input is the stacked
+tensor itself (no copy, one (L, ...) gradient; never the whole W gathered and scattered per step)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import PARALLEL, capture_graphs
+
+import pcr_compile
+
+
+def _loop(x, W, b, form):
+    L = W.shape[0]
+    if form == "unbind":
+        Ws, bs = W.unbind(0), b.unbind(0)
+        for i in range(L):
+            x = torch.tanh(x @ Ws[i].T + bs[i])
+    elif form == "select":
+        for i in range(L):
+            x = torch.tanh(x @ W.select(0, i).T + torch.select(b, 0, i))
+    else:
+        for i in range(L):
+            x = torch.tanh(x @ W[i].T + b[i])
+    return x
+
+
+class Stacked(nn.Module):
+    def __init__(self, L=12, w=5, form="getitem"):
+        super().__init__()
+        self.form = form
+        self.W = nn.Parameter(torch.randn(L, w, w) * 0.9 / w ** 0.5)
+        self.b = nn.Parameter(torch.randn(L, w) * 0.1)
+
+    def forward(self, x):
+        return _loop(x, self.W, self.b, self.form)
+
+
+@pytest.mark.parametrize("form", ["getitem", "select", "unbind"])
+def test_stacked_parameters_are_one_per_step_input_of_kind_layers(form):
+    model, x = Stacked(form=form), torch.randn(3, 5)
+    [c] = pcr_compile.explain(model, x, options=PARALLEL).chains
+    assert (c.kind, c.length, c.per_step_inputs, c.lifted_constants, c.invariant_inputs) == ("layers", 12, 2, 0, 0)
+    y0 = model(x)
+    g0 = torch.autograd.grad(y0.pow(2).sum(), [model.W, model.b])
+    with pcr_compile.record_solves() as solves:
+        y = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+        g = torch.autograd.grad(y.pow(2).sum(), [model.W, model.b])
+    assert [s.direction for s in solves] == ["forward", "backward"]
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    for a, e in zip(g, g0):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_the_stacked_tensor_is_passed_as_it_is():
+    """The op reads the parameters' own (L, w, w) and (L, w) tensors: no per-step reads, no stack, no
+    gather/scatter of W per step (which cost O(L^2) memory in the backward)."""
+    g = capture_graphs(Stacked(L=10, form="getitem"), (torch.randn(2, 5),))
+    [call] = [n for n in g["dynamo"].graph.nodes if "pcr_compile.chain_" in str(n.target)]
+    stacked = call.args[1]
+    assert [n.op for n in stacked] == ["placeholder", "placeholder"]
+    vals = [n.meta["example_value"].shape for n in stacked]
+    assert vals == [torch.Size([10, 5, 5]), torch.Size([10, 5])]
+    assert not any(n.target is torch.stack for n in g["dynamo"].graph.nodes)
+    backward_ops = {str(n.target) for n in g["backward"].graph.nodes if n.op == "call_function"}
+    assert not any("index_put" in t or "scatter" in t or "select_backward" in t for t in backward_ops), backward_ops
+
+
+def test_a_slice_of_a_longer_stack_and_float64_gradcheck():
+    W = torch.randn(14, 3, 3, dtype=torch.float64) * 0.5
+    b = torch.randn(14, 3, dtype=torch.float64) * 0.1
+
+    def f(x, W, b):  # steps 2..11 of the stack: the op reads W[2:12], a view
+        for i in range(2, 12):
+            x = torch.tanh(x @ W[i].T + b[i])
+        return x
+
+    compiled = torch.compile(f, backend="deeppcr", options={**PARALLEL, "min_chain_length": 8})
+    x = torch.randn(2, 3, dtype=torch.float64)
+    inputs = (x.requires_grad_(), W.requires_grad_(), b.requires_grad_())
+    torch.testing.assert_close(compiled(*inputs), f(*inputs))
+    assert torch.autograd.gradcheck(compiled, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_guard_filter_fn_passes_through_torch_compile_options():
+    model, x = Stacked(L=9), torch.randn(2, 5)
+    opts = {**PARALLEL, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    with pcr_compile.record_solves() as solves:
+        y = torch.compile(model, backend="deeppcr", options=opts)(x)
+    assert len(solves) == 1
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-6)
