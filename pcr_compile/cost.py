@@ -17,9 +17,46 @@ import torch
 from .options import Options
 
 RESIDUAL_TARGETS = {operator.add, torch.add, "add", "__add__"}
-# A chain must be at least this long for "auto" to solve it in parallel on a GPU: below it, the fixed
-# cost of a few batched iterations exceeds L sequential small kernels.
-MIN_PARALLEL_LENGTH_GPU = 64
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    """`mode="auto"` on CUDA: a launch-bound model of both ways to run a chain. A MODEL: its constants are
+    assumptions until a GPU measures them (then replace them here, with device, commit and date).
+
+    sequential:  L x n launches                        (n: the block's ops, one kernel each)
+    parallel:    k x ((n + j + pcr + check) launches + 1 host sync)
+                 k: iterations predicted for the strategy; j: launches of the Jacobian (dense: the VJPs of
+                 the block, about 2n; the others 0); pcr: the linear solve; check: the residual's ops
+    The chain is solved in parallel when the prediction is at least `speedup` times faster; a solve that then
+    takes more iterations than predicted is caught at run time (solve.SWITCH_FRACTION).
+    """
+
+    launch_us: float = 4.0  # host cost of one kernel launch (PyTorch eager on an H200): assumed
+    sync_us: float = 10.0  # one device-to-host read: assumed
+    pcr_launches: int = 3  # chunked scan: summaries, carries, rescan
+    check_launches: int = 4  # residual, its step maxima, the prefix read
+    speedup: float = 1.5
+    # Newton converges in 3-5 iterations on the MLPs measured (benchmarks/RESULTS.md); quasi-Newton and Picard
+    # in 8-15 on MLPs, ResNets and trained samplers; Jacobi in ~L.
+    iterations: tuple[tuple[str, int], ...] = (("dense", 6), ("diagonal", 12), ("identity", 16))
+
+    def predict(self, match, jacobian: str) -> tuple[float, float, str]:
+        """(parallel us, sequential us, the arithmetic as text) for `match` with strategy `jacobian`."""
+        L, n = match.length, max(match.nodes_per_step, 1)
+        k = min(dict(self.iterations).get(jacobian, L), L)
+        j = 2 * n if jacobian in ("dense", "diagonal") else 0
+        per_iter = n + j + self.pcr_launches + self.check_launches
+        par = k * (per_iter * self.launch_us + self.sync_us)
+        seq = L * n * self.launch_us
+        text = (f"predicted parallel {par:,.0f} us = {k} iterations x ({per_iter} launches x {self.launch_us:g} us + "
+                f"1 sync x {self.sync_us:g} us) against sequential {seq:,.0f} us = {L} steps x {n} launches x "
+                f"{self.launch_us:g} us (a launch-bound model with assumed constants; parallel when "
+                f">= {self.speedup:g}x faster)")
+        return par, seq, text
+
+
+GPU_MODEL = GpuModel()
 # Dense Jacobians cost w batched VJPs per iteration and w^3 per block product: small widths only (the
 # Triton dense kernels keep blocks up to 64 x 64 on chip).
 DENSE_MAX_WIDTH = 64
@@ -95,8 +132,9 @@ def decide(match, options: Options, device: torch.device) -> Decision:
     if device.type != "cuda":
         return Decision("sequential", jac, f"auto on {device.type}: sequential code is faster off-GPU "
                                            "(use mode='parallel' to force)")
-    if match.length < MIN_PARALLEL_LENGTH_GPU:
-        return Decision("sequential", jac, f"auto: {match.length} steps < {MIN_PARALLEL_LENGTH_GPU}")
     if jac == "zero":
         return Decision("sequential", jac, "auto: no Jacobian strategy converges faster than sequential")
-    return Decision("parallel", jac, f"auto on cuda; {why}")
+    par, seq, text = GPU_MODEL.predict(match, jac)
+    if seq >= GPU_MODEL.speedup * par:
+        return Decision("parallel", jac, f"auto on cuda: {text}; {why}")
+    return Decision("sequential", jac, f"auto on cuda: {text}")
