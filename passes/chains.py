@@ -24,6 +24,7 @@ Prior art: `torch/_dynamo/graph_region_tracker.py` (repeated regions), `torch/fx
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -309,31 +310,53 @@ def body_structure(gm: torch.fx.GraphModule) -> tuple:
 # --- candidate periods and phases -----------------------------------------------------------------------
 
 
-def _candidate_runs(sig_ids: list[int], min_length: int, max_periods: int = 32) -> list[tuple[int, int, int]]:
-    """(period, start, end) of maximal regions [start, end) where sig[j] == sig[j + period]."""
+# Candidate periods from the distances to the r-th next equal signature, r <= MULTIPLE_REPEATS: a step that
+# evaluates one sub-module several times (an RK4 step calls its vector field 4 times, leapfrog 2, a two-layer
+# RNN cell per time step 2) repeats with the inner period inside and the step's period outside; the step's
+# period is the distance to the 2nd..r-th next equal signature of the nodes in the inner repeat.
+MULTIPLE_REPEATS = 8
+
+
+def _periodic_regions(sig: torch.Tensor, p: int, min_length: int) -> list[tuple[int, int, int]]:
+    """(p, start, end) of the maximal regions [start, end) where sig[j] == sig[j + p], at least min_length
+    blocks of p long (`sig`: the signature ids, int64)."""
+    zero = sig.new_zeros(1)
+    eq = torch.cat((zero, (sig[:-p] == sig[p:]).long(), zero))
+    edges = torch.nonzero(eq.diff()).flatten()  # rises and falls, alternating
+    runs = []
+    for a, j in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        end = j + p  # region [a, end): every block of p repeats the previous one
+        if (end - a) // p >= min_length:
+            runs.append((p, a, end))
+    return runs
+
+
+def _candidate_runs(sig_ids: list[int], min_length: int,
+                    max_periods: int = 32) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(period, start, end) of maximal regions [start, end) where sig[j] == sig[j + period], as two lists:
+    periods that are the distance to the next equal signature, and periods that are only the distance to
+    the 2nd..MULTIPLE_REPEATS-th next one (multiples of an inner repeat; tried where the first found
+    nothing). O(N * MULTIPLE_REPEATS) to count the distances, O(N) per period to find the regions."""
     N = len(sig_ids)
-    last: dict[int, int] = {}
-    dist = Counter()
+    upcoming: dict[int, list[int]] = {}  # signature -> its next occurrences after j, nearest first
+    near, far = Counter(), Counter()
     for j in range(N - 1, -1, -1):
         s = sig_ids[j]
-        if s in last:
-            dist[last[s] - j] += 1
-        last[s] = j
-    periods = [p for p, c in dist.most_common(max_periods) if c >= max(1, min_length - 1)]
-    runs = []
-    for p in periods:
-        j = 0
-        while j < N - p:
-            if sig_ids[j] != sig_ids[j + p]:
-                j += 1
-                continue
-            a = j
-            while j < N - p and sig_ids[j] == sig_ids[j + p]:
-                j += 1
-            end = j + p  # region [a, end): every block of p repeats the previous one
-            if (end - a) // p >= min_length:
-                runs.append((p, a, end))
-    return runs
+        nxt = upcoming.setdefault(s, [])
+        if nxt:
+            near[nxt[0] - j] += 1
+            for k in nxt[1:]:
+                far[k - j] += 1
+        nxt.insert(0, j)
+        if len(nxt) > MULTIPLE_REPEATS:
+            nxt.pop()
+    need = max(1, min_length - 1)
+    first = [p for p, c in near.most_common(max_periods) if c >= need]
+    seen = set(first)
+    multiples = [p for p, c in far.most_common() if c >= need and p not in seen][:max_periods]
+    sig = torch.tensor(sig_ids, dtype=torch.int64)
+    return ([r for p in first for r in _periodic_regions(sig, p, min_length)],
+            [r for p in multiples for r in _periodic_regions(sig, p, min_length)])
 
 
 def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> int:
@@ -361,8 +384,11 @@ def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> i
 
 
 class _Split(Exception):
-    def __init__(self, pieces: list[tuple[int, int]], reason: str):
-        self.pieces, self.reason = pieces, reason
+    """`pieces`: the sub-ranges of steps worth trying; `every_period`: the reason holds for any period of
+    the same region (an ineligible op, autocast), so a multiple of the period is not worth trying."""
+
+    def __init__(self, pieces: list[tuple[int, int]], reason: str, every_period: bool = False):
+        self.pieces, self.reason, self.every_period = pieces, reason, every_period
 
 
 class _Lagged(_Split):
@@ -434,10 +460,10 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
     for n in blocks[0]:
         why = ineligibility(n)
         if why:
-            raise _Split([], f"block contains {why}")
+            raise _Split([], f"block contains {why}", every_period=True)
     if any(n in in_autocast for blk in (blocks[0], blocks[-1]) for n in blk):
         # The chain op would run its steps without the autocast context that eager applies to them.
-        raise _Split([], "inside a torch.autocast region (not supported yet; left to Inductor)")
+        raise _Split([], "inside a torch.autocast region (not supported yet; left to Inductor)", every_period=True)
 
     def tags(i: int):
         out = []
@@ -594,63 +620,113 @@ def _const_equal(a, b) -> bool:
         return a is b
 
 
+@dataclass(frozen=True)
+class _Decline:
+    """A declined candidate and where it lies: seq[lo:hi]; `short`: declined only for its length; `blanket`:
+    declined for a reason every period of the region shares (or left to `passes/carry.py`)."""
+
+    declined: Declined
+    lo: int
+    hi: int
+    short: bool = False
+    blanket: bool = False
+
+
 def _describe(blocks, reason: str) -> Declined:
     return Declined(first=blocks[0][0].name, last=blocks[-1][-1].name, length=len(blocks),
                     nodes_per_step=len(blocks[0]), reason=reason)
 
 
 def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: int, chains: list,
-                     declined: list, in_autocast: set[Node], lagged: list) -> None:
+                     declined: list[_Decline], in_autocast: set[Node], lagged: list) -> None:
     blocks = [tuple(seq[start + i * p: start + (i + 1) * p]) for i in range(k)]
+    span = (start, start + p * k)
     if k < min_length:
-        declined.append(_describe(blocks, f"{k} steps < min_chain_length={min_length}"))
+        declined.append(_Decline(_describe(blocks, f"{k} steps < min_chain_length={min_length}"), *span, short=True))
         return
     try:
         chains.append(_validate(blocks, in_autocast))
     except _Lagged as e:
-        declined.append(_describe(blocks, e.reason))
+        declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=True))
         lagged.append((e.blocks, tuple(e.slots)))
     except _Split as e:
         useful = [(a, b) for a, b in e.pieces if b - a >= min_length]
         if not useful:
-            declined.append(_describe(blocks, e.reason))
+            declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=e.every_period))
         log.debug("candidate %s..%s (%d steps) split: %s", blocks[0][0].name, blocks[-1][-1].name, k, e.reason)
         for a, b in useful:
             _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, in_autocast, lagged)
 
 
+def _summarise_declined(declined: list[_Decline], chain_spans: list[tuple[int, int]],
+                        min_length: int) -> tuple[Declined, ...]:
+    """The declined candidates worth reporting, in the order found: none inside a chain (sub-repeats tried
+    before the chain's own period), and the short repeats inside another declined candidate (the 3-step
+    repeats inside a transformer block declined for its dropout) counted in that one's reason, not listed."""
+    def inside(d: _Decline, lo: int, hi: int) -> bool:
+        return lo <= d.lo and d.hi <= hi
+
+    kept = [d for d in declined if not any(inside(d, lo, hi) for lo, hi in chain_spans)]
+    parents = sorted((d for d in kept if not d.short), key=lambda d: d.lo - d.hi)  # widest first
+    inner = Counter()  # id of a parent -> short repeats inside it
+    result = []
+    for d in kept:
+        parent = next((q for q in parents if inside(d, q.lo, q.hi)), None) if d.short else None
+        if parent is not None:
+            inner[id(parent)] += 1
+    for d in kept:
+        if d.short and any(inside(d, q.lo, q.hi) for q in parents):
+            continue
+        n = inner[id(d)]
+        reason = d.declined.reason if not n else (f"{d.declined.reason}; {n} shorter repeat{'s' * (n > 1)} "
+                                                  f"inside, each < min_chain_length={min_length}")
+        result.append(dataclasses.replace(d.declined, reason=reason))
+    return tuple(result)
+
+
 def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
-    """Find the chains of `graph` (read only). Chains are returned in graph order."""
+    """Find the chains of `graph` (read only). Chains are returned in graph order.
+
+    Candidates are tried widest first; a candidate overlapping a chain already found is skipped. Periods
+    that are multiples of an inner repeat (multi-stage integrator steps) are tried after the others, where
+    those found no chain and did not decline the region for a reason every period shares."""
     seq = [n for n in graph.nodes if n.op in COMPUTE_OPS and not n.meta.get(DEFERRED_META)]
     interned: dict[tuple, int] = {}
     sig_ids = [interned.setdefault(node_signature(n), len(interned)) for n in seq]
     # Repeats from 3 steps up are candidates, so that shorter ones are reported as declined.
     shortest = min(3, min_length)
-    runs = _candidate_runs(sig_ids, shortest)
-    cands = []
-    for p, a, end in runs:
-        phi = _best_phase(seq, p, a, end, shortest)
-        k = (end - a - phi) // p
-        cands.append((p * k, p, a + phi, k))
-    cands.sort(key=lambda c: (-c[0], c[1], c[2]))
     in_autocast = _autocast_nodes(graph)
     occupied = [False] * len(seq)
+    blanket = [False] * len(seq)  # declined for every period: multiples of the period are not tried there
     chains: list[ChainMatch] = []
-    declined: list[Declined] = []
+    declined: list[_Decline] = []
     lagged: list = []
-    for _cover, p, start, k in cands:
-        if any(occupied[start: start + p * k]):
-            continue
-        found: list[ChainMatch] = []
-        _validate_region(seq, start, p, k, min_length, found, declined, in_autocast, lagged)
-        for c in found:
-            pos = {n: i for i, n in enumerate(seq[start: start + p * k], start)}
-            lo, hi = pos[c.first], pos[c.last]
-            for i in range(lo, hi + 1):
-                occupied[i] = True
-        chains.extend(found)
+    for tier, runs in enumerate(_candidate_runs(sig_ids, shortest)):
+        cands = []
+        for p, a, end in runs:
+            phi = _best_phase(seq, p, a, end, shortest)
+            k = (end - a - phi) // p
+            cands.append((p * k, p, a + phi, k))
+        cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+        for _cover, p, start, k in cands:
+            if any(occupied[start: start + p * k]) or (tier and any(blanket[start: start + p * k])):
+                continue
+            found: list[ChainMatch] = []
+            n_declined = len(declined)
+            _validate_region(seq, start, p, k, min_length, found, declined, in_autocast, lagged)
+            for d in declined[n_declined:]:
+                if d.blanket:
+                    blanket[d.lo: d.hi] = [True] * (d.hi - d.lo)
+            for c in found:
+                pos = {n: i for i, n in enumerate(seq[start: start + p * k], start)}
+                lo, hi = pos[c.first], pos[c.last]
+                for i in range(lo, hi + 1):
+                    occupied[i] = True
+            chains.extend(found)
     order = {n: i for i, n in enumerate(seq)}
     chains.sort(key=lambda c: order[c.first])
     for c in chains:
         log.debug("chain %s..%s: %d steps of %d nodes", c.first.name, c.last.name, c.length, c.nodes_per_step)
-    return Analysis(chains=tuple(chains), declined=tuple(declined), lagged=tuple(lagged))
+    spans = [(order[c.first], order[c.last] + 1) for c in chains]
+    return Analysis(chains=tuple(chains), declined=_summarise_declined(declined, spans, min_length),
+                    lagged=tuple(lagged))
