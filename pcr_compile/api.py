@@ -28,7 +28,7 @@ class ChainReport:
     last: str  # last node of the last step
     length: int  # steps
     nodes_per_step: int
-    kind: str  # "layers" | "sampler"
+    kind: str  # "layers" | "sampler" | "recurrence" | "integrator" (passes.chains.chain_kind)
     state_shape: tuple[int, ...]  # shape of the (first) carried state
     state_shapes: tuple[tuple[int, ...], ...]  # every carried state
     per_step_inputs: int  # inputs stacked along the steps (layer parameters, per-step tensors)
