@@ -10,7 +10,9 @@ The finder works in three steps:
 
 1. every compute node gets a structural signature (op, target, argument structure with nodes and
    numbers abstracted, output shape and dtype); repeats of the signature sequence with period p are
-   found from the distances between equal signatures (tandem repeats);
+   found from the distances between equal signatures (tandem repeats): to the next equal one, and, tried
+   where those find no chain, to the 2nd..8th next one (a step that evaluates one sub-module several
+   times, as an RK4 step its vector field, repeats with the inner period inside the step's own);
 2. for each repeat, the phase of the block boundary minimising the carried tensors is chosen;
 3. the candidate is validated: every block must reference the same positions of its own block and of the
    previous one; the first block's references to the previous block are the initial state. A
@@ -403,9 +405,9 @@ def body_structure(gm: torch.fx.GraphModule) -> tuple:
 
 
 # Candidate periods from the distances to the r-th next equal signature, r <= MULTIPLE_REPEATS: a step that
-# evaluates one sub-module several times (an RK4 step calls its vector field 4 times, leapfrog 2, a two-layer
-# RNN cell per time step 2) repeats with the inner period inside and the step's period outside; the step's
-# period is the distance to the 2nd..r-th next equal signature of the nodes in the inner repeat.
+# evaluates one sub-module several times (an RK4 step calls its vector field 4 times, midpoint, Heun and
+# leapfrog twice) repeats with the inner period inside and the step's period outside; the step's period is
+# the distance to the 2nd..r-th next equal signature of the nodes in the inner repeat.
 MULTIPLE_REPEATS = 8
 
 

@@ -103,7 +103,7 @@ def test_integrator_steps_are_one_chain(name):
     assert c.nodes_per_step == n_compute // 11
     assert sum(n.target is torch.tanh for n in c.blocks[0]) == evals
     # the field's parameters are shared by every step
-    assert c.per_step == () and len(c.invariants) == 4
+    assert c.per_step == () and len(c.invariants) == 4 and c.kind == "integrator"
 
 
 @pytest.mark.parametrize("name", INTEGRATORS)
