@@ -724,6 +724,7 @@ class _Decline:
     hi: int
     short: bool = False
     blanket: bool = False
+    multiple: bool = False  # a period tried only as a multiple of an inner repeat
 
 
 def _describe(blocks, reason: str) -> Declined:
@@ -755,21 +756,22 @@ def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: in
 def _summarise_declined(declined: list[_Decline], chain_spans: list[tuple[int, int]],
                         min_length: int) -> tuple[Declined, ...]:
     """The declined candidates worth reporting, in the order found: none inside a chain (sub-repeats tried
-    before the chain's own period), and the short repeats inside another declined candidate (the 3-step
-    repeats inside a transformer block declined for its dropout) counted in that one's reason, not listed."""
+    before the chain's own period); a multiple period's only where no other period's was declined over it
+    (that reason stands); and a short repeat inside a wider declined candidate (the 3-step repeats inside a
+    transformer block declined for its dropout) counted in the widest one's reason, not listed."""
     def inside(d: _Decline, lo: int, hi: int) -> bool:
         return lo <= d.lo and d.hi <= hi
 
     kept = [d for d in declined if not any(inside(d, lo, hi) for lo, hi in chain_spans)]
-    parents = sorted((d for d in kept if not d.short), key=lambda d: d.lo - d.hi)  # widest first
-    inner = Counter()  # id of a parent -> short repeats inside it
+    kept = [d for d in kept if not (d.multiple and any(not q.multiple and not q.short and q.lo < d.hi and d.lo < q.hi
+                                                       for q in kept))]
+    widest = sorted(kept, key=lambda d: d.lo - d.hi)
+    parent = {id(d): next((q for q in widest if q is not d and q.hi - q.lo > d.hi - d.lo and inside(d, q.lo, q.hi)),
+                          None) for d in kept if d.short}
+    inner = Counter(id(q) for q in parent.values() if q is not None)
     result = []
     for d in kept:
-        parent = next((q for q in parents if inside(d, q.lo, q.hi)), None) if d.short else None
-        if parent is not None:
-            inner[id(parent)] += 1
-    for d in kept:
-        if d.short and any(inside(d, q.lo, q.hi) for q in parents):
+        if parent.get(id(d)) is not None:
             continue
         n = inner[id(d)]
         reason = d.declined.reason if not n else (f"{d.declined.reason}; {n} shorter repeat{'s' * (n > 1)} "
@@ -808,9 +810,12 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
             found: list[ChainMatch] = []
             n_declined = len(declined)
             _validate_region(seq, start, p, k, min_length, found, declined, in_autocast, lagged)
-            for d in declined[n_declined:]:
+            for i, d in enumerate(declined[n_declined:], n_declined):
+                declined[i] = dataclasses.replace(d, multiple=bool(tier))
                 if d.blanket:
                     blanket[d.lo: d.hi] = [True] * (d.hi - d.lo)
+            if tier and not found:  # the widest multiple of a region is the one tried
+                blanket[start: start + p * k] = [True] * (p * k)
             for c in found:
                 pos = {n: i for i, n in enumerate(seq[start: start + p * k], start)}
                 lo, hi = pos[c.first], pos[c.last]

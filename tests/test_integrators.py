@@ -136,3 +136,13 @@ def test_rk4_over_many_steps_is_one_chain():
     gm = _graph(RK4(steps=100), [torch.randn(2, 3)])
     analysis = find_chains(gm.graph, min_length=8)
     assert [c.length for c in analysis.chains] == [100] and analysis.declined == ()
+
+
+def test_a_short_integrator_is_one_declined_line():
+    """4 RK4 steps: the whole loop is declined for its length, once; its inner 4-stage repeats are counted."""
+    gm = _graph(RK4(steps=4), [torch.randn(2, 3)])
+    analysis = find_chains(gm.graph, min_length=8)
+    assert analysis.chains == ()
+    [d] = analysis.declined
+    assert (d.length, d.nodes_per_step) == (4, 25)
+    assert d.reason == "4 steps < min_chain_length=8; 4 shorter repeats inside, each < min_chain_length=8"
