@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import operator
 from collections import Counter
@@ -411,17 +412,16 @@ def body_structure(gm: torch.fx.GraphModule) -> tuple:
 MULTIPLE_REPEATS = 8
 
 
-def _periodic_regions(sig: torch.Tensor, p: int, min_length: int) -> list[tuple[int, int, int]]:
+def _periodic_regions(sig_ids: list[int], p: int, min_length: int) -> list[tuple[int, int, int]]:
     """(p, start, end) of the maximal regions [start, end) where sig[j] == sig[j + p], at least min_length
-    blocks of p long (`sig`: the signature ids, int64)."""
-    zero = sig.new_zeros(1)
-    eq = torch.cat((zero, (sig[:-p] == sig[p:]).long(), zero))
-    edges = torch.nonzero(eq.diff()).flatten()  # rises and falls, alternating
-    runs = []
-    for a, j in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        end = j + p  # region [a, end): every block of p repeats the previous one
-        if (end - a) // p >= min_length:
-            runs.append((p, a, end))
+    blocks of p long. Plain Python (no tensors: this runs inside whatever device or fake-tensor mode the
+    caller has set)."""
+    runs, j = [], 0
+    for same, group in itertools.groupby(a == b for a, b in zip(sig_ids, itertools.islice(sig_ids, p, None))):
+        n = sum(1 for _ in group)
+        if same and (n + p) // p >= min_length:  # region [j, j + n + p): every block of p repeats the previous
+            runs.append((p, j, j + n + p))
+        j += n
     return runs
 
 
@@ -448,9 +448,8 @@ def _candidate_runs(sig_ids: list[int], min_length: int,
     first = [p for p, c in near.most_common(max_periods) if c >= need]
     seen = set(first)
     multiples = [p for p, c in far.most_common() if c >= need and p not in seen][:max_periods]
-    sig = torch.tensor(sig_ids, dtype=torch.int64)
-    return ([r for p in first for r in _periodic_regions(sig, p, min_length)],
-            [r for p in multiples for r in _periodic_regions(sig, p, min_length)])
+    return ([r for p in first for r in _periodic_regions(sig_ids, p, min_length)],
+            [r for p in multiples for r in _periodic_regions(sig_ids, p, min_length)])
 
 
 def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> int:
