@@ -10,7 +10,9 @@ The finder works in three steps:
 
 1. every compute node gets a structural signature (op, target, argument structure with nodes and
    numbers abstracted, output shape and dtype); repeats of the signature sequence with period p are
-   found from the distances between equal signatures (tandem repeats);
+   found from the distances between equal signatures (tandem repeats): to the next equal one, and, tried
+   where those find no chain, to the 2nd..8th next one (a step that evaluates one sub-module several
+   times, as an RK4 step its vector field, repeats with the inner period inside the step's own);
 2. for each repeat, the phase of the block boundary minimising the carried tensors is chosen;
 3. the candidate is validated: every block must reference the same positions of its own block and of the
    previous one; the first block's references to the previous block are the initial state. A
@@ -24,8 +26,10 @@ Prior art: `torch/_dynamo/graph_region_tracker.py` (repeated regions), `torch/fx
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import operator
 from collections import Counter
@@ -120,7 +124,8 @@ class ChainMatch:
 
     @property
     def kind(self) -> str:
-        return "sampler" if (self.lifted or self.folded) else "layers"
+        """"layers", "sampler", "recurrence" or "integrator": what the user wrote (see `chain_kind`)."""
+        return chain_kind(self)
 
     @property
     def outputs(self) -> tuple[Node, ...]:
@@ -129,6 +134,99 @@ class ChainMatch:
 
     def state_values(self) -> list:
         return [n.meta.get("example_value", n.meta.get("val")) for n in self.initial]
+
+
+# --- kinds ---------------------------------------------------------------------------------------------
+
+SLICE_TARGETS = {operator.getitem, torch.select, "__getitem__", "select"}
+UPDATE_TARGETS = {operator.add, torch.add, "add", "__add__", operator.sub, torch.sub, "sub", "__sub__"}
+SCALE_TARGETS = {operator.mul, torch.mul, "mul", "__mul__", "__rmul__", operator.truediv, torch.div, "div",
+                 "__truediv__"}
+
+
+def _model_attribute(n: Node) -> bool:
+    """A parameter or buffer of the model (Dynamo marks them static inputs), not an input of the call."""
+    if n.op == "get_attr":
+        return True
+    return isinstance(_val(n), torch.nn.Parameter) or "_dynamo_static_input_type" in n.meta.get("tensor_dict", {})
+
+
+def _step_slices(m: ChainMatch) -> tuple[set[int], set[int], bool]:
+    """The lifted groups used as the index of a slice of an input tensor and of a parameter or buffer, and
+    whether any step reads a slice of one input tensor indexed by the step: `x[:, t]` inside the step, or
+    `x[:, t]` / `x.unbind(1)[t]` made before the chain and read as a per-step input."""
+    block, inputs, attributes, sliced = m.blocks[0], set(), set(), False
+    for n, refs in zip(block, m.arg_refs):
+        if n.target in SLICE_TARGETS and refs and refs[0].kind == "invariant":
+            lifted = {r.index for r in refs[1:] if r.kind == "lifted"}
+            if _model_attribute(m.invariants[refs[0].index]):
+                attributes |= lifted
+            else:
+                inputs |= lifted
+                sliced |= bool(lifted)
+    for group in m.per_step:
+        if all(n.op in ("call_function", "call_method") and n.target in SLICE_TARGETS for n in group):
+            sources = {n.args[0] for n in group}
+            if len(sources) == 1:
+                [src] = sources
+                root = src.args[0] if not _is_tensor_node(src) and src.args and isinstance(src.args[0], Node) \
+                    else src
+                sliced |= not _model_attribute(root)
+    for _, source, _ in m.sliced:  # `x[t]` / `x.unbind(0)[t]` of a sequence passed as its own stacked tensor
+        sliced |= not _model_attribute(source)
+    return inputs, attributes, sliced
+
+
+def _is_integrator_update(m: ChainMatch) -> bool:
+    """Every carried state is updated as `y + c * k` (or `y - c * k`, `y + k * c`, `y + k / c`), c a number and
+    k computed in the step, possibly through several such updates (leapfrog's two half kicks)."""
+    block = m.blocks[0]
+
+    def number(j: int, li: int, ref: ArgRef) -> bool:
+        return ref.kind == "lifted" or (ref.kind == "const" and type(_leaves(block[j])[li]) in (int, float))
+
+    def scaled(j: int) -> bool:
+        refs = m.arg_refs[j][:2]
+        return block[j].target in SCALE_TARGETS and len(refs) == 2 and any(number(j, li, r) for li, r in
+                                                                               enumerate(refs))
+
+    def update(j: int, s: int, depth: int = 0) -> bool:
+        refs = m.arg_refs[j][:2]
+        if block[j].target not in UPDATE_TARGETS or len(refs) < 2 or depth > len(block):
+            return False
+        subtract = block[j].target in (operator.sub, torch.sub, "sub", "__sub__")
+        for side in ((0,) if subtract else (0, 1)):
+            y, k = refs[side], refs[1 - side]
+            base = (y.kind == "state" and y.index == s) or (y.kind == "internal" and update(y.index, s, depth + 1))
+            if base and k.kind == "internal" and scaled(k.index):
+                return True
+        return False
+
+    return bool(m.state_positions) and all(update(q, s) for s, q in enumerate(m.state_positions))
+
+
+def chain_kind(m: ChainMatch) -> str:
+    """What the user wrote, read off the chain's structure; the solver is the same for every kind.
+
+    - "recurrence": a cell over a sequence (`for t: h = cell(x[:, t], h)`): the steps read slices of one
+      input tensor (not a parameter or buffer) indexed by the step, and no other per-step constants;
+    - "integrator": an ODE step: no per-step tensors (the vector field is shared) and every carried state
+      is updated as `y + c * k` with c a number (the step size), with or without per-step time constants
+      (Euler, RK4, midpoint, Heun, leapfrog);
+    - "sampler": diffusion steps: per-step constants (timesteps, schedule coefficients) lifted or folded
+      into per-step inputs (`x = c1(t) * x + c2(t) * eps(x, t)`);
+    - "layers": otherwise: a stack of layers, each with its own parameters (separate modules, or slices
+      `self.w[i]` of a parameter indexed by the step).
+    """
+    inputs, attributes, sliced = _step_slices(m)
+    only_indices = not m.folded and all(i in inputs | attributes for i in range(len(m.lifted)))
+    if sliced and only_indices:
+        return "recurrence"
+    if not m.per_step and _is_integrator_update(m):
+        return "integrator"
+    if only_indices:  # no constants, or only the indices of per-step slices of parameters (`self.w[i]`)
+        return "layers"
+    return "sampler"
 
 
 @dataclass(frozen=True)
@@ -313,31 +411,51 @@ def body_structure(gm: torch.fx.GraphModule) -> tuple:
 # --- candidate periods and phases -----------------------------------------------------------------------
 
 
-def _candidate_runs(sig_ids: list[int], min_length: int, max_periods: int = 32) -> list[tuple[int, int, int]]:
-    """(period, start, end) of maximal regions [start, end) where sig[j] == sig[j + period]."""
+# Candidate periods from the distances to the r-th next equal signature, r <= MULTIPLE_REPEATS: a step that
+# evaluates one sub-module several times (an RK4 step calls its vector field 4 times, midpoint, Heun and
+# leapfrog twice) repeats with the inner period inside and the step's period outside; the step's period is
+# the distance to the 2nd..r-th next equal signature of the nodes in the inner repeat.
+MULTIPLE_REPEATS = 8
+
+
+def _periodic_regions(sig_ids: list[int], p: int, min_length: int) -> list[tuple[int, int, int]]:
+    """(p, start, end) of the maximal regions [start, end) where sig[j] == sig[j + p], at least min_length
+    blocks of p long. Plain Python (no tensors: this runs inside whatever device or fake-tensor mode the
+    caller has set)."""
+    runs, j = [], 0
+    for same, group in itertools.groupby(a == b for a, b in zip(sig_ids, itertools.islice(sig_ids, p, None))):
+        n = sum(1 for _ in group)
+        if same and (n + p) // p >= min_length:  # region [j, j + n + p): every block of p repeats the previous
+            runs.append((p, j, j + n + p))
+        j += n
+    return runs
+
+
+def _candidate_runs(sig_ids: list[int], min_length: int,
+                    max_periods: int = 32) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(period, start, end) of maximal regions [start, end) where sig[j] == sig[j + period], as two lists:
+    periods that are the distance to the next equal signature, and periods that are only the distance to
+    the 2nd..MULTIPLE_REPEATS-th next one (multiples of an inner repeat; tried where the first found
+    nothing). O(N * MULTIPLE_REPEATS) to count the distances, O(N) per period to find the regions."""
     N = len(sig_ids)
-    last: dict[int, int] = {}
-    dist = Counter()
+    upcoming: dict[int, list[int]] = {}  # signature -> its next occurrences after j, nearest first
+    near, far = Counter(), Counter()
     for j in range(N - 1, -1, -1):
         s = sig_ids[j]
-        if s in last:
-            dist[last[s] - j] += 1
-        last[s] = j
-    periods = [p for p, c in dist.most_common(max_periods) if c >= max(1, min_length - 1)]
-    runs = []
-    for p in periods:
-        j = 0
-        while j < N - p:
-            if sig_ids[j] != sig_ids[j + p]:
-                j += 1
-                continue
-            a = j
-            while j < N - p and sig_ids[j] == sig_ids[j + p]:
-                j += 1
-            end = j + p  # region [a, end): every block of p repeats the previous one
-            if (end - a) // p >= min_length:
-                runs.append((p, a, end))
-    return runs
+        nxt = upcoming.setdefault(s, [])
+        if nxt:
+            near[nxt[0] - j] += 1
+            for k in nxt[1:]:
+                far[k - j] += 1
+        nxt.insert(0, j)
+        if len(nxt) > MULTIPLE_REPEATS:
+            nxt.pop()
+    need = max(1, min_length - 1)
+    first = [p for p, c in near.most_common(max_periods) if c >= need]
+    seen = set(first)
+    multiples = [p for p, c in far.most_common() if c >= need and p not in seen][:max_periods]
+    return ([r for p in first for r in _periodic_regions(sig_ids, p, min_length)],
+            [r for p in multiples for r in _periodic_regions(sig_ids, p, min_length)])
 
 
 def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> int:
@@ -365,8 +483,11 @@ def _best_phase(seq: list[Node], p: int, a: int, end: int, min_length: int) -> i
 
 
 class _Split(Exception):
-    def __init__(self, pieces: list[tuple[int, int]], reason: str):
-        self.pieces, self.reason = pieces, reason
+    """`pieces`: the sub-ranges of steps worth trying; `every_period`: the reason holds for any period of
+    the same region (an ineligible op, autocast), so a multiple of the period is not worth trying."""
+
+    def __init__(self, pieces: list[tuple[int, int]], reason: str, every_period: bool = False):
+        self.pieces, self.reason, self.every_period = pieces, reason, every_period
 
 
 class _Lagged(_Split):
@@ -480,10 +601,10 @@ def _validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset
     for n in blocks[0]:
         why = ineligibility(n)
         if why:
-            raise _Split([], f"block contains {why}")
+            raise _Split([], f"block contains {why}", every_period=True)
     if any(n in in_autocast for blk in (blocks[0], blocks[-1]) for n in blk):
         # The chain op would run its steps without the autocast context that eager applies to them.
-        raise _Split([], "inside a torch.autocast region (not supported yet; left to Inductor)")
+        raise _Split([], "inside a torch.autocast region (not supported yet; left to Inductor)", every_period=True)
 
     def tags(i: int):
         out = []
@@ -647,63 +768,118 @@ def _const_equal(a, b) -> bool:
         return a is b
 
 
+@dataclass(frozen=True)
+class _Decline:
+    """A declined candidate and where it lies: seq[lo:hi]; `short`: declined only for its length; `blanket`:
+    declined for a reason every period of the region shares (or left to `passes/carry.py`)."""
+
+    declined: Declined
+    lo: int
+    hi: int
+    short: bool = False
+    blanket: bool = False
+    multiple: bool = False  # a period tried only as a multiple of an inner repeat
+
+
 def _describe(blocks, reason: str) -> Declined:
     return Declined(first=blocks[0][0].name, last=blocks[-1][-1].name, length=len(blocks),
                     nodes_per_step=len(blocks[0]), reason=reason)
 
 
 def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: int, chains: list,
-                     declined: list, in_autocast: set[Node], lagged: list) -> None:
+                     declined: list[_Decline], in_autocast: set[Node], lagged: list) -> None:
     blocks = [tuple(seq[start + i * p: start + (i + 1) * p]) for i in range(k)]
+    span = (start, start + p * k)
     if k < min_length:
-        declined.append(_describe(blocks, f"{k} steps < min_chain_length={min_length}"))
+        declined.append(_Decline(_describe(blocks, f"{k} steps < min_chain_length={min_length}"), *span, short=True))
         return
     try:
         chains.append(_validate(blocks, in_autocast))
     except _Lagged as e:
-        declined.append(_describe(blocks, e.reason))
+        declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=True))
         lagged.append((e.blocks, tuple(e.slots)))
     except _Split as e:
         useful = [(a, b) for a, b in e.pieces if b - a >= min_length]
         if not useful:
-            declined.append(_describe(blocks, e.reason))
+            declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=e.every_period))
         log.debug("candidate %s..%s (%d steps) split: %s", blocks[0][0].name, blocks[-1][-1].name, k, e.reason)
         for a, b in useful:
             _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, in_autocast, lagged)
 
 
+def _summarise_declined(declined: list[_Decline], chain_spans: list[tuple[int, int]],
+                        min_length: int) -> tuple[Declined, ...]:
+    """The declined candidates worth reporting, in the order found: none inside a chain (sub-repeats tried
+    before the chain's own period); a multiple period's only where no other period's was declined over it
+    (that reason stands); and a short repeat inside a wider declined candidate (the 3-step repeats inside a
+    transformer block declined for its dropout) counted in the widest one's reason, not listed."""
+    def inside(d: _Decline, lo: int, hi: int) -> bool:
+        return lo <= d.lo and d.hi <= hi
+
+    kept = [d for d in declined if not any(inside(d, lo, hi) for lo, hi in chain_spans)]
+    kept = [d for d in kept if not (d.multiple and any(not q.multiple and not q.short and q.lo < d.hi and d.lo < q.hi
+                                                       for q in kept))]
+    widest = sorted(kept, key=lambda d: d.lo - d.hi)
+    parent = {id(d): next((q for q in widest if q is not d and q.hi - q.lo > d.hi - d.lo and inside(d, q.lo, q.hi)),
+                          None) for d in kept if d.short}
+    inner = Counter(id(q) for q in parent.values() if q is not None)
+    result = []
+    for d in kept:
+        if parent.get(id(d)) is not None:
+            continue
+        n = inner[id(d)]
+        reason = d.declined.reason if not n else (f"{d.declined.reason}; {n} shorter repeat{'s' * (n > 1)} "
+                                                  f"inside, each < min_chain_length={min_length}")
+        result.append(dataclasses.replace(d.declined, reason=reason))
+    return tuple(result)
+
+
 def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
-    """Find the chains of `graph` (read only). Chains are returned in graph order."""
+    """Find the chains of `graph` (read only). Chains are returned in graph order.
+
+    Candidates are tried widest first; a candidate overlapping a chain already found is skipped. Periods
+    that are multiples of an inner repeat (multi-stage integrator steps) are tried after the others, where
+    those found no chain and did not decline the region for a reason every period shares."""
     seq = [n for n in graph.nodes if n.op in COMPUTE_OPS and not n.meta.get(DEFERRED_META)]
     interned: dict[tuple, int] = {}
     sig_ids = [interned.setdefault(node_signature(n), len(interned)) for n in seq]
     # Repeats from 3 steps up are candidates, so that shorter ones are reported as declined.
     shortest = min(3, min_length)
-    runs = _candidate_runs(sig_ids, shortest)
-    cands = []
-    for p, a, end in runs:
-        phi = _best_phase(seq, p, a, end, shortest)
-        k = (end - a - phi) // p
-        cands.append((p * k, p, a + phi, k))
-    cands.sort(key=lambda c: (-c[0], c[1], c[2]))
     in_autocast = _autocast_nodes(graph)
     occupied = [False] * len(seq)
+    blanket = [False] * len(seq)  # declined for every period: multiples of the period are not tried there
     chains: list[ChainMatch] = []
-    declined: list[Declined] = []
+    declined: list[_Decline] = []
     lagged: list = []
-    for _cover, p, start, k in cands:
-        if any(occupied[start: start + p * k]):
-            continue
-        found: list[ChainMatch] = []
-        _validate_region(seq, start, p, k, min_length, found, declined, in_autocast, lagged)
-        for c in found:
-            pos = {n: i for i, n in enumerate(seq[start: start + p * k], start)}
-            lo, hi = pos[c.first], pos[c.last]
-            for i in range(lo, hi + 1):
-                occupied[i] = True
-        chains.extend(found)
+    for tier, runs in enumerate(_candidate_runs(sig_ids, shortest)):
+        cands = []
+        for p, a, end in runs:
+            phi = _best_phase(seq, p, a, end, shortest)
+            k = (end - a - phi) // p
+            cands.append((p * k, p, a + phi, k))
+        cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+        for _cover, p, start, k in cands:
+            if any(occupied[start: start + p * k]) or (tier and any(blanket[start: start + p * k])):
+                continue
+            found: list[ChainMatch] = []
+            n_declined = len(declined)
+            _validate_region(seq, start, p, k, min_length, found, declined, in_autocast, lagged)
+            for i, d in enumerate(declined[n_declined:], n_declined):
+                declined[i] = dataclasses.replace(d, multiple=bool(tier))
+                if d.blanket:
+                    blanket[d.lo: d.hi] = [True] * (d.hi - d.lo)
+            if tier and not found:  # the widest multiple of a region is the one tried
+                blanket[start: start + p * k] = [True] * (p * k)
+            for c in found:
+                pos = {n: i for i, n in enumerate(seq[start: start + p * k], start)}
+                lo, hi = pos[c.first], pos[c.last]
+                for i in range(lo, hi + 1):
+                    occupied[i] = True
+            chains.extend(found)
     order = {n: i for i, n in enumerate(seq)}
     chains.sort(key=lambda c: order[c.first])
     for c in chains:
         log.debug("chain %s..%s: %d steps of %d nodes", c.first.name, c.last.name, c.length, c.nodes_per_step)
-    return Analysis(chains=tuple(chains), declined=tuple(declined), lagged=tuple(lagged))
+    spans = [(order[c.first], order[c.last] + 1) for c in chains]
+    return Analysis(chains=tuple(chains), declined=_summarise_declined(declined, spans, min_length),
+                    lagged=tuple(lagged))

@@ -28,7 +28,7 @@ class ChainReport:
     last: str  # last node of the last step
     length: int  # steps
     nodes_per_step: int
-    kind: str  # "layers" | "sampler"
+    kind: str  # "layers" | "sampler" | "recurrence" | "integrator" (passes.chains.chain_kind)
     state_shape: tuple[int, ...]  # shape of the (first) carried state
     state_shapes: tuple[tuple[int, ...], ...]  # every carried state
     per_step_inputs: int  # inputs stacked along the steps (layer parameters, per-step tensors)
@@ -151,8 +151,13 @@ def report_graph(report: Report, index: int, gm: torch.fx.GraphModule, options: 
     return plan
 
 
-def explain(model, *example_inputs, options: dict | None = None) -> Report:
-    """Trace `model(*example_inputs)` with Dynamo and report the chains the deeppcr backend would find.
+def explain(model, *example_inputs, options: dict | None = None, **example_kwargs) -> Report:
+    """Trace `model(*example_inputs, **example_kwargs)` with Dynamo and report the chains the deeppcr backend
+    would find.
+
+    Pass the keyword inputs the compiled model will be called with (`attention_mask=...`, `use_cache=False`):
+    they change the graph, so a report without them is on a different graph from the one compiled. (A keyword
+    input named `options` cannot be passed: that name is this function's.)
 
     Returns a :class:`Report`: `.chains` (length, kind, decision, reason, jacobian, state_shape, ...),
     `.declined` (candidates rejected, with reasons), `.graphs` and `.graph_breaks`; `str(report)` is a
@@ -160,7 +165,7 @@ def explain(model, *example_inputs, options: dict | None = None) -> Report:
     caches (compiled functions are recompiled on their next call).
     """
     opts = Options.parse(options)
-    out = torch._dynamo.explain(model)(*example_inputs)
+    out = torch._dynamo.explain(model)(*example_inputs, **example_kwargs)
     report = Report(options=opts.as_dict())
     report.graph_breaks = [str(r.reason) for r in out.break_reasons]
     for i, gm in enumerate(out.graphs):

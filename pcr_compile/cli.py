@@ -11,8 +11,9 @@ arguments, prints, and maps errors to exit statuses:
 
     0  success
     1  the model failed to trace, compile or run (one line on stderr; the traceback with --verbose)
-    2  usage: bad arguments, an unloadable TARGET, a callable that does not return (model, example_inputs),
-       bad --options (malformed JSON or a value Options.parse rejects), or no command given (prints the help)
+    2  usage: bad arguments, an unloadable TARGET, a callable that does not return (model, example_inputs)
+       or (model, example_inputs, example_kwargs), bad --options (malformed JSON or a value Options.parse
+       rejects), or no command given (prints the help)
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ exit status:
   0  success
   1  the model failed to trace, compile or run (one line on stderr; the traceback with --verbose)
   2  usage error: bad arguments, an unloadable TARGET, a callable that does not return
-     (model, example_inputs), bad --options; also when no command is given (the help goes to stderr)"""
+     (model, example_inputs) or (model, example_inputs, example_kwargs), bad --options; also when no
+     command is given (the help goes to stderr)"""
 
 INSPECT_EPILOG = """\
 TARGET is one of
@@ -40,7 +42,8 @@ TARGET is one of
   ddim     DDIMSampler: --steps DDIM steps of an MLPDenoiser, hidden --width    (defaults 10, 32, batch 4)
   package.module:callable  or  path/to/file.py:callable
            the callable takes no arguments and returns (model, example_inputs), example_inputs a tuple of
-           tensors; the size flags apply to the built-in examples only.
+           tensors, or (model, example_inputs, example_kwargs), example_kwargs a dict of keyword inputs
+           (attention_mask=..., use_cache=False); the size flags apply to the built-in examples only.
 
 What is shown:
   always       the summary (graphs, graph breaks with reasons, ops per graph) and, per graph, the chains

@@ -115,8 +115,11 @@ def auto_jacobian(match, options: Options) -> tuple[str, str]:
         return "dense", f"dense Jacobians fit ({L}x{B}x{w}x{w} = {elems:,} elements <= dense_budget)"
     if is_residual(match):
         return "identity", f"residual block with a large state (w={w}): Picard, matrix-free"
-    if match.kind == "sampler":
-        return "identity", f"sampler step with a large state (w={w}): Picard, matrix-free (as ParaDiGMS)"
+    if match.lifted or match.folded:
+        # Steps with per-step constants: samplers, and integrators / recurrences / layers indexed by the step
+        # (their time constants or the step index are lifted); Picard as for samplers, whatever the kind.
+        what = "sampler step" if match.kind == "sampler" else f"{match.kind} step with per-step constants,"
+        return "identity", f"{what} with a large state (w={w}): Picard, matrix-free (as ParaDiGMS)"
     return "zero", f"state too large for dense Jacobians (w={w}) and not residual: Jacobi"
 
 

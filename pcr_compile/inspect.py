@@ -2,7 +2,7 @@
 
 Stages, each a plain function over plain data (the CLI in ``pcr_compile.cli`` only parses arguments and prints):
 
-1. :func:`load_target` / :func:`builtin_target`: the model and its example inputs.
+1. :func:`load_target` / :func:`builtin_target`: the model and its example inputs (positional, and keyword).
 2. :func:`analyse`: ``torch._dynamo.explain`` (graphs, graph breaks with reasons, ops per graph), then the chain
    finder and cost model on every graph (``pcr_compile.api.report_graph``), then ``backend.rewrite`` on a copy of
    every graph: the FX graph before and after the rewrite.
@@ -21,7 +21,8 @@ changed). The JSON schema:
   "schema_version": 1,
   "tool": "pcr-compile inspect",
   "torch_version": str,
-  "target": {"spec": str, "description": str, "inputs": [{"shape": [int], "dtype": str}]},
+  "target": {"spec": str, "description": str, "inputs": [{"shape": [int], "dtype": str}],
+             "kwargs": {name: {"shape": [int], "dtype": str} | {"value": str}}},   # keyword inputs
   "options": {...},              # every backend option, after Options.parse (defaults filled in)
   "report": {...},               # pcr_compile.explain's Report.to_dict() (its own schema_version):
                                  #   graph_count, graph_break_count, graph_breaks [str], graphs [{index, nodes,
@@ -81,7 +82,8 @@ BUILTINS = {
 
 
 class TargetError(ValueError):
-    """TARGET could not be loaded, or its callable did not return `(model, example_inputs)`."""
+    """TARGET could not be loaded, or its callable did not return `(model, example_inputs)` or
+    `(model, example_inputs, example_kwargs)`."""
 
 
 class OptionsError(ValueError):
@@ -94,6 +96,7 @@ class Target:
     description: str
     model: object
     inputs: tuple
+    kwargs: dict = field(default_factory=dict)  # keyword inputs: model(*inputs, **kwargs)
 
 
 @dataclass
@@ -176,7 +179,9 @@ def _import_file(path: str):
 
 
 def load_target(spec: str) -> Target:
-    """`package.module:callable` or `path/to/file.py:callable`; the callable returns `(model, example_inputs)`."""
+    """`package.module:callable` or `path/to/file.py:callable`; the callable returns `(model, example_inputs)` or
+    `(model, example_inputs, example_kwargs)`, example_kwargs a dict of keyword inputs (`attention_mask=...`,
+    `use_cache=False`)."""
     where, sep, attr = spec.rpartition(":")
     if not sep or not where or not attr:
         raise TargetError(f"{spec!r} is neither a built-in example ({', '.join(sorted(BUILTINS))}) nor "
@@ -199,17 +204,20 @@ def load_target(spec: str) -> Target:
         result = fn()
     except Exception as e:
         raise TargetError(f"{spec}() raised {type(e).__name__}: {e}") from e
-    expected = "expected (model, example_inputs) with example_inputs a tuple of tensors"
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
+    expected = ("expected (model, example_inputs) or (model, example_inputs, example_kwargs) with example_inputs "
+                "a tuple of tensors and example_kwargs a dict")
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         raise TargetError(f"{spec}() returned {_describe(result)}; {expected}")
-    model, inputs = result
+    model, inputs, kwargs = (*result, {}) if len(result) == 2 else result
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     if not callable(model):
         raise TargetError(f"{spec}() returned a model that is not callable ({_describe(model)}); {expected}")
     if not isinstance(inputs, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TargetError(f"{spec}() returned example_inputs {_describe(inputs)}; {expected}")
-    return Target(spec, type(model).__name__, model, tuple(inputs))
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise TargetError(f"{spec}() returned example_kwargs {_describe(kwargs)}; {expected}")
+    return Target(spec, type(model).__name__, model, tuple(inputs), dict(kwargs))
 
 
 def _describe(obj) -> str:
@@ -256,7 +264,7 @@ def analyse(target: Target, options: Options) -> Inspection:
     from .backend import rewrite
 
     torch._dynamo.reset()
-    out = torch._dynamo.explain(target.model)(*target.inputs)
+    out = torch._dynamo.explain(target.model)(*target.inputs, **target.kwargs)
     report = Report(options=options.as_dict())
     report.graph_breaks = [str(r.reason) for r in out.break_reasons]
     locations = []
@@ -289,7 +297,8 @@ def nothing_rewritten_note(ins: Inspection) -> str | None:
     mode = ins.options.mode
     if mode == "sequential":
         return f"nothing rewritten: mode='sequential' finds chains and rewrites none; {tail}"
-    devices = {str(t.device.type) for t in ins.target.inputs}
+    devices = {str(t.device.type) for t in (*ins.target.inputs, *ins.target.kwargs.values())
+               if isinstance(t, torch.Tensor)}
     if mode == "auto" and "cuda" not in devices:
         return (f"nothing rewritten: mode='auto' keeps chains sequential on {'/'.join(sorted(devices)) or 'cpu'} "
                 "(the parallel solve is a GPU effect); pass --options '{\"mode\": \"parallel\"}' to force it; "
@@ -318,7 +327,7 @@ def capture_aot(target: Target, options: Options) -> list[dict]:
     backend = capturing_backend(options, graphs)
 
     torch._dynamo.reset()
-    loss = _loss(torch.compile(target.model, backend=backend)(*target.inputs))
+    loss = _loss(torch.compile(target.model, backend=backend)(*target.inputs, **target.kwargs))
     if loss is not None:
         loss.backward()
     torch._dynamo.reset()
@@ -346,9 +355,9 @@ def run_compiled(target: Target, options: Options, backward: bool = False) -> di
     """Run `torch.compile(model, backend="deeppcr", options=...)` once (and its backward), record every solve."""
     from .records import record_solves
 
-    model, inputs = target.model, target.inputs
+    model, inputs, kwargs = target.model, target.inputs, target.kwargs
     params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
-    y_ref = model(*inputs)
+    y_ref = model(*inputs, **kwargs)
     ref = [t.detach() for t in _tensor_leaves(y_ref)]
     loss_ref = _loss(y_ref) if backward and params else None
     g_ref = torch.autograd.grad(loss_ref, params, allow_unused=True) if loss_ref is not None else None
@@ -356,7 +365,7 @@ def run_compiled(target: Target, options: Options, backward: bool = False) -> di
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="deeppcr", options=options.as_dict())
     with record_solves() as solves:
-        y = compiled(*inputs)
+        y = compiled(*inputs, **kwargs)
         outs = _tensor_leaves(y)
         grad_err = None
         if g_ref is not None:
@@ -427,7 +436,10 @@ def to_dict(ins: Inspection, graphs: bool | None = None) -> dict:
         "torch_version": torch.__version__,
         "target": {"spec": ins.target.spec, "description": ins.target.description,
                    "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                              for t in ins.target.inputs]},
+                              for t in ins.target.inputs],
+                   "kwargs": {k: ({"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                                  if isinstance(v, torch.Tensor) else {"value": repr(v)})
+                              for k, v in ins.target.kwargs.items()}},
         "options": ins.options.as_dict(),
         "report": ins.report.to_dict(),
         "graph_break_locations": list(ins.break_locations),
@@ -444,6 +456,12 @@ def _shape(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')}[{', '.join(map(str, t.shape))}]"
 
 
+def _inputs_text(target: Target) -> str:
+    """`float32[4, 8], attention_mask=int64[4, 8], use_cache=False`: positional, then keyword inputs."""
+    kw = [f"{k}={_shape(v) if isinstance(v, torch.Tensor) else repr(v)}" for k, v in target.kwargs.items()]
+    return ", ".join([*(_shape(t) for t in target.inputs), *kw])
+
+
 def _wrap(text: str, indent: str = "  ") -> list[str]:
     return textwrap.wrap(text, width=110, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
 
@@ -454,7 +472,7 @@ def render_summary(ins: Inspection) -> str:
     opts = " ".join(f"{k}={v!r}" for k, v in o.as_dict().items())
     par = sum(c.decision == "parallel" for c in r.chains)
     lines = [f"Target: {ins.target.spec}: {ins.target.description}",
-             f"Inputs: {', '.join(_shape(t) for t in ins.target.inputs)}",
+             f"Inputs: {_inputs_text(ins.target)}",
              *_wrap(f"Options: {opts}"), "",
              f"Graph Count: {len(r.graphs)}",
              f"Graph Break Count: {len(r.graph_breaks)}",

@@ -4,9 +4,13 @@ import json
 import threading
 
 import torch
+from cli_target_model import make_with_kwargs
 
 import pcr_compile
+from pcr_compile.api import chain_report
+from pcr_compile.backend import capturing_backend
 from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser
+from pcr_compile.options import Options
 
 
 def test_explain_report_fields_and_table():
@@ -86,3 +90,19 @@ def test_record_solves_collects_a_backward_run_in_another_thread():
     assert not errors
     assert [s.direction for s in solves] == ["backward"]
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_explain_with_keyword_inputs_reports_the_compiled_graph():
+    """HF models take attention_mask=, use_cache=False: explain must trace the graph the compiled call sees."""
+    model, args, kwargs = make_with_kwargs()
+    options = {"mode": "parallel"}
+    report = pcr_compile.explain(model, *args, options=options, **kwargs)
+    graphs: list[dict] = []
+    torch.compile(model, backend=capturing_backend(Options.parse(options), graphs))(*args, **kwargs)
+    compiled = [chain_report(e["graph"], pc) for e in graphs for pc in e["plan"].chains]
+    assert report.chains == compiled
+    [c] = report.chains
+    assert (c.length, c.nodes_per_step, c.exposed_values) == (9, 3, 0)  # linear, tanh, mul by the mask
+    # without them, the report is on another graph: no mask, every layer's output returned
+    [other] = pcr_compile.explain(model, *args, options=options).chains
+    assert (other.nodes_per_step, other.exposed_values) == (2, 8)

@@ -298,3 +298,165 @@ def test_recurrent_cell_compositions_equal_the_kernels_and_batch_under_vmap(bias
     hb, cb = torch.vmap(lambda x, h, c: lstm_cell(x, (h, c), *lw))(x, h, c)
     torch.testing.assert_close(hb[2], lstm_cell(x[2], (h[2], c[2]), *lw)[0])
     torch.testing.assert_close(torch.vmap(lambda x, h: gru_cell(x, h, *gw))(x, h)[4], gru_cell(x[4], h[4], *gw))
+
+
+class GPT2ishBlock(nn.Module):
+    """Pre-norm attention + MLP with residual dropout, as GPT-2's block (resid_pdrop)."""
+
+    def __init__(self, dim=16, heads=2, p=0.1):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc, self.out = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.drop, self.heads = nn.Dropout(p), heads
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, D)))
+        return x + self.drop(self.out(nn.functional.gelu(self.fc(self.ln2(x)))))
+
+
+class GPT2ish(nn.Module):
+    def __init__(self, layers=8, p=0.1):
+        super().__init__()
+        self.blocks = nn.ModuleList(GPT2ishBlock(p=p) for _ in range(layers))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_a_declined_stack_is_one_line_with_its_sub_repeats_counted():
+    """Dropout declines the 8-block stack; the 3-step repeats inside each block (the q, k, v views) are not
+    listed one by one, only counted in the stack's line."""
+    import pcr_compile
+
+    report = pcr_compile.explain(GPT2ish().train(), torch.randn(2, 5, 16))
+    assert report.chains == []
+    [d] = report.declined
+    assert (d.length, d.nodes_per_step) == (8, 24)
+    assert d.reason.startswith("block contains random op dropout")
+    assert "16 shorter repeats inside, each < min_chain_length=8" in d.reason
+    # in eval mode the same stack is a chain and nothing is declined
+    report = pcr_compile.explain(GPT2ish().eval(), torch.randn(2, 5, 16))
+    assert [c.length for c in report.chains] == [8] and report.declined == []
+
+
+class AutocastRK4(nn.Module):
+    def __init__(self, steps=10, dt=0.1):
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 7), nn.Linear(7, 3)
+        self.steps, self.dt = steps, dt
+
+    def f(self, y):
+        return self.out(torch.tanh(self.inp(y)))
+
+    def forward(self, y):
+        dt = self.dt
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(self.steps):
+                k1 = self.f(y)
+                k2 = self.f(y + dt / 2 * k1)
+                k3 = self.f(y + dt / 2 * k2)
+                k4 = self.f(y + dt * k3)
+                y = y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return y.float()
+
+
+def test_a_declined_integrator_is_one_line():
+    """Under autocast the RK4 loop is declined once, as a whole; its 4-stage inner repeats are counted."""
+    analysis = find_chains(dynamo_graph(AutocastRK4(), torch.randn(2, 3)).graph, min_length=8)
+    assert analysis.chains == ()
+    assert len(analysis.declined) == 1 and "autocast" in analysis.declined[0].reason, analysis.declined
+    assert "shorter repeats inside" in analysis.declined[0].reason
+
+
+class CellOverTime(nn.Module):
+    """`for t: h = cell(x[:, t], h)` with nn.RNNCell / nn.GRUCell / nn.LSTMCell; `unbind` slices the sequence
+    before the loop instead."""
+
+    def __init__(self, cell="rnn", features=3, hidden=5, unbind=False):
+        super().__init__()
+        self.kind, self.unbind = cell, unbind
+        self.cell = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}[cell](features, hidden)
+
+    def forward(self, xs, h):
+        c = torch.zeros_like(h)
+        steps = xs.unbind(1) if self.unbind else range(xs.shape[1])
+        for x in steps:
+            x = x if self.unbind else xs[:, x]
+            if self.kind == "lstm":
+                h, c = self.cell(x, (h, c))
+            else:
+                h = self.cell(x, h)
+        return h
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("unbind", [False, True], ids=["index", "unbind"])
+def test_cells_over_a_sequence_are_recurrences(cell, unbind):
+    gm = dynamo_graph(CellOverTime(cell, unbind=unbind), torch.randn(2, 12, 3), torch.randn(2, 5))
+    [c] = find_chains(gm.graph, min_length=8).chains
+    assert c.length >= 11 and c.kind == "recurrence"
+
+
+class Euler(nn.Module):
+    """`y <- y + dt * f(t, y)`; with `time`, the field reads the step's time (a per-step constant)."""
+
+    def __init__(self, steps=12, dt=0.05, time=False, width=3):
+        super().__init__()
+        self.inp, self.out = nn.Linear(width, 8), nn.Linear(8, width)
+        self.time_weight = nn.Parameter(torch.randn(8))
+        self.steps, self.dt, self.time = steps, dt, time
+
+    def forward(self, y):
+        for i in range(self.steps):
+            h = self.inp(y) + (i * self.dt) * self.time_weight if self.time else self.inp(y)
+            y = y + self.dt * self.out(torch.tanh(h))
+        return y
+
+
+class ScaledByStep(nn.Module):
+    """Per-step parameters as slices of one parameter, `self.a[i]`: layers, though the index is lifted."""
+
+    def __init__(self, steps=12):
+        super().__init__()
+        self.a = nn.Parameter(torch.rand(steps) * 0.5)
+        self.b = nn.Parameter(torch.randn(steps))
+
+    def forward(self, x):
+        for i in range(len(self.a)):
+            x = torch.tanh(self.a[i] * x + self.b[i])
+        return x
+
+
+@pytest.mark.parametrize("model,inputs,kind", [
+    (Euler(), (torch.randn(2, 3),), "integrator"),
+    (Euler(time=True), (torch.randn(2, 3),), "integrator"),
+    (DDIMSampler(MLPDenoiser(), steps=12), (torch.randn(4, 2),), "sampler"),
+    (DeepMLP(layers=12, width=4), (torch.randn(2, 4),), "layers"),
+    (ScaledByStep(), (torch.randn(3),), "layers"),
+    (CarriesTwo(), (torch.randn(3, 5),), "layers"),
+], ids=["euler", "euler-time", "ddim", "mlp", "indexed-parameters", "two-states"])
+def test_kinds(model, inputs, kind):
+    [c] = find_chains(dynamo_graph(model, *inputs).graph, min_length=8).chains
+    assert c.kind == kind
+
+
+@pytest.mark.parametrize("model,inputs,jacobian", [
+    # large states: the strategies chosen when these kinds read "sampler" (lifted constants) or "layers"
+    (CellOverTime("rnn", hidden=80), (torch.randn(2, 12, 3), torch.randn(2, 80)), "identity"),  # index lifted
+    (CellOverTime("rnn", hidden=80, unbind=True), (torch.randn(2, 12, 3), torch.randn(2, 80)), "zero"),
+    (Euler(width=80, time=True), (torch.randn(2, 80),), "identity"),
+    (Euler(width=80), (torch.randn(2, 80),), "identity"),  # residual
+    (ScaledByStep(), (torch.randn(2, 80),), "identity"),
+], ids=["rnn-index", "rnn-unbind", "euler-time", "euler", "indexed-parameters"])
+def test_new_kinds_keep_their_jacobian_strategies(model, inputs, jacobian):
+    import pcr_compile
+
+    [c] = pcr_compile.explain(model, *inputs, options={"mode": "parallel", "dense_budget": 1}).chains
+    assert c.jacobian == jacobian, c.reason

@@ -263,6 +263,7 @@ def run_main(capsys, *argv):
     ([f"{MODEL_FILE}:not_callable"], "not_callable is not callable"),
     ([f"{MODEL_FILE}:not_a_pair"], "not_a_pair() returned a TwoStacks; expected (model, example_inputs)"),
     ([f"{MODEL_FILE}:bad_inputs"], "bad_inputs() returned example_inputs a tuple of 1 (str); expected"),
+    ([f"{MODEL_FILE}:bad_kwargs"], "bad_kwargs() returned example_kwargs a list of 2 (str, str); expected"),
     ([f"{MODEL_FILE}:raises"], "raises() raised RuntimeError: no weights here"),
     (["mlp", "--steps", "3"], "--steps does not apply to 'mlp' (it takes --layers, --width, --batch)"),
     (["ddim", "--layers", "3"], "--layers does not apply to 'ddim'"),
@@ -276,6 +277,19 @@ def test_usage_errors_exit_2_with_one_line(capsys, monkeypatch, argv, message):
     assert status == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("pcr-compile: error: ") and message in err, err
     assert "Traceback" not in err
+
+
+def test_target_with_keyword_inputs(capsys, monkeypatch):
+    """A TARGET returning (model, example_inputs, example_kwargs): the keyword inputs reach the traced graph."""
+    monkeypatch.chdir(ROOT)
+    status, out, _ = run_main(capsys, "inspect", f"{MODEL_FILE}:make_with_kwargs", "--options", PARALLEL, "--json")
+    assert status == 0
+    doc = _strict(out)
+    assert doc["target"]["kwargs"] == {"mask": {"shape": [3, 6], "dtype": "float32"}, "collect": {"value": "False"}}
+    [c] = doc["report"]["chains"]
+    assert (c["length"], c["nodes_per_step"], c["exposed_values"]) == (9, 3, 0)  # the mask's multiply is in it
+    status, out, _ = run_main(capsys, "inspect", f"{MODEL_FILE}:make_with_kwargs")
+    assert status == 0 and "Inputs: float32[3, 6], mask=float32[3, 6], collect=False\n" in out
 
 
 def test_model_failure_exits_1(capsys, monkeypatch):

@@ -1,0 +1,148 @@
+"""Multi-stage integrators: steps that evaluate one vector field several times (RK4, midpoint, Heun,
+leapfrog) are found as one chain of whole steps, not as the field's inner repeat, and solve to eager's
+values and gradients."""
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import PARALLEL
+
+import pcr_compile
+from pcr_compile.passes.chains import find_chains
+
+
+class Field(nn.Module):
+    """A small MLP vector field f(y)."""
+
+    def __init__(self, dim=3, hidden=7):
+        super().__init__()
+        self.inp, self.out = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, y):
+        return self.out(torch.tanh(self.inp(y)))
+
+
+class RK4(nn.Module):
+    def __init__(self, steps=11, dt=0.1):
+        super().__init__()
+        self.f, self.steps, self.dt = Field(), steps, dt
+
+    def forward(self, y):
+        dt = self.dt
+        for _ in range(self.steps):
+            k1 = self.f(y)
+            k2 = self.f(y + dt / 2 * k1)
+            k3 = self.f(y + dt / 2 * k2)
+            k4 = self.f(y + dt * k3)
+            y = y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return y
+
+
+class Midpoint(nn.Module):
+    def __init__(self, steps=11, dt=0.1):
+        super().__init__()
+        self.f, self.steps, self.dt = Field(), steps, dt
+
+    def forward(self, y):
+        for _ in range(self.steps):
+            y = y + self.dt * self.f(y + self.dt / 2 * self.f(y))
+        return y
+
+
+class Heun(nn.Module):
+    def __init__(self, steps=11, dt=0.1):
+        super().__init__()
+        self.f, self.steps, self.dt = Field(), steps, dt
+
+    def forward(self, y):
+        for _ in range(self.steps):
+            k1 = self.f(y)
+            k2 = self.f(y + self.dt * k1)
+            y = y + self.dt / 2 * (k1 + k2)
+        return y
+
+
+class Leapfrog(nn.Module):
+    """Kick-drift-kick leapfrog for q'' = a(q), state (q, p); two force evaluations per step."""
+
+    def __init__(self, steps=11, dt=0.1):
+        super().__init__()
+        self.a, self.steps, self.dt = Field(), steps, dt
+
+    def forward(self, q, p):
+        dt = self.dt
+        for _ in range(self.steps):
+            p = p + dt / 2 * self.a(q)
+            q = q + dt * p
+            p = p + dt / 2 * self.a(q)
+        return q, p
+
+
+# integrator, field evaluations per step, number of inputs
+INTEGRATORS = {"rk4": (RK4, 4, 1), "midpoint": (Midpoint, 2, 1), "heun": (Heun, 2, 1), "leapfrog": (Leapfrog, 2, 2)}
+
+
+def _graph(model, inputs):
+    out = torch._dynamo.explain(model)(*inputs)
+    assert out.graph_count == 1, out.break_reasons
+    return out.graphs[0]
+
+
+@pytest.mark.parametrize("name", INTEGRATORS)
+def test_integrator_steps_are_one_chain(name):
+    cls, evals, n_in = INTEGRATORS[name]
+    model = cls(steps=11)
+    inputs = [torch.randn(2, 3) for _ in range(n_in)]
+    gm = _graph(model, inputs)
+    analysis = find_chains(gm.graph, min_length=8)
+    # The whole graph is the loop: one chain of every step, each step holding every evaluation of the field,
+    # not the field's inner repeat; nothing else is reported.
+    [c] = analysis.chains
+    assert c.length == 11 and analysis.declined == ()
+    n_compute = sum(n.op == "call_function" for n in gm.graph.nodes)
+    assert c.nodes_per_step == n_compute // 11
+    assert sum(n.target is torch.tanh for n in c.blocks[0]) == evals
+    # the field's parameters are shared by every step
+    assert c.per_step == () and len(c.invariants) == 4 and c.kind == "integrator"
+
+
+@pytest.mark.parametrize("name", INTEGRATORS)
+def test_integrator_compiled_matches_eager(name):
+    cls, _, n_in = INTEGRATORS[name]
+    torch.manual_seed(0)
+    model = cls(steps=13).double()
+    inputs = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(n_in)]
+    params = list(model.parameters())
+
+    def loss(out):
+        return sum((o**2).sum() for o in (out if isinstance(out, tuple) else (out,)))
+
+    ref = model(*inputs)
+    g_ref = torch.autograd.grad(loss(ref), [*inputs, *params])
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    with pcr_compile.record_solves() as solves:
+        out = compiled(*inputs)
+        g = torch.autograd.grad(loss(out), [*inputs, *params])
+    # one forward and one backward solve of the whole loop, no sequential fallback
+    assert [(s.direction, s.fell_back) for s in solves] == [("forward", False), ("backward", False)]
+    assert solves[0].length == 13
+    torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-9)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+def test_rk4_over_many_steps_is_one_chain():
+    """The issue's case: RK4 over 100 steps gave 100 declined 4-step candidates and no chain."""
+    gm = _graph(RK4(steps=100), [torch.randn(2, 3)])
+    analysis = find_chains(gm.graph, min_length=8)
+    assert [c.length for c in analysis.chains] == [100] and analysis.declined == ()
+
+
+def test_a_short_integrator_is_one_declined_line():
+    """4 RK4 steps: the whole loop is declined for its length, once; its inner 4-stage repeats are counted."""
+    gm = _graph(RK4(steps=4), [torch.randn(2, 3)])
+    analysis = find_chains(gm.graph, min_length=8)
+    assert analysis.chains == ()
+    [d] = analysis.declined
+    assert (d.length, d.nodes_per_step) == (4, 25)
+    assert d.reason == "4 steps < min_chain_length=8; 4 shorter repeats inside, each < min_chain_length=8"
