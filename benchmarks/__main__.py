@@ -73,7 +73,7 @@ def _run(a: argparse.Namespace, device: str) -> int:
     reps = {"min_reps": a.reps, "max_reps": a.reps, "budget_s": 0.0} if a.reps else {"budget_s": a.budget}
     cfg = measuring.Config.for_grid(
         a.quick, device=device, train=not a.no_train, progress=not a.no_progress, memory=not a.no_memory,
-        warm_up=not a.no_warm_up, timeout_s=a.timeout, **reps)
+        count=not a.no_count, warm_up=not a.no_warm_up, timeout_s=a.timeout, **reps)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--filter", default=None, help="regex on 'model parameters', e.g. 'layers=64,'")
     r.add_argument("--no-train", action="store_true", help="forward only")
     r.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    r.add_argument("--no-count", action="store_true",
+                   help="skip counting kernel launches and host syncs (and the GPU estimate computed from them)")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--no-warm-up", action="store_true", help="skip compiling a two-layer model first")

@@ -26,13 +26,16 @@ Three sources, added up in `Counts.launches`:
   exposes a launch counter of its own, it is not needed: this wrapper sees every launch of any kernel.
 
 Host syncs: ops that make the host wait for device data: `_local_scalar_dense` (`item()`, `bool()`,
-`float()`, `int()`, and `if t:`), `equal`, ops whose output size depends on the data (`nonzero`,
-`masked_select`, `unique*`, `repeat_interleave` without `output_size`; these also launch), and copies to the
-CPU from another device (`_to_copy` / `copy_`). **What a CPU run cannot see**: `.tolist()`, `.numpy()` and
-`.cpu()` of CPU tensors do not dispatch at all (on CUDA `.tolist()` / `.cpu()` dispatch a `_to_copy` to
-the CPU and are counted); `torch.cuda.synchronize()`, events and streams are not ops; nor are the launches
-or syncs of C++ code that calls CUDA directly. Counts on the CPU are of the CPU code path: deeppcr's chain
-op takes its PyTorch kernels there unless `kernels="triton"` is passed (under the interpreter).
+`float()`, `int()`, `if t:`; seen as `item` / `is_nonzero` inside the chain op), `equal`, ops whose output
+size depends on the data (`nonzero`, `masked_select`, `unique*`, `repeat_interleave` without `output_size`;
+these also launch), and copies to the CPU from another device (`_to_copy` / `copy_`).
+
+**What a CPU run cannot see**: `.tolist()`, `.numpy()` and `.cpu()` of CPU tensors do not dispatch at all
+(on CUDA `.tolist()` / `.cpu()` dispatch a `_to_copy` to the CPU and are counted); `torch.cuda.synchronize()`,
+events and streams are not ops; nor are the launches or syncs of C++ code that calls CUDA directly. Counts
+on the CPU are of the CPU code path: deeppcr's chain op takes its PyTorch kernels there unless
+`kernels="triton"` is passed (under the interpreter), and CPU Inductor fuses differently from GPU Inductor
+(its matmuls are extern `addmm` / `mm` calls on both).
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ NO_LAUNCH = frozenset({
     "empty.memory_format", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "empty_permuted",
     "resize_", "_unsafe_view", "lift_fresh", "sym_size.int", "sym_stride.int", "sym_numel", "sym_storage_offset",
     "is_same_size", "_has_compatible_shallow_copy_type", "record_stream", "set_.source_Storage",
-    "set_.source_Storage_storage_offset", "_local_scalar_dense", "equal",
+    "set_.source_Storage_storage_offset", "_local_scalar_dense", "item", "is_nonzero", "equal",
 })
 # Ops that read device data on the host (a sync); the first set also launches kernels.
 SYNC_AND_LAUNCH = frozenset({"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
                              "unique_dim_consecutive", "repeat_interleave.Tensor", "nonzero_static"})
-SYNC_ONLY = frozenset({"_local_scalar_dense", "equal"})
+# `item` / `is_nonzero` reach the mode themselves where functorch's keys are re-included (inside the chain
+# op); their `_local_scalar_dense` then runs below the mode, so each counts once.
+SYNC_ONLY = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal"})
 
 
 def _name(func) -> str:

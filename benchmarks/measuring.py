@@ -1,5 +1,6 @@
 """Measuring one provider on one workload in one phase: compile, error against eager, time, memory, solver
-iterations and (`counting.py`) launches and host syncs, as rows of the CSV schema (`output.py`).
+iterations, launches and host syncs (`counting.py`) and the launch-bound GPU estimate (`gpu_model.py`,
+a model: its rows have status "model"), as rows of the CSV schema (`output.py`).
 
 Phases:
 
@@ -27,8 +28,10 @@ from typing import Any
 
 import torch
 
+from .counting import count_call
+from .gpu_model import ASSUMPTIONS, estimate_ms
 from .output import REPO, Env, RowMaker, err_text
-from .providers import Provider
+from .providers import Provider, triton_interpreted
 from .suites import Case, Workload
 from .timing import Timer, deadline, peak_memory_mib, quantiles, sync, time_call
 
@@ -43,6 +46,7 @@ class Config(Timer):
     train: bool = True  # measure the training step of trainable workloads
     timeout_s: float | None = None  # per phase (compile included); SIGALRM, main thread only
     memory: bool = True
+    count: bool = True  # kernel launches and host syncs per call, and the launch-bound GPU estimate (a model)
     progress: bool = True
     warm_up: bool = True  # compile a two-layer model with every provider before measuring
 
@@ -191,6 +195,28 @@ def _solve_rows(row: RowMaker, phase: str, records: list[Any]) -> list[dict[str,
     return rows
 
 
+def count_rows(row: RowMaker, phase: str, provider: Provider, wl: Workload, call: Callable[[], Any],
+               device: torch.device) -> list[dict[str, str]]:
+    """Launches and host syncs of one call (`counting.py`) and the launch-bound GPU estimate (a model).
+
+    On the CPU under TRITON_INTERPRET=1 a provider with a `triton_build` (deeppcr) is counted on its Triton
+    path instead: compiled again with `kernels="triton"` and called once before counting.
+    """
+    path = "this device's code path"
+    if provider.triton_build is not None and device.type == "cpu" and triton_interpreted():
+        fn = provider.triton_build(wl.fn)
+        call = forward_call(fn, wl) if phase == "forward" else train_call(fn, wl)
+        call()
+        path = "Triton path (kernels='triton') under TRITON_INTERPRET=1"
+    elif provider.triton_build is not None and device.type == "cpu":
+        path = "PyTorch kernels (CPU); set TRITON_INTERPRET=1 to count the Triton path"
+    c = count_call(call)
+    est = estimate_ms(c.launches, c.syncs)
+    return [row(f"launches_{phase}", "count", float(c.launches), note=f"{path}; {c.summary()}"),
+            row(f"syncs_{phase}", "count", float(c.syncs), note=path),
+            row(f"gpu_est_{phase}", "ms", est, status="model", note=ASSUMPTIONS)]
+
+
 def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref: Reference, cfg: Config,
                   env: Env, device: torch.device) -> list[dict[str, str]]:
     """All metrics of one provider in one phase; an exception ends the phase with an error row."""
@@ -233,6 +259,9 @@ def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref:
                         rows.append(row(step, "iters", status="unavailable", note="pcr_compile.record_solves missing"))
                     else:
                         rows += _solve_rows(row, phase, list(records))
+                if cfg.count:
+                    step = f"launches_{phase}"
+                    rows += count_rows(row, phase, provider, wl, call, device)
         except Exception as e:  # noqa: BLE001 -- a failing provider must not end the run
             log.debug("%s %s %s failed at %s", case.model, case.parameters, provider.label, step, exc_info=True)
             rows.append(row(step, "", status="error", note=err_text(e)))

@@ -8,6 +8,7 @@ once and then returns that stored output (`benchmarks/overhead.py`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,9 @@ class Provider:
     compiled: bool = True
     cuda_only: bool = False
     skip_note: str = ""
+    # deeppcr: the same provider with kernels="triton", for counting launches on the Triton path on the CPU
+    # under TRITON_INTERPRET=1 (`measuring.count_rows`); None for the others.
+    triton_build: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
 
     @property
     def label(self) -> str:
@@ -65,8 +69,10 @@ def default_providers(deeppcr_options: dict[str, Any] | None = None) -> list[Pro
         Provider("inductor", "default", _inductor),
         Provider("inductor", "reduce-overhead", _inductor_cudagraphs, cuda_only=True,
                  skip_note="mode='reduce-overhead' records CUDA graphs: CUDA only"),
-        Provider("deeppcr", "parallel", _deeppcr("parallel", opts)),
-        Provider("deeppcr", "auto", _deeppcr("auto", opts)),
+        Provider("deeppcr", "parallel", _deeppcr("parallel", opts),
+                 triton_build=_deeppcr("parallel", {**opts, "kernels": "triton"})),
+        Provider("deeppcr", "auto", _deeppcr("auto", opts),
+                 triton_build=_deeppcr("auto", {**opts, "kernels": "triton"})),
     ]
 
 
@@ -81,6 +87,11 @@ def select_providers(providers: Sequence[Provider], labels: str | None) -> list[
         raise ValueError(f"unknown provider(s) {unknown}; known: {sorted(known)}")
     return [known[w] for w in wanted]
 
+
+
+def triton_interpreted() -> bool:
+    """Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1, read when the kernels are defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def cached_output_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable[..., Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .gpu_model import ASSUMPTIONS
 from .output import PHASES
 
 
@@ -55,7 +56,7 @@ def tables(rows: Sequence[dict[str, str]], fmt: str = "github") -> str:
 
     def val(dev, model, params, label, metric):
         r = index.get((dev, model, params, label, metric))
-        return _num(r["median"]) if r and r["status"] == "ok" else None
+        return _num(r["median"]) if r and r["status"] in ("ok", "model") else None
 
     for (dev, model), entries in order.items():
         has_train = any(val(dev, model, p, lab, "forward_backward") is not None for p, lab in entries)
@@ -82,6 +83,10 @@ def tables(rows: Sequence[dict[str, str]], fmt: str = "github") -> str:
             errs = [val(dev, model, params, label, m) for m in
                     (("max_rel_err", "max_rel_err_grad") if has_train else ("max_rel_err",))]
             line.append("/".join("-" if e is None else f"{e:.1e}" for e in errs))
+            phases = PHASES if has_train else PHASES[:1]
+            for metric, fmt_one in (("launches", "{:.0f}"), ("syncs", "{:.0f}"), ("gpu_est", "{:.3g}")):
+                got = [val(dev, model, params, label, f"{metric}_{ph}") for ph in phases]
+                line.append("/".join("-" if v is None else fmt_one.format(v) for v in got))
             line.append("; ".join(status) if status else ("ok, warned" if warn else "ok"))
             table.append(line)
         head = ["parameters", "provider", "fwd ms", "fwd vs eager", "fwd vs inductor"]
@@ -89,8 +94,12 @@ def tables(rows: Sequence[dict[str, str]], fmt: str = "github") -> str:
             head += ["fwd+bwd ms", "fwd+bwd vs eager", "fwd+bwd vs inductor"]
         suffix = " fwd/train" if has_train else " fwd"
         head += ["compile s" + suffix, "peak MiB" + suffix, "iters" + (" fwd/adjoint" if has_train else " fwd"),
-                 "max rel err" + (" out/grad" if has_train else " out"), "status"]
-        out.append(f"### {model} ({dev})\n\n" + tabulate(table, headers=head, tablefmt=fmt, disable_numparse=True))
+                 "max rel err" + (" out/grad" if has_train else " out"), "launches" + suffix, "syncs" + suffix,
+                 "GPU est. ms (MODEL)" + suffix, "status"]
+        text = f"### {model} ({dev})\n\n" + tabulate(table, headers=head, tablefmt=fmt, disable_numparse=True)
+        if any(val(dev, model, p, lab, f"gpu_est_{ph}") is not None for p, lab in entries for ph in PHASES):
+            text += f"\n\nGPU est.: {ASSUMPTIONS}."
+        out.append(text)
     return "\n\n".join(out)
 
 

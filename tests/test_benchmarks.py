@@ -61,6 +61,14 @@ def test_cli_tiny_grid_writes_csv_table_and_plots(tmp_path, capsys):
         assert float(fwd["p20"]) <= float(fwd["median"]) <= float(fwd["p80"])
         assert by[(prov, "max_rel_err")]["status"] == "ok"
     assert by[("inductor", "compile_forward")]["unit"] == "s"
+    # Counts per call for every provider, and the GPU estimate labelled as a model beside them.
+    assert by[("eager", "launches_forward")]["median"] == "16"  # 8 x (addmm + tanh)
+    assert by[("eager", "syncs_forward")]["median"] == "0"
+    for prov in ("eager", "inductor"):
+        est = by[(prov, "gpu_est_forward")]
+        assert est["status"] == "model" and est["unit"] == "ms" and "MODEL" in est["note"]
+        assert float(by[(prov, "launches_forward")]["median"]) > 0
+    assert "GPU est. ms (MODEL)" in printed and "GPU est.: MODEL, not measured" in printed
     assert float(by[("inductor", "max_rel_err")]["median"]) < 1e-4
     assert not any(r["metric"].startswith("forward_backward") for r in rows)  # --no-train
     # deeppcr either works or is recorded as an error; never missing.

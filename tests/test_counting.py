@@ -48,6 +48,14 @@ def test_backward_is_counted_and_views_are_not():
     assert c.syncs == 0
 
 
+def test_item_seen_as_itself_is_one_sync():
+    c = counting.Counts()
+    mode = counting.CountingMode(c, counting.threading.local())
+    x = torch.tensor([2.0])
+    mode.__torch_dispatch__(torch.ops.aten.item.default, (), (x,))  # as the chain op's functorch guard shows it
+    assert (c.syncs, c.launches) == (1, 0)
+
+
 def test_views_and_allocations_are_not_launches():
     assert counting.is_view(torch.ops.aten.transpose.int) and counting.is_view(torch.ops.aten.detach.default)
     assert not counting.is_view(torch.ops.aten.add_.Tensor)  # writes its input: a launch
