@@ -275,3 +275,55 @@ def count_call(fn) -> Counts:
     with count_launches() as c:
         fn()
     return c
+
+
+def main(argv=None) -> int:
+    """`python -m benchmarks.counting`: launches and host syncs of a DeepMLP per forward and training step."""
+    import argparse
+    import os
+
+    from .gpu_model import ASSUMPTIONS, estimate_ms
+
+    ap = argparse.ArgumentParser(description="Launches and host syncs per forward and training step of a "
+                                 "DeepMLP (run with TRITON_INTERPRET=1 to count deeppcr's Triton path on a CPU)")
+    ap.add_argument("--layers", type=int, default=256)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--providers", default="eager,inductor,deeppcr-parallel")
+    a = ap.parse_args(argv)
+    from pcr_compile.models import DeepMLP
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = DeepMLP(layers=a.layers, width=a.width)
+    x = torch.randn(a.batch, a.width)
+    kernels = "triton" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or torch.cuda.is_available() \
+        else "torch"
+    builds = {"eager": lambda: model, "inductor": lambda: torch.compile(model),
+              "deeppcr-parallel": lambda: torch.compile(model, backend="deeppcr",
+                                                        options={"mode": "parallel", "kernels": kernels})}
+    print(f"DeepMLP({a.layers}, {a.width}) batch {a.batch}; deeppcr kernels={kernels!r}; GPU est.: {ASSUMPTIONS}",
+          flush=True)
+    for label in a.providers.split(","):
+        torch._dynamo.reset()
+        fn = builds[label]()
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(x)
+
+        def train(fn=fn):
+            for p in model.parameters():
+                p.grad = None
+            fn(x).float().pow(2).mean().backward()
+
+        for phase, call in (("forward", fwd), ("forward_backward", train)):
+            call()
+            c = count_call(call)
+            print(f"  {label:17s} {phase:16s} launches {c.launches:6d}  syncs {c.syncs:4d}  "
+                  f"GPU est. (MODEL) {estimate_ms(c.launches, c.syncs):8.3f} ms  [{c.summary(8)}]", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
