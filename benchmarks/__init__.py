@@ -5,8 +5,12 @@
     python -m benchmarks table OUT/results.csv
 
 Layout (after Liger-Kernel's `benchmark/`): `suites` holds one setup function per model and the grids of
-parameters; `harness` runs every provider on the same workload and inputs, measures, and appends tidy rows
-to a CSV; `plots` draws PNGs from that CSV only. `RESULTS.md` keeps the latest measured tables.
+parameters; `providers` the ways to run them (eager, Inductor, deeppcr); `harness` runs every provider on
+the same workload and inputs; `measuring` measures one phase (with the one timer of `timing` and the
+launch / host-sync counts of `counting`, and the launch-bound GPU estimate of `gpu_model`, a model);
+`output` writes tidy rows of one CSV schema (shared with `kernel_bench.py`); `tables` and `plots` read that
+CSV only. `overhead` measures the host overhead per call, `default_mode` the default options' compile
+overhead against Inductor. `RESULTS.md` keeps the latest measured tables.
 """
 
-__all__ = ["harness", "plots", "suites"]
+__all__ = ["harness", "measuring", "output", "plots", "providers", "suites", "tables", "timing"]

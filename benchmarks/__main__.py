@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import harness, plots, suites
+from . import harness, measuring, output, plots, suites, tables
+from . import providers as provs
 
 SUITE_CHOICES = ("mlp", "resnet", "diffusion", "all", "smoke")
 
@@ -68,31 +69,31 @@ def _run(a: argparse.Namespace, device: str) -> int:
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
     cases = _filter(suites.cases_for(a.suite, a.quick), a.filter)
-    providers = harness.select_providers(harness.default_providers(dict(a.pcr_option or [])), a.providers)
+    providers = provs.select_providers(provs.default_providers(dict(a.pcr_option or [])), a.providers)
     reps = {"min_reps": a.reps, "max_reps": a.reps, "budget_s": 0.0} if a.reps else {"budget_s": a.budget}
-    cfg = harness.Config.for_grid(
+    cfg = measuring.Config.for_grid(
         a.quick, device=device, train=not a.no_train, progress=not a.no_progress, memory=not a.no_memory,
-        warm_up=not a.no_warm_up, timeout_s=a.timeout, **reps)
+        count=not a.no_count, warm_up=not a.no_warm_up, timeout_s=a.timeout, **reps)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    env = harness.environment(torch.device(device))
+    env = output.environment(torch.device(device))
     grid = "quick" if a.quick else "full"
     print(f"{len(cases)} case(s) x {len(providers)} provider(s), suite {a.suite} ({grid} grid), "
-          f"{harness.header(env)}", flush=True)
+          f"{output.header(env)}", flush=True)
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
     rows = harness.run_benchmarks(cases, providers, cfg, csv_path, env)
     wall = time.perf_counter() - t0
-    text = harness.tables(rows)
-    summary = harness.problems(rows)
+    text = tables.tables(rows)
+    summary = tables.problems(rows)
     print(text)
     print()
     print(summary)
     extra = f"suite {a.suite}, {grid} grid, {len(cases)} cases, wall time {wall:.0f} s"
     if hasattr(os, "getloadavg"):
         extra += f", load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end"
-    md = (f"# Benchmark run\n\n{harness.header(env, extra)}\n\n"
+    md = (f"# Benchmark run\n\n{output.header(env, extra)}\n\n"
           f"Command: `python -m benchmarks {' '.join(a.argv)}`\n\n{text}\n\n```\n{summary}\n```\n")
     (out / "tables.md").write_text(md)
     if not a.no_plots:
@@ -110,14 +111,14 @@ def cmd_plot(a: argparse.Namespace) -> int:
 
 
 def cmd_table(a: argparse.Namespace) -> int:
-    rows = harness.latest_run(plots.read_csv(a.csv))
-    env = harness.env_of(rows)
+    rows = tables.latest_run(output.read_csv(a.csv))
+    env = output.env_of(rows)
     if env:
-        print(harness.header(env))
+        print(output.header(env))
         print()
-    print(harness.tables(rows))
+    print(tables.tables(rows))
     print()
-    print(harness.problems(rows))
+    print(tables.problems(rows))
     return 0
 
 
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--filter", default=None, help="regex on 'model parameters', e.g. 'layers=64,'")
     r.add_argument("--no-train", action="store_true", help="forward only")
     r.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    r.add_argument("--no-count", action="store_true",
+                   help="skip counting kernel launches and host syncs (and the GPU estimate computed from them)")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--no-warm-up", action="store_true", help="skip compiling a two-layer model first")

@@ -7,23 +7,27 @@
 / bandwidth`` (``--bandwidth-gbs``; default from the device name, 4800 GB/s for an H200), and ``x_bound``
 is the measured time over that bound (1.0 = at the bandwidth limit). Timing: ``triton.testing.do_bench``
 (median, p20, p80 in ms) on CUDA; repeated wall-clock medians on CPU. Rows go to ``OUT/kernel_bench.csv``
-and ``.json``; a short table is printed and written to ``OUT/kernel_bench_table.txt``.
+and ``.json``; a short table is printed and written to ``OUT/kernel_bench_table.txt``. The CSV has the
+harness's schema (``benchmarks/output.py``: one row per metric: ``time`` ms, ``bound`` ms, ``x_bound``,
+``max_err``, ``iterations``; ``model`` is the bench, ``mode`` the structure, ``parameters`` the shape),
+and times come from the harness's one timer (``benchmarks/timing.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script (benchmarks/kernel_bench.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.output import environment, make_row, write_csv  # noqa: E402
+from benchmarks.timing import Timer, time_call  # noqa: E402
 from pcr_compile.kernels import linear_recurrence, linear_recurrence_sequential
 from pcr_compile.kernels.fused_newton import newton_linear_pointwise
 
@@ -52,26 +56,32 @@ QUICK_CASES = [
 NEWTON_CASES = [("tanh", False, 256, 8, 16), ("tanh", False, 1024, 16, 64), ("gelu", True, 512, 16, 32)]
 QUICK_NEWTON = [("tanh", False, 64, 4, 2)]
 BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
-FIELDS = ("bench", "provider", "structure", "L", "w", "batch", "dtype", "reverse", "median_ms", "p20_ms", "p80_ms",
-          "bytes", "bound_ms", "x_bound", "max_err", "iterations", "device", "torch", "triton")
 
 
 def time_fn(fn, device: str, quick: bool) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms."""
-    if device == "cuda":
-        import triton.testing
+    """(median, p20, p80) in ms, from the harness's timer (do_bench on CUDA, wall-clock samples on CPU)."""
+    timer = Timer(budget_s=0.04 if quick else 0.1, min_reps=3 if quick else 7, max_reps=50 if quick else 200,
+                  warmup=2, cuda_warmup_ms=10)
+    fn()
+    return time_call(fn, torch.device(device), timer)
 
-        q = triton.testing.do_bench(fn, warmup=10, rep=40 if quick else 100, quantiles=[0.5, 0.2, 0.8])
-        return tuple(float(x) for x in q)
-    fn()
-    fn()
-    times = []
-    for _ in range(3 if quick else 7):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    qs = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return statistics.median(times), qs[0], qs[-1]
+
+def csv_rows(rows: list[dict], env) -> list[dict[str, str]]:
+    """The benchmark's records as rows of the harness's CSV schema, one per metric."""
+    out = []
+    for r in rows:
+        params = f"L={r['L']},w={r['w']},batch={r['batch']},dtype={r['dtype']},reverse={r['reverse']}"
+        note = f"triton {r['triton'] or 'absent'}; {r['bytes']} bytes moved"
+        mk = partial(make_row, env, r["bench"], r["provider"], r["structure"], params)
+        ok = "ok" if r["median_ms"] == r["median_ms"] else "error"
+        out.append(mk("time", "ms", r["median_ms"], r["p20_ms"], r["p80_ms"], status=ok, note=note))
+        out.append(mk("bound", "ms", r["bound_ms"], status="model",
+                      note="bytes / bandwidth (a model, not a measurement)"))
+        out.append(mk("x_bound", "1", r["x_bound"], status=ok))
+        out.append(mk("max_err", "1", r["max_err"], status=ok, note="against the float64 sequential recurrence"))
+        if r["iterations"] != "":
+            out.append(mk("iterations", "iters", float(r["iterations"]), status=ok))
+    return out
 
 
 def make_recurrence(structure, L, w, batch, dtype, device):
@@ -195,10 +205,9 @@ def main(argv=None) -> int:
     rows = bench_recurrence(args, versions) + bench_newton(args, versions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "kernel_bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    csv_path = out / "kernel_bench.csv"
+    csv_path.unlink(missing_ok=True)  # one run per file, as before
+    write_csv(csv_path, csv_rows(rows, environment(torch.device(args.device))))
     (out / "kernel_bench.json").write_text(json.dumps(rows, indent=1, default=str))
     text = table(rows)
     (out / "kernel_bench_table.txt").write_text(text + "\n")

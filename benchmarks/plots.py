@@ -12,13 +12,13 @@ Only rows with status "ok" of the latest run per device are used, so ratios neve
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from .harness import COLUMNS, PHASES, latest_run
+from .output import PHASES, read_csv
+from .tables import latest_run
 
 # model -> (x axis parameter, parameter drawn as separate lines or None)
 AXES = {
@@ -30,14 +30,6 @@ AXES = {
 }
 SAMPLERS = ("ddim_mlp", "unet_ddim")
 BASELINES = ("eager", "inductor")
-
-
-def read_csv(path: Path | str) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(COLUMNS) - set(rows[0]):
-        raise ValueError(f"{path} lacks columns {sorted(set(COLUMNS) - set(rows[0]))}")
-    return rows
 
 
 def _params(s: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder at the repository root, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import harness, plots, suites  # noqa: E402
+from benchmarks import harness, measuring, output, plots, providers, suites, tables, timing  # noqa: E402
 from benchmarks.__main__ import main  # noqa: E402
 
 pytest.importorskip("matplotlib")
@@ -26,14 +26,14 @@ pytest.importorskip("tabulate")
 def _read(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == harness.COLUMNS
+        assert tuple(reader.fieldnames) == output.COLUMNS
         return list(reader)
 
 
-def _cfg(**kw) -> harness.Config:
+def _cfg(**kw) -> measuring.Config:
     base = dict(device="cpu", train=True, budget_s=0.0, min_reps=2, max_reps=2, warmup=0, progress=False,
                 warm_up=False, timeout_s=120.0)
-    return harness.Config(**{**base, **kw})
+    return measuring.Config(**{**base, **kw})
 
 
 def test_cli_tiny_grid_writes_csv_table_and_plots(tmp_path, capsys):
@@ -61,6 +61,14 @@ def test_cli_tiny_grid_writes_csv_table_and_plots(tmp_path, capsys):
         assert float(fwd["p20"]) <= float(fwd["median"]) <= float(fwd["p80"])
         assert by[(prov, "max_rel_err")]["status"] == "ok"
     assert by[("inductor", "compile_forward")]["unit"] == "s"
+    # Counts per call for every provider, and the GPU estimate labelled as a model beside them.
+    assert by[("eager", "launches_forward")]["median"] == "16"  # 8 x (addmm + tanh)
+    assert by[("eager", "syncs_forward")]["median"] == "0"
+    for prov in ("eager", "inductor"):
+        est = by[(prov, "gpu_est_forward")]
+        assert est["status"] == "model" and est["unit"] == "ms" and "MODEL" in est["note"]
+        assert float(by[(prov, "launches_forward")]["median"]) > 0
+    assert "GPU est. ms (MODEL)" in printed and "GPU est.: MODEL, not measured" in printed
     assert float(by[("inductor", "max_rel_err")]["median"]) < 1e-4
     assert not any(r["metric"].startswith("forward_backward") for r in rows)  # --no-train
     # deeppcr either works or is recorded as an error; never missing.
@@ -89,11 +97,11 @@ def _broken_call(fn):
 
 
 def test_failing_provider_and_setup_give_rows_not_a_crash(tmp_path):
-    providers = [harness.Provider("eager", "-", harness._eager, compiled=False),
-                 harness.Provider("broken", "build", _broken_build),
-                 harness.Provider("broken", "call", _broken_call, compiled=False),
-                 harness.Provider("inductor", "reduce-overhead", harness._inductor_cudagraphs, cuda_only=True,
-                                  skip_note="CUDA only")]
+    provs = [providers.Provider("eager", "-", providers._eager, compiled=False),
+             providers.Provider("broken", "build", _broken_build),
+             providers.Provider("broken", "call", _broken_call, compiled=False),
+             providers.Provider("inductor", "reduce-overhead", providers._inductor_cudagraphs, cuda_only=True,
+                                skip_note="CUDA only")]
 
     def bad_setup(device, n):
         raise KeyError("no such model")
@@ -104,7 +112,7 @@ def test_failing_provider_and_setup_give_rows_not_a_crash(tmp_path):
     cases = suites.smoke_cases(True) + [suites.Case("bad", (("n", 1),), bad_setup),
                                         suites.Case("skipped", (("n", 1),), skipped_setup)]
     csv_path = tmp_path / "r.csv"
-    rows = harness.run_benchmarks(cases, providers, _cfg(), csv_path)
+    rows = harness.run_benchmarks(cases, provs, _cfg(), csv_path)
     assert _read(csv_path) == rows
 
     errors = [r for r in rows if r["status"] == "error"]
@@ -122,36 +130,36 @@ def test_failing_provider_and_setup_give_rows_not_a_crash(tmp_path):
     ok = {r["metric"] for r in rows if r["provider"] == "eager" and r["status"] == "ok"}
     assert {"forward", "forward_backward", "max_rel_err", "max_rel_err_grad"} <= ok
 
-    summary = harness.problems(rows)
+    summary = tables.problems(rows)
     assert "Failures (5)" in summary and "Skipped (2)" in summary
-    table = harness.tables(rows)
+    table = tables.tables(rows)
     assert "broken-build" in table and "compile_forward: error" in table
 
 
 def _synthetic_rows(date: str, scale: float) -> list[dict[str, str]]:
-    env = harness.Env("cpu: test", torch.__version__, "0", "abc", date)
+    env = output.Env("cpu: test", torch.__version__, "0", "abc", date)
     rows = []
     for layers in (16, 32, 64):
         for width in (4, 8):
             case = suites.Case("deep_mlp", (("layers", layers), ("width", width), ("batch", 2)), suites.setup_deep_mlp)
             for prov, mode, t in (("eager", "-", 1.0), ("inductor", "default", 0.5), ("deeppcr", "parallel", 0.25)):
-                rows.append(harness.RowMaker(env, case, prov, mode)("forward", "ms", t * layers * scale))
+                rows.append(output.RowMaker(env, case, prov, mode)("forward", "ms", t * layers * scale))
     for steps in (25, 50):
         case = suites.Case("ddim_mlp", (("steps", steps), ("batch", 4)), suites.setup_ddim_mlp)
         for prov, mode in (("eager", "-"), ("deeppcr", "auto")):
-            rows.append(harness.RowMaker(env, case, prov, mode)("forward", "ms", steps * scale))
-        rows.append(harness.RowMaker(env, case, "deeppcr", "parallel")("forward", "", status="error", note="x"))
+            rows.append(output.RowMaker(env, case, prov, mode)("forward", "ms", steps * scale))
+        rows.append(output.RowMaker(env, case, "deeppcr", "parallel")("forward", "", status="error", note="x"))
     return rows
 
 
 def test_plots_read_only_the_csv_and_latest_run(tmp_path):
     csv_path = tmp_path / "results.csv"
-    sink = harness.CsvSink(csv_path)
+    sink = output.CsvSink(csv_path)
     sink.write(_synthetic_rows("2026-01-01T00:00:00Z", 100.0))  # an older run appended before
     sink.write(_synthetic_rows("2026-01-02T00:00:00Z", 1.0))
     sink.close()
     rows = plots.read_csv(csv_path)
-    latest = harness.latest_run(rows)
+    latest = tables.latest_run(rows)
     assert len(latest) == len(rows) // 2 and {r["date"] for r in latest} == {"2026-01-02T00:00:00Z"}
 
     written = plots.plot_csv(csv_path, tmp_path / "plots")
@@ -159,26 +167,26 @@ def test_plots_read_only_the_csv_and_latest_run(tmp_path):
     assert names == ["ddim_mlp_forward_time_batch_4_cpu.png", "deep_mlp_forward_speedup_batch_2_cpu.png"]
     assert all(p.stat().st_size > 1000 for p in written)
 
-    table = harness.tables(latest)
+    table = tables.tables(latest)
     assert "4.00x" in table and "2.00x" in table  # deeppcr vs eager and vs inductor: 1/0.25, 0.5/0.25
 
 
 def test_quantiles_error_and_timer_counts():
-    assert harness.quantiles([3.0, 1.0, 2.0, 5.0, 4.0]) == pytest.approx((3.0, 1.8, 4.2))
+    assert timing.quantiles([3.0, 1.0, 2.0, 5.0, 4.0]) == pytest.approx((3.0, 1.8, 4.2))
     ref = [torch.tensor([1.0, -4.0]), torch.tensor([2.0])]
-    assert harness.max_rel_err([torch.tensor([1.0, -3.0]), torch.tensor([2.0])], ref) == pytest.approx(0.25)
-    assert harness.max_rel_err([None, torch.tensor([2.0])], ref) == pytest.approx(1.0)  # missing = zeros
+    assert measuring.max_rel_err([torch.tensor([1.0, -3.0]), torch.tensor([2.0])], ref) == pytest.approx(0.25)
+    assert measuring.max_rel_err([None, torch.tensor([2.0])], ref) == pytest.approx(1.0)  # missing = zeros
     calls = []
-    med, p20, p80 = harness.time_call(lambda: calls.append(1), torch.device("cpu"),
+    med, p20, p80 = timing.time_call(lambda: calls.append(1), torch.device("cpu"),
                                       _cfg(min_reps=3, max_reps=3, warmup=1, min_sample_s=0.0))
     assert len(calls) == 1 + 1 + 3 and p20 <= med <= p80  # warm-up, estimate, three samples
 
 
 def test_providers_and_grids():
-    labels = [p.label for p in harness.default_providers()]
+    labels = [p.label for p in providers.default_providers()]
     assert labels == ["eager", "inductor", "inductor-reduce-overhead", "deeppcr-parallel", "deeppcr-auto"]
     with pytest.raises(ValueError, match="unknown provider"):
-        harness.select_providers(harness.default_providers(), "eager,nope")
+        providers.select_providers(providers.default_providers(), "eager,nope")
     quick = suites.cases_for("all", quick=True)
     assert {c.model for c in quick} == {"deep_mlp", "residual_mlp", "conv_resnet", "ddim_mlp", "unet_ddim"}
     assert max(dict(c.params).get("layers", 0) for c in quick) <= 256

@@ -1,0 +1,130 @@
+"""Host overhead per compiled call: deeppcr with the solve's device work removed, against the floor.
+
+    python -m benchmarks.overhead [--layers 256] [--width 16] [--batch 16] [--budget 1.0] [--out DIR]
+
+The floor is what any torch.compile backend pays per call: the model compiled with a backend that returns a
+cached output (`providers.cached_output_backend`: Dynamo's guards, frame evaluation and argument handling,
+nothing else). deeppcr's forward (`mode="parallel"`, under no_grad) is measured as it is and with the solve's
+device work removed: `pcr_compile.solve.run_forward` patched, from here, to return the result its first call
+stored (no Newton iterations, no kernels). What is left is the host cost around the solve: Inductor's
+wrapper (size/stride asserts on every input), the chain op's dispatch and argument handling, its output
+checks. Both are also measured with `guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe`,
+passed in torch.compile's `options` (torch.compile takes that key out of the options before the backend
+sees them, so it combines with deeppcr's own options). Forward only: a training step has no cached-output
+floor (the stored output has no autograd graph to run backward through twice). Times are wall-clock medians
+per call on one intra-op thread (`timing.time_call`). Rows go to OUT/overhead.csv in the harness's schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .output import environment, header, make_row, write_csv
+from .providers import cached_output_backend
+from .timing import Timer, time_call
+
+GUARD_FILTER = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+
+
+@contextlib.contextmanager
+def solve_work_removed() -> Iterator[dict]:
+    """Patch `pcr_compile.solve.run_forward` to return, per (chain, shapes), the result of its first call."""
+    from pcr_compile import solve
+
+    real = solve.run_forward
+    stored: dict[tuple, Any] = {}
+
+    def stored_result(spec, states, per_step, consts, invariants, length, *args, **kwargs):
+        key = (spec.name, length, kwargs.get("keep_trajectory", True), tuple(tuple(s.shape) for s in states))
+        if key not in stored:
+            stored[key] = real(spec, states, per_step, consts, invariants, length, *args, **kwargs)
+        return stored[key]
+
+    solve.run_forward = stored_result
+    try:
+        yield stored
+    finally:
+        solve.run_forward = real
+
+
+def _forward(fn: Callable[..., Any], x: torch.Tensor) -> Callable[[], Any]:
+    def call():
+        with torch.no_grad():
+            return fn(x)
+
+    return call
+
+
+def measure(layers: int, width: int, batch: int, timer: Timer) -> list[tuple[str, str, float, float, float, str]]:
+    """(label, mode, median, p20, p80, note) per variant, in ms per call."""
+    from pcr_compile.models import DeepMLP
+
+    torch.manual_seed(0)
+    model = DeepMLP(layers=layers, width=width)
+    x = torch.randn(batch, width)
+    dev = torch.device("cpu")
+    out = []
+
+    def run(label, mode, fn, note=""):
+        call = _forward(fn, x)
+        call()  # compile
+        out.append((label, mode, *time_call(call, dev, timer), note))
+        torch._dynamo.reset()
+
+    run("eager", "-", model)
+    run("cached-output", "floor", torch.compile(model, backend=cached_output_backend),
+        "torch.compile with a backend returning a stored output: Dynamo's own cost")
+    run("cached-output", "floor+guard_filter", torch.compile(model, backend=cached_output_backend,
+                                                             options=dict(GUARD_FILTER)),
+        "the same with skip_guard_on_all_nn_modules_unsafe")
+    par = {"mode": "parallel"}
+    run("deeppcr", "parallel", torch.compile(model, backend="deeppcr", options=dict(par)), "the real solve")
+    with solve_work_removed() as stored:
+        run("deeppcr", "parallel-no-solve", torch.compile(model, backend="deeppcr", options=dict(par)),
+            "solve.run_forward returns a stored result: host work only")
+        run("deeppcr", "parallel-no-solve+guard_filter",
+            torch.compile(model, backend="deeppcr", options={**par, **GUARD_FILTER}),
+            "the same with skip_guard_on_all_nn_modules_unsafe")
+    if not stored:
+        raise RuntimeError("the deeppcr forward never called solve.run_forward: no chain was solved")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=256)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per variant")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench_out")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    env = environment(torch.device("cpu"))
+    res = measure(a.layers, a.width, a.batch, Timer(budget_s=a.budget, min_reps=5, max_reps=2000, warmup=3))
+    floor = {m: med for lab, m, med, *_ in res if lab == "cached-output"}
+    params = f"layers={a.layers},width={a.width},batch={a.batch}"
+    rows = []
+    print(header(env, f"DeepMLP({a.layers}, {a.width}) batch {a.batch}, forward under no_grad, ms per call"))
+    for label, mode, med, p20, p80, note in res:
+        base = floor["floor+guard_filter"] if mode.endswith("guard_filter") else floor["floor"]
+        ratio = f"{med / base:.2f}x the floor" if label == "deeppcr" and "no-solve" in mode else ""
+        print(f"  {label:14s} {mode:32s} {med:9.3f} ms (p20 {p20:.3f}, p80 {p80:.3f})  {ratio}")
+        rows.append(make_row(env, "deep_mlp", label, mode, params, "host_forward", "ms", med, p20, p80,
+                             note=f"{note}{'; ' + ratio if ratio else ''}"))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "overhead.csv", rows)
+    print(f"rows appended to {out / 'overhead.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
