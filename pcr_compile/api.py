@@ -144,7 +144,7 @@ def report_graph(report: Report, index: int, gm: torch.fx.GraphModule, options: 
     """Add one graph's analysis to `report`; returns the plan."""
     from .backend import prepared
 
-    _, plan = prepared(gm, options)
+    _, plan = prepared(gm, options, copy=False)  # read only
     report.graphs.append(GraphSummary(index=index, nodes=len(gm.graph.nodes), ops=op_counts(gm)))
     report.chains.extend(_with_run_time_switch(chain_report(index, pc), pc, options) for pc in plan.chains)
     report.declined.extend(DeclinedReport(graph=index, **asdict(d)) for d in plan.declined)

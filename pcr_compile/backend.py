@@ -18,7 +18,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from pcr_compile.passes.carry import carry_lagged_values
-from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains, keep_in_graph
+from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains, keep_in_graph, mutates_in_place
 from pcr_compile.passes.functionalize import defer_running_stat_updates, functionalize_inplace
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
 from pcr_compile.passes.structure import linear_pointwise
@@ -94,11 +94,17 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, g, class_name=type(gm).__name__)
 
 
-def prepared(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan]:
+def prepared(gm: GraphModule, options: Options, copy: bool = True) -> tuple[GraphModule, GraphPlan]:
     """The copy of a Dynamo graph that chains are found in, and its plan. In the copy, BatchNorm's
     running-statistics updates are moved to the end and private in-place ops rewritten out of place
     (`passes/functionalize.py`), and values read two steps back are carried through the step between
-    (`passes/carry.py`)."""
+    (`passes/carry.py`). With `copy=False`, a graph that none of those passes would change (no in-place op,
+    no read two steps back) is analysed where it is, read only, and returned itself: deciding to change
+    nothing then costs no copy of the graph (half the backend's time on a 1,000-node graph)."""
+    if not copy and not any(mutates_in_place(n) for n in gm.graph.nodes):
+        analysis = find_chains(gm.graph, min_length=options.min_chain_length)
+        if not analysis.lagged:
+            return gm, plan_graph(gm, options, analysis)
     new = copy_graph_module(gm)
     changed = defer_running_stat_updates(new.graph) + functionalize_inplace(new.graph)
     carried, analysis = carry_lagged_values(new.graph, min_length=options.min_chain_length)
@@ -110,8 +116,11 @@ def prepared(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan]
 def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, list[str]]:
     """A rewritten copy of `gm` with every chain decided "parallel" replaced by its chain op (`gm` itself when
     none is); chains are found in the prepared copy (`prepared`)."""
-    new, plan = prepared(gm, options)
+    new, plan = prepared(gm, options, copy=False)
     chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
+    if chosen and new is gm:  # analysed in place: rewrite a copy, its chains found again there
+        new, plan = prepared(gm, options)
+        chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
     specs = [chain_spec(pc.match) for pc in chosen]  # every check before the first mutation
     names = []
     for i, (pc, spec) in enumerate(zip(chosen, specs)):

@@ -528,3 +528,22 @@ def test_auto_switches_a_chain_that_does_not_pay_to_sequential_after_its_first_s
     assert solve.switched(fwd.chain.removeprefix("pcr_compile::"))
     report = pcr_compile.explain(model, x, options={"mode": "auto"})
     assert "switched to sequential" in report.chains[0].reason
+
+
+def test_a_backend_that_changes_nothing_copies_nothing(monkeypatch):
+    """Default options on the CPU keep every chain sequential: the graph is analysed where it is (read only)
+    and handed to Inductor itself, without the copy a rewrite needs (half the backend's own time)."""
+    import pcr_compile.backend as backend
+    from pcr_compile.options import Options
+
+    copies = []
+    real = backend.copy_graph_module
+    monkeypatch.setattr(backend, "copy_graph_module", lambda gm: copies.append(gm) or real(gm))
+    [gm] = torch._dynamo.explain(DeepMLP(layers=10, width=3))(torch.randn(2, 3)).graphs
+    before = [(n.op, n.target, n.args) for n in gm.graph.nodes]
+    new, plan, names = backend.rewrite(gm, Options())
+    assert new is gm and not names and not copies and len(plan.chains) == 1
+    assert [(n.op, n.target, n.args) for n in gm.graph.nodes] == before
+    new, plan, names = backend.rewrite(gm, Options(mode="parallel"))  # a rewrite works on a copy
+    assert new is not gm and names and len(copies) == 1
+    assert [(n.op, n.target, n.args) for n in gm.graph.nodes] == before
