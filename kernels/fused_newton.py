@@ -12,7 +12,8 @@ max|f|, row by row) is ``<= tol`` (or is not finite, or after ``max_iters`` upda
 reported, not handled: the caller finishes sequentially.
 
 ``impl="torch"``: batched PyTorch ops and the PyTorch PCR (``reference.py``). ``impl="triton"``: three
-launches per iteration (``triton_newton.py``), convergence checked on the device; the host reads one small
+launches per iteration, four when the chain is cut into chunks (``triton_newton.py``; chunks planned by
+``settings.plan_chunk`` at every width), convergence checked on the device; the host reads one small
 buffer (the done flag, the stopping evaluation and the residual history) every ``CHECK_EVERY`` iterations,
 so a 5-iteration solve costs two device-to-host reads. Both report the same iterations and residuals up
 to rounding.
@@ -108,15 +109,15 @@ def _newton_torch(z0, W, bias, activation, residual, tol, max_iters):
 def _newton_triton(z0, W, bias, activation, residual, tol, max_iters, chunk=None, check_every=CHECK_EVERY):
     import triton  # lazily: the PyTorch path imports without Triton
 
-    from .triton_newton import _newton_carry_kernel, _newton_eval_kernel, _newton_update_kernel
-    from .triton_pcr import acc_dtype, plan_chunk
+    from . import settings
+    from .triton_newton import _newton_carry_kernel, _newton_eval_kernel, _newton_summary_kernel, _newton_update_kernel
 
     L, (B, w) = W.shape[0], z0.shape
     dev, ct = z0.device, z0.dtype
     W = W.contiguous()
-    W_PAD = max(triton.next_power_of_2(w), 2)
-    warps = {2: 1, 4: 1, 8: 1, 16: 2, 32: 4, 64: 8}[W_PAD]
-    chunk = plan_chunk(B, L, dev, chunk) if W_PAD <= 32 else L
+    W_PAD = settings.w_pad(w)
+    warps = settings.dense_warps(W_PAD)
+    chunk = settings.plan_chunk(B, L, w, ct, settings.device_props(dev), chunk)
     n_chunks = triton.cdiv(L, chunk)
     Z = z0.expand(L, B, w).contiguous()  # (L, B, w) in the compute dtype, updated in place
     D, BE = torch.empty_like(Z), torch.empty_like(Z)  # act'(a_l) and the Newton offsets
@@ -127,25 +128,30 @@ def _newton_triton(z0, W, bias, activation, residual, tol, max_iters, chunk=None
     stats = torch.zeros(n_stats, dtype=ct, device=dev)  # per program: max over its steps of rho_{l,b}
     # status = (stopped, evaluation it stopped at, rho at evaluation 0, 1, ..): read by the host in one transfer
     status = torch.zeros(max_iters + 3, dtype=ct, device=dev)
-    floor = tiny(ct)
-    acc = acc_dtype(ct)
+    acc = settings.acc_dtype(ct)
     act = ACTIVATIONS.index(activation)
-    block = min(max(triton.next_power_of_2(n_stats), 16), 1024)
+    block, carry_warps = settings.reduce_settings(n_stats, W_PAD)
     bias_arg = W if bias is None else bias.contiguous()
+    meta = dict(W_PAD=W_PAD, ACC=acc, num_warps=warps)
     k_read, reads, host = -1, 0, None
     for k in range(max_iters + 1):
-        _newton_eval_kernel[(B, n_chunks)](
-            z0, W, bias_arg, Z, D, BE, P, S, stats, status, L, B, w, chunk, n_chunks,
-            TINY=floor, ACT=act, RESID=residual, HAS_BIAS=bias is not None, SUMMARY=n_chunks > 1,
-            W_PAD=W_PAD, ACC=acc, USE_DOT=W_PAD >= 32, num_warps=warps,
+        settings.launch(
+            _newton_eval_kernel, (B, n_chunks), z0, W, bias_arg, Z, D, BE, stats, status, L, B, w, chunk, n_chunks,
+            device=dev, TINY=tiny(ct), ACT=act, RESID=residual, HAS_BIAS=bias is not None, **meta,
         )
-        _newton_carry_kernel[(B,)](
-            P, S, carry, stats, status, k, n_stats, float(tol), B, w, n_chunks - 1,
-            W_PAD=W_PAD, ACC=acc, BLOCK=block, num_warps=warps,
+        if n_chunks > 1:
+            settings.launch(
+                _newton_summary_kernel, (B, n_chunks - 1), z0, W, D, BE, P, S, status, L, B, w, chunk, device=dev,
+                RESID=residual, USE_DOT=settings.use_dot(W_PAD), PREC=settings.dot_precision(ct), **meta,
+            )
+        settings.launch(
+            _newton_carry_kernel, (B,), P, S, carry, stats, status, k, n_stats, float(tol), B, w, n_chunks - 1,
+            device=dev, W_PAD=W_PAD, ACC=acc, BLOCK=block, num_warps=carry_warps,
         )
         if k < max_iters:
-            _newton_update_kernel[(B, n_chunks)](
-                z0, W, D, BE, carry, Z, status, L, B, w, chunk, RESID=residual, W_PAD=W_PAD, ACC=acc, num_warps=warps
+            settings.launch(
+                _newton_update_kernel, (B, n_chunks), z0, W, D, BE, carry, Z, status, L, B, w, chunk, device=dev,
+                RESID=residual, **meta,
             )
         if (k + 1) % check_every == 0 or k == max_iters:  # always true at the last k: host is set below
             k_read, reads = k, reads + 1

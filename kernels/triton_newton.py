@@ -1,12 +1,15 @@
 """Triton kernels of the fused Newton solve for chains ``z_l = act(W_l z_{l-1} + bias_l)`` (+ ``z_{l-1}``).
 
-One Newton iteration is three launches, none of which syncs with the host:
+One Newton iteration is three launches (four when the chain is cut into chunks), none of which syncs with
+the host:
 
 1. ``_newton_eval_kernel`` (grid: batch x chunks): every layer at the old guess ``Z^k`` -- pre-activation
    ``a_l = W_l z^k_{l-1} + bias_l``, ``f_l``, ``d_l = act'(a_l)``, the step residual of its row
    ``rho_{l,b} = max_i |z^k_{l,b,i} - f_{l,b,i}| / max(max_i |f_{l,b,i}|, tiny)`` (NaN as inf; ``residual.py``)
    and its max over the program's steps, the Newton offset ``beff_l = f_l - J_l z^k_{l-1}`` with
-   ``J_l = diag(d_l) W_l`` (``+ I`` for the residual form), and each chunk's composed map ``(P_c, s_c)``;
+   ``J_l = diag(d_l) W_l`` (``+ I`` for the residual form); with chunks, ``_newton_summary_kernel``
+   (grid: batch x chunks - 1) composes each chunk's map ``(P_c, s_c)`` of those steps (a separate kernel,
+   so neither holds ``W_l``, ``J_l`` and ``P_c`` at once: no register spills at ``w = 64``);
 2. ``_newton_carry_kernel`` (grid: batch): reduces ``rho = max_{l,b} rho_{l,b}`` over the programs, writes it
    to the status buffer's history, sets the on-device ``done`` flag when ``rho <= tol`` (or ``rho = inf``),
    else scans the chunk maps into carries;
@@ -15,7 +18,8 @@ One Newton iteration is three launches, none of which syncs with the host:
 
 After ``done`` is set every kernel is a no-op, so the host reads the status buffer
 ``(done, stopping evaluation, rho_0, rho_1, ...)`` only every few iterations, in one transfer.
-``W_l`` stays in registers for the whole layer (``w <= 64``, padded to a power of two). The launcher is in
+``W_l`` stays in registers for the whole layer (``w <= 64``, padded to a power of two); ``P_c <- J_l P_c`` is
+a ``tl.dot`` (``tf32x3`` for float32: three TF32 tensor-core products, about float32's accuracy). The launcher is in
 ``fused_newton.py``.
 """
 
@@ -78,13 +82,13 @@ def _i64(x):
 
 @triton.jit
 def _newton_eval_kernel(
-    z0_ptr, W_ptr, bias_ptr, Z_ptr, D_ptr, BE_ptr, P_ptr, S_ptr, stats_ptr, status_ptr, L, B, w, chunk, n_chunks,
-    TINY: tl.constexpr, ACT: tl.constexpr, RESID: tl.constexpr, HAS_BIAS: tl.constexpr, SUMMARY: tl.constexpr,
-    W_PAD: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    z0_ptr, W_ptr, bias_ptr, Z_ptr, D_ptr, BE_ptr, stats_ptr, status_ptr, L, B, w, chunk, n_chunks,
+    TINY: tl.constexpr, ACT: tl.constexpr, RESID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W_PAD: tl.constexpr, ACC: tl.constexpr,
 ):
-    # a_l = W_l z_{l-1} + bias_l; f_l = act(a_l) [+ z_{l-1}]; beff_l = act(a_l) - d_l * (W_l z_{l-1});
-    # rho_{l,b} = max_i |z_l - f_l| / max(max_i |f_l|, tiny), maxed over the chunk's steps (NaN counts as inf);
-    # chunk map: s <- J_l s + beff_l, P <- J_l P, from (z_0, 0) for the first chunk and (0, I) otherwise.
+    # a_l = W_l z_{l-1} + bias_l; f_l = act(a_l) [+ z_{l-1}]; d_l = act'(a_l); beff_l = act(a_l) - d_l * (W_l z_{l-1});
+    # rho_{l,b} = max_i |z_l - f_l| / max(max_i |f_l|, tiny), maxed over the chunk's steps (NaN counts as inf).
+    # The steps are independent: the chunk only sets how many a program evaluates.
     bi = tl.program_id(0)
     c = tl.program_id(1)
     if tl.load(status_ptr) == 0:
@@ -93,11 +97,7 @@ def _newton_eval_kernel(
         mask_r = offs_r < w
         mask_c = offs_c < w
         mask2 = mask_r[:, None] & mask_c[None, :]
-        eye = tl.where(offs_r[:, None] == offs_c[None, :], 1.0, 0.0).to(ACC)
         z0 = tl.load(z0_ptr + bi * w + offs_c, mask=mask_c, other=0.0).to(ACC)
-        first = (offs_c * 0 + c) == 0
-        s = tl.where(first, z0, 0.0)
-        P = tl.where((offs_r[:, None] * 0 + c) == 0, 0.0, eye)
         rho = tl.zeros([1], dtype=ACC)
         start = c * chunk
         stop = tl.minimum(start + chunk, L)
@@ -106,8 +106,7 @@ def _newton_eval_kernel(
             prev = tl.load(Z_ptr + row - B * w + offs_c, mask=mask_c & (offs_c * 0 + j > 0), other=0.0)
             prev = tl.where((offs_c * 0 + j) > 0, prev.to(ACC), z0)
             Wl = tl.load(W_ptr + _i64(j) * w * w + offs_r[:, None] * w + offs_c[None, :], mask=mask2, other=0.0)
-            Wl = Wl.to(ACC)
-            y = tl.sum(Wl * prev[None, :], axis=1)  # W_l z_{l-1}, rows layout
+            y = tl.sum(Wl.to(ACC) * prev[None, :], axis=1)  # W_l z_{l-1}, rows layout
             a = y
             if HAS_BIAS:
                 a = y + tl.load(bias_ptr + _i64(j) * w + offs_r, mask=mask_r, other=0.0).to(ACC)
@@ -121,22 +120,44 @@ def _newton_eval_kernel(
             rho = tl.maximum(rho, _nan_to_inf(rmax / tl.maximum(fmax, TINY)))
             tl.store(D_ptr + row + offs_r, d, mask=mask_r)
             tl.store(BE_ptr + row + offs_r, fa - d * y, mask=mask_r)
-            if SUMMARY:
-                J = d[:, None] * Wl
-                if RESID:
-                    J = J + eye
-                s = tl.sum(J * s[None, :], axis=1)  + (fa - d * y)
-                if USE_DOT:
-                    P = tl.dot(J, P, input_precision="ieee", out_dtype=ACC)
-                else:
-                    P = tl.sum(J[:, :, None] * P[None, :, :], axis=1)
-        pid = bi * n_chunks + c
-        tl.store(stats_ptr + pid + tl.arange(0, 1), rho)
-        if SUMMARY:
-            if c < n_chunks - 1:
-                base = c.to(tl.int64) * B + bi
-                tl.store(S_ptr + base * w + offs_r, s, mask=mask_r)
-                tl.store(P_ptr + base * w * w + offs_r[:, None] * w + offs_c[None, :], P, mask=mask2)
+        tl.store(stats_ptr + bi * n_chunks + c + tl.arange(0, 1), rho)
+
+
+@triton.jit
+def _newton_summary_kernel(
+    z0_ptr, W_ptr, D_ptr, BE_ptr, P_ptr, S_ptr, status_ptr, L, B, w, chunk,
+    RESID: tl.constexpr, W_PAD: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    # Chunk c's composed map of the Newton steps z_l = J_l z_{l-1} + beff_l, J_l = diag(d_l) W_l [+ I]:
+    # s <- J_l s + beff_l, P <- J_l P, from (z_0, 0) for the first chunk and (0, I) otherwise (grid: B x chunks-1).
+    bi = tl.program_id(0)
+    c = tl.program_id(1)
+    if tl.load(status_ptr) == 0:
+        offs_r = tl.arange(0, W_PAD)
+        offs_c = tl.arange(0, W_PAD)
+        mask_r = offs_r < w
+        mask2 = mask_r[:, None] & (offs_c[None, :] < w)
+        eye = tl.where(offs_r[:, None] == offs_c[None, :], 1.0, 0.0).to(ACC)
+        first = (offs_r * 0 + c) == 0
+        s = tl.load(z0_ptr + bi * w + offs_r, mask=mask_r & first, other=0.0).to(ACC)
+        P = tl.where((offs_r[:, None] * 0 + c) == 0, 0.0, eye)
+        start = c * chunk
+        stop = tl.minimum(start + chunk, L)
+        for j in tl.range(start, stop):
+            row = (_i64(j) * B + bi) * w
+            Wl = tl.load(W_ptr + _i64(j) * w * w + offs_r[:, None] * w + offs_c[None, :], mask=mask2, other=0.0)
+            d = tl.load(D_ptr + row + offs_r, mask=mask_r, other=0.0)
+            J = d[:, None] * Wl.to(ACC)
+            if RESID:
+                J = J + eye
+            s = tl.sum(J * s[None, :], axis=1) + tl.load(BE_ptr + row + offs_r, mask=mask_r, other=0.0)
+            if USE_DOT:
+                P = tl.dot(J, P, input_precision=PREC, out_dtype=ACC)
+            else:
+                P = tl.sum(J[:, :, None] * P[None, :, :], axis=1)
+        base = c.to(tl.int64) * B + bi
+        tl.store(S_ptr + base * w + offs_r, s, mask=mask_r)
+        tl.store(P_ptr + base * w * w + offs_r[:, None] * w + offs_c[None, :], P, mask=mask2)
 
 
 @triton.jit(do_not_specialize=["k"])  # the iteration counter: one compiled variant for every k

@@ -236,3 +236,13 @@ def test_triton_status_is_read_in_few_transfers(chunk, monkeypatch):
     assert len(reads) == 2
     assert residuals == pytest.approx(ref.residuals, rel=1e-6, abs=1e-14)
     torch.testing.assert_close(Z, ref.traj, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("w,residual", [(33, False), (48, True), (64, False)])
+def test_triton_chunked_newton_at_widths_over_32(w, residual):
+    """The fused Newton cuts chains into chunks at every width up to 64 (summaries in their own kernel)."""
+    skip_unless_runnable("triton", "cpu")
+    z0, W, bias = make_chain(7, w, (2,), residual=residual, seed=w)
+    Z, it, conv, residuals = _newton_triton(z0, W, bias, "tanh", residual, 1e-11, 7, chunk=3, check_every=2)
+    assert conv and len(residuals) == it + 1
+    torch.testing.assert_close(Z, sequential(z0, W, bias, "tanh", residual), atol=1e-9, rtol=1e-9)
