@@ -53,8 +53,8 @@ def _act(a, ACT: tl.constexpr):
         f = tl.where(a < 0, -t, t)
         d = 1.0 - f * f
     elif ACT == 2:
-        f = tl.maximum(a, 0.0)
-        d = tl.where(a > 0, 1.0, 0.0).to(a.dtype)
+        f = tl.where(a < 0, 0.0, a)  # NaN stays NaN (as torch.relu), so the residual sees it
+        d = (a > 0).to(a.dtype)
     elif ACT == 3:
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
         f = a * cdf
