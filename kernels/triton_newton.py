@@ -53,7 +53,7 @@ def _act(a, ACT: tl.constexpr):
         f = tl.where(a < 0, -t, t)
         d = 1.0 - f * f
     elif ACT == 2:
-        f = tl.where(a < 0, 0.0, a)  # NaN stays NaN (as torch.relu), so the residual sees it
+        f = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN (as torch.relu)
         d = (a > 0).to(a.dtype)
     elif ACT == 3:
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
