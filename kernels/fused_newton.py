@@ -7,12 +7,16 @@ residual form), so a Newton iteration needs no autograd and, on the GPU, no host
 Newton (DeepPCR, Danieli et al., NeurIPS 2023, arXiv 2309.16318): initial guess ``z_l = z_0`` for all l;
 iteration k evaluates every layer at the old guess in one batched op, then solves the linear recurrence
 ``z_l = J_l z_{l-1} + (f_l(z^k_{l-1}) - J_l z^k_{l-1})`` from the given ``z_0``. It stops at the first
-evaluation with ``max|z_l - f_l(z_{l-1})| <= tol * max(max|f|, tiny)`` (or a non-finite residual, or after
-``max_iters`` updates). Not converging is reported, not handled: the caller finishes sequentially.
+evaluation whose largest step residual ``max_l rho_l`` (``residual.py``: each step's max|r| against its own
+max|f|, row by row) is ``<= tol`` (or is not finite, or after ``max_iters`` updates). Not converging is
+reported, not handled: the caller finishes sequentially.
 
 ``impl="torch"``: batched PyTorch ops and the PyTorch PCR (``reference.py``). ``impl="triton"``: three
-launches per iteration (``triton_newton.py``), convergence checked on the device and read by the host
-every ``CHECK_EVERY`` iterations. Both report the same iterations and residuals up to rounding.
+launches per iteration, four when the chain is cut into chunks (``triton_newton.py``; chunks planned by
+``settings.plan_chunk`` at every width), convergence checked on the device; the host reads one small
+buffer (the done flag, the stopping evaluation and the residual history) every ``CHECK_EVERY`` iterations,
+so a 5-iteration solve costs two device-to-host reads. Both report the same iterations and residuals up
+to rounding.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ from typing import NamedTuple
 import torch
 
 from .reference import compute_dtype, linear_recurrence_torch
+from .residual import step_residuals, tiny
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NewtonResult", "newton_linear_pointwise", "ACTIVATIONS"]
 
 ACTIVATIONS = ("identity", "tanh", "relu", "gelu", "sigmoid", "silu")
-TINY = 1e-30  # floor of the residual's scale, as in newton.py
-CHECK_EVERY = 4  # Triton path: iterations launched between two host reads of the convergence flag
+CHECK_EVERY = 4  # Triton path: iterations launched between two host reads of the status buffer
 MAX_FUSED_W = 64
 
 
@@ -39,8 +43,9 @@ class NewtonResult(NamedTuple):
     """Outcome of :func:`newton_linear_pointwise`.
 
     traj: ``(L, *batch, w)`` = ``[z_1 .. z_L]`` in ``z0``'s dtype; iterations: Newton updates done;
-    residual: last scaled residual ``max|z_l - f_l(z_{l-1})| / max(max|f|, tiny)``; converged: residual
-    under ``tol``; residuals: the scaled residual at every evaluation (``iterations + 1`` entries).
+    residual: the last evaluation's largest step residual ``max_l rho_l``, ``rho_l = max_b max_i |r_{l,b,i}|
+    / max(max_i |f_{l,b,i}|, tiny)`` (``residual.step_residuals``; inf when not finite); converged: residual
+    ``<= tol``; residuals: that largest step residual at every evaluation (``iterations + 1`` entries).
     """
 
     traj: torch.Tensor
@@ -48,13 +53,6 @@ class NewtonResult(NamedTuple):
     residual: float
     converged: bool
     residuals: list[float]
-
-
-def _scaled(rmax: float, fmax: float) -> float:
-    """max|r| / max(max|f|, tiny); inf when the residual is not finite."""
-    if math.isnan(rmax) or math.isinf(rmax):
-        return math.inf
-    return rmax / max(fmax, TINY)
 
 
 # -------------------------------------------------------------------------------------------- PyTorch path
@@ -88,14 +86,13 @@ def _newton_torch(z0, W, bias, activation, residual, tol, max_iters):
         y = torch.einsum("lij,lbj->lbi", W, prev)  # W_l z_{l-1}
         fa, d = _act_and_grad(y if bias is None else y + bias[:, None], activation)
         f = fa + prev if residual else fa
-        rmax, fmax = (Z - f).abs().amax().item(), f.abs().amax().item()
-        rmax = math.inf if math.isnan(rmax) else rmax  # NaN counts as divergence, as on the device
-        residuals.append(_scaled(rmax, fmax))
+        rho = float(step_residuals(Z - f, f).amax())  # max_l rho_l; NaN counts as inf, as on the device
+        residuals.append(rho)
         it = k
-        if rmax <= tol * max(fmax, TINY):
+        if rho <= tol:
             converged = True
             break
-        if rmax == float("inf") or k == max_iters:
+        if rho == math.inf or k == max_iters:
             break
         J = d[..., None] * W[:, None]  # (L, B, w, w) = diag(act'(a_l)) W_l
         if residual:
@@ -112,15 +109,15 @@ def _newton_torch(z0, W, bias, activation, residual, tol, max_iters):
 def _newton_triton(z0, W, bias, activation, residual, tol, max_iters, chunk=None, check_every=CHECK_EVERY):
     import triton  # lazily: the PyTorch path imports without Triton
 
-    from .triton_newton import _newton_carry_kernel, _newton_eval_kernel, _newton_update_kernel
-    from .triton_pcr import acc_dtype, plan_chunk
+    from . import settings
+    from .triton_newton import _newton_carry_kernel, _newton_eval_kernel, _newton_summary_kernel, _newton_update_kernel
 
     L, (B, w) = W.shape[0], z0.shape
     dev, ct = z0.device, z0.dtype
     W = W.contiguous()
-    W_PAD = max(triton.next_power_of_2(w), 2)
-    warps = {2: 1, 4: 1, 8: 1, 16: 2, 32: 4, 64: 8}[W_PAD]
-    chunk = plan_chunk(B, L, dev, chunk) if W_PAD <= 32 else L
+    W_PAD = settings.w_pad(w)
+    warps = settings.dense_warps(W_PAD)
+    chunk = settings.plan_chunk(B, L, w, ct, settings.device_props(dev), chunk)
     n_chunks = triton.cdiv(L, chunk)
     Z = z0.expand(L, B, w).contiguous()  # (L, B, w) in the compute dtype, updated in place
     D, BE = torch.empty_like(Z), torch.empty_like(Z)  # act'(a_l) and the Newton offsets
@@ -128,38 +125,45 @@ def _newton_triton(z0, W, bias, activation, residual, tol, max_iters, chunk=None
     P = torch.empty(n_sum, B, w, w, dtype=ct, device=dev)
     S, carry = torch.empty(n_sum, B, w, dtype=ct, device=dev), torch.empty(n_sum, B, w, dtype=ct, device=dev)
     n_stats = B * n_chunks
-    stats = torch.zeros(max_iters + 1, n_stats, 2, dtype=ct, device=dev)  # per program (max|r|, max|f|)
-    done = torch.zeros(2, dtype=torch.int32, device=dev)  # (stopped, evaluation index it stopped at)
-    acc = acc_dtype(ct)
+    stats = torch.zeros(n_stats, dtype=ct, device=dev)  # per program: max over its steps of rho_{l,b}
+    # status = (stopped, evaluation it stopped at, rho at evaluation 0, 1, ..): read by the host in one transfer
+    status = torch.zeros(max_iters + 3, dtype=ct, device=dev)
+    acc = settings.acc_dtype(ct)
     act = ACTIVATIONS.index(activation)
-    block = min(max(triton.next_power_of_2(n_stats), 16), 1024)
+    block, carry_warps = settings.reduce_settings(n_stats, W_PAD)
     bias_arg = W if bias is None else bias.contiguous()
-    k_read = -1
+    meta = dict(W_PAD=W_PAD, ACC=acc, num_warps=warps)
+    k_read, reads, host = -1, 0, None
     for k in range(max_iters + 1):
-        _newton_eval_kernel[(B, n_chunks)](
-            z0, W, bias_arg, Z, D, BE, P, S, stats, done, k, L, B, w, chunk, n_chunks,
-            ACT=act, RESID=residual, HAS_BIAS=bias is not None, SUMMARY=n_chunks > 1,
-            W_PAD=W_PAD, ACC=acc, USE_DOT=W_PAD >= 32, num_warps=warps,
+        settings.launch(
+            _newton_eval_kernel, (B, n_chunks), z0, W, bias_arg, Z, D, BE, stats, status, L, B, w, chunk, n_chunks,
+            device=dev, TINY=tiny(ct), ACT=act, RESID=residual, HAS_BIAS=bias is not None, **meta,
         )
-        _newton_carry_kernel[(B,)](
-            P, S, carry, stats, done, k, n_stats, float(tol), TINY, B, w, n_chunks - 1,
-            W_PAD=W_PAD, ACC=acc, BLOCK=block, num_warps=warps,
+        if n_chunks > 1:
+            settings.launch(
+                _newton_summary_kernel, (B, n_chunks - 1), z0, W, D, BE, P, S, status, L, B, w, chunk, device=dev,
+                RESID=residual, USE_DOT=settings.use_dot(W_PAD), PREC=settings.dot_precision(ct), **meta,
+            )
+        settings.launch(
+            _newton_carry_kernel, (B,), P, S, carry, stats, status, k, n_stats, float(tol), B, w, n_chunks - 1,
+            device=dev, W_PAD=W_PAD, ACC=acc, BLOCK=block, num_warps=carry_warps,
         )
         if k < max_iters:
-            _newton_update_kernel[(B, n_chunks)](
-                z0, W, D, BE, carry, Z, done, L, B, w, chunk, RESID=residual, W_PAD=W_PAD, ACC=acc, num_warps=warps
+            settings.launch(
+                _newton_update_kernel, (B, n_chunks), z0, W, D, BE, carry, Z, status, L, B, w, chunk, device=dev,
+                RESID=residual, **meta,
             )
-        if (k + 1) % check_every == 0 or k == max_iters:
-            k_read = k
-            if int(done[0].item()):  # the one host sync, every check_every iterations
+        if (k + 1) % check_every == 0 or k == max_iters:  # always true at the last k: host is set below
+            k_read, reads = k, reads + 1
+            host = status.tolist()  # the one device-to-host transfer of this check
+            if host[0]:
                 break
-    stopped = bool(done[0].item())
-    it = int(done[1].item()) if stopped else max_iters
-    st = stats[: it + 1].amax(dim=1).double().cpu()  # (it + 1, 2)
-    residuals = [_scaled(r, f) for r, f in st.tolist()]
-    rmax = float(st[it, 0])
-    converged = stopped and rmax != float("inf")  # the device stops on convergence or a non-finite residual
-    logger.debug("fused Newton (triton): %d iterations, read at %d, chunks %d", it, k_read, n_chunks)
+    stopped = bool(host[0])
+    it = int(host[1]) if stopped else max_iters
+    residuals = [float(r) for r in host[2 : it + 3]]
+    converged = stopped and residuals[-1] != math.inf  # the device stops on convergence or a non-finite residual
+    logger.debug("fused Newton (triton): %d iterations, %d host reads (last at %d), chunks %d",
+                 it, reads, k_read, n_chunks)
     return Z, it, converged, residuals
 
 

@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from .settings import compute_dtype
+
 STRUCTURES = ("dense", "diagonal", "identity")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32 at least (half types are upcast), float64 stays float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _reverse_coefficients(A: torch.Tensor, structure: str) -> torch.Tensor:

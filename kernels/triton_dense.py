@@ -11,8 +11,9 @@ accelerated-scan and Mamba's chunked scan):
 2. ``_dense_scan_kernel`` over the chunk summaries: the carry (state at each chunk's end);
 3. ``_dense_scan_kernel`` again over the chain, every chunk starting from its carry.
 
-The chunked variant reads ``A`` twice and spends ``w^3`` flops per step on ``P_c``; it pays only when the
-sequential scan would leave most of the GPU idle.
+The chunked variant reads ``A`` twice and spends ``w^3`` flops per step on ``P_c`` (a ``tl.dot`` for
+``w >= 16``: ``tf32x3`` tensor-core products in float32, which keep ``w = 64`` free of register spills); it
+pays when the sequential scan would leave most of the GPU idle or walk a long chain.
 
 Steps are numbered in solve order ``n = 0..L-1``: position ``l = n`` forward and ``l = L-1-n`` for the
 adjoint, whose coefficient ``A[l+1]^T = A[L-n]^T`` is read transposed by index arithmetic (no flip,
@@ -84,7 +85,7 @@ def _dense_scan_kernel(
 @triton.jit
 def _dense_chunk_summary_kernel(
     A_ptr, b_ptr, P_ptr, s_ptr, L, B, w, chunk,
-    REVERSE: tl.constexpr, W_PAD: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    REVERSE: tl.constexpr, W_PAD: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     # Compose the chunk's maps: s <- T_n s + v_n, P <- T_n P from s = 0, P = I; P, s: (n_chunks, B, w[, w]).
     bi = tl.program_id(0)
@@ -99,7 +100,7 @@ def _dense_chunk_summary_kernel(
         T, v, _ = _load_step(A_ptr, b_ptr, n, L, bi, B, w, offs_r, offs_c, REVERSE, ACC)
         s = _matvec(T, s) + v
         if USE_DOT:
-            P = tl.dot(T, P, input_precision="ieee", out_dtype=ACC)
+            P = tl.dot(T, P, input_precision=PREC, out_dtype=ACC)
         else:
             P = tl.sum(T[:, :, None] * P[None, :, :], axis=1)
     base = c.to(tl.int64) * B + bi

@@ -1,19 +1,25 @@
 """Triton kernels of the fused Newton solve for chains ``z_l = act(W_l z_{l-1} + bias_l)`` (+ ``z_{l-1}``).
 
-One Newton iteration is three launches, none of which syncs with the host:
+One Newton iteration is three launches (four when the chain is cut into chunks), none of which syncs with
+the host:
 
 1. ``_newton_eval_kernel`` (grid: batch x chunks): every layer at the old guess ``Z^k`` -- pre-activation
-   ``a_l = W_l z^k_{l-1} + bias_l``, ``f_l``, ``d_l = act'(a_l)``, the residual ``max |z^k_l - f_l|`` and
-   ``max |f_l|`` per program, the Newton offset ``beff_l = f_l - J_l z^k_{l-1}`` with
-   ``J_l = diag(d_l) W_l`` (``+ I`` for the residual form), and each chunk's composed map ``(P_c, s_c)``;
-2. ``_newton_carry_kernel`` (grid: batch): reduces the residual statistics, sets the on-device ``done``
-   flag when ``max|r| <= tol * max(max|f|, tiny)`` (or the residual is not finite), else scans the chunk
-   maps into carries;
+   ``a_l = W_l z^k_{l-1} + bias_l``, ``f_l``, ``d_l = act'(a_l)``, the step residual of its row
+   ``rho_{l,b} = max_i |z^k_{l,b,i} - f_{l,b,i}| / max(max_i |f_{l,b,i}|, tiny)`` (NaN as inf; ``residual.py``)
+   and its max over the program's steps, the Newton offset ``beff_l = f_l - J_l z^k_{l-1}`` with
+   ``J_l = diag(d_l) W_l`` (``+ I`` for the residual form); with chunks, ``_newton_summary_kernel``
+   (grid: batch x chunks - 1) composes each chunk's map ``(P_c, s_c)`` of those steps (a separate kernel,
+   so neither holds ``W_l``, ``J_l`` and ``P_c`` at once: no register spills at ``w = 64``);
+2. ``_newton_carry_kernel`` (grid: batch): reduces ``rho = max_{l,b} rho_{l,b}`` over the programs, writes it
+   to the status buffer's history, sets the on-device ``done`` flag when ``rho <= tol`` (or ``rho = inf``),
+   else scans the chunk maps into carries;
 3. ``_newton_update_kernel`` (grid: batch x chunks): the linear recurrence
    ``z_l = J_l z_{l-1} + beff_l`` from each chunk's carry (``z_0`` for the first), written over ``Z``.
 
-After ``done`` is set every kernel is a no-op, so the host reads the statistics only every few iterations.
-``W_l`` stays in registers for the whole layer (``w <= 64``, padded to a power of two). The launcher is in
+After ``done`` is set every kernel is a no-op, so the host reads the status buffer
+``(done, stopping evaluation, rho_0, rho_1, ...)`` only every few iterations, in one transfer.
+``W_l`` stays in registers for the whole layer (``w <= 64``, padded to a power of two); ``P_c <- J_l P_c`` is
+a ``tl.dot`` (``tf32x3`` for float32: three TF32 tensor-core products, about float32's accuracy). The launcher is in
 ``fused_newton.py``.
 """
 
@@ -32,13 +38,23 @@ def _act(a, ACT: tl.constexpr):
         f = a
         d = tl.full(a.shape, 1.0, a.dtype)
     elif ACT == 1:
-        e = tl.exp(-2.0 * tl.abs(a))  # tanh(|a|) = (1 - e) / (1 + e): no overflow
+        # tanh(|a|) = (1 - e) / (1 + e), e = exp(-2|a|): no overflow, but 1 - e cancels for small |a|, so
+        # |a| < 1/8 takes the odd Taylor series to a^13 (relative error under 4e-16 there).
+        x = tl.abs(a)
+        e = tl.exp(-2.0 * x)
         t = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        p = -1382.0 / 155925.0 + x2 * (21844.0 / 6081075.0)
+        p = 62.0 / 2835.0 + x2 * p
+        p = -17.0 / 315.0 + x2 * p
+        p = 2.0 / 15.0 + x2 * p
+        p = -1.0 / 3.0 + x2 * p
+        t = tl.where(x < 0.125, x + x * x2 * p, t)
         f = tl.where(a < 0, -t, t)
         d = 1.0 - f * f
     elif ACT == 2:
-        f = tl.maximum(a, 0.0)
-        d = tl.where(a > 0, 1.0, 0.0).to(a.dtype)
+        f = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN (as torch.relu)
+        d = (a > 0).to(a.dtype)
     elif ACT == 3:
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
         f = a * cdf
@@ -66,27 +82,23 @@ def _i64(x):
 
 @triton.jit
 def _newton_eval_kernel(
-    z0_ptr, W_ptr, bias_ptr, Z_ptr, D_ptr, BE_ptr, P_ptr, S_ptr, stats_ptr, done_ptr, k, L, B, w, chunk, n_chunks,
-    ACT: tl.constexpr, RESID: tl.constexpr, HAS_BIAS: tl.constexpr, SUMMARY: tl.constexpr,
-    W_PAD: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    z0_ptr, W_ptr, bias_ptr, Z_ptr, D_ptr, BE_ptr, stats_ptr, status_ptr, L, B, w, chunk, n_chunks,
+    TINY: tl.constexpr, ACT: tl.constexpr, RESID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W_PAD: tl.constexpr, ACC: tl.constexpr,
 ):
-    # a_l = W_l z_{l-1} + bias_l; f_l = act(a_l) [+ z_{l-1}]; beff_l = act(a_l) - d_l * (W_l z_{l-1});
-    # chunk map: s <- J_l s + beff_l, P <- J_l P, from (z_0, 0) for the first chunk and (0, I) otherwise.
+    # a_l = W_l z_{l-1} + bias_l; f_l = act(a_l) [+ z_{l-1}]; d_l = act'(a_l); beff_l = act(a_l) - d_l * (W_l z_{l-1});
+    # rho_{l,b} = max_i |z_l - f_l| / max(max_i |f_l|, tiny), maxed over the chunk's steps (NaN counts as inf).
+    # The steps are independent: the chunk only sets how many a program evaluates.
     bi = tl.program_id(0)
     c = tl.program_id(1)
-    if tl.load(done_ptr) == 0:
+    if tl.load(status_ptr) == 0:
         offs_r = tl.arange(0, W_PAD)
         offs_c = tl.arange(0, W_PAD)
         mask_r = offs_r < w
         mask_c = offs_c < w
         mask2 = mask_r[:, None] & mask_c[None, :]
-        eye = tl.where(offs_r[:, None] == offs_c[None, :], 1.0, 0.0).to(ACC)
         z0 = tl.load(z0_ptr + bi * w + offs_c, mask=mask_c, other=0.0).to(ACC)
-        first = (offs_c * 0 + c) == 0
-        s = tl.where(first, z0, 0.0)
-        P = tl.where((offs_r[:, None] * 0 + c) == 0, 0.0, eye)
-        rmax = tl.zeros([W_PAD], dtype=ACC)
-        fmax = tl.zeros([W_PAD], dtype=ACC)
+        rho = tl.zeros([1], dtype=ACC)
         start = c * chunk
         stop = tl.minimum(start + chunk, L)
         for j in tl.range(start, stop):
@@ -94,8 +106,7 @@ def _newton_eval_kernel(
             prev = tl.load(Z_ptr + row - B * w + offs_c, mask=mask_c & (offs_c * 0 + j > 0), other=0.0)
             prev = tl.where((offs_c * 0 + j) > 0, prev.to(ACC), z0)
             Wl = tl.load(W_ptr + _i64(j) * w * w + offs_r[:, None] * w + offs_c[None, :], mask=mask2, other=0.0)
-            Wl = Wl.to(ACC)
-            y = tl.sum(Wl * prev[None, :], axis=1)  # W_l z_{l-1}, rows layout
+            y = tl.sum(Wl.to(ACC) * prev[None, :], axis=1)  # W_l z_{l-1}, rows layout
             a = y
             if HAS_BIAS:
                 a = y + tl.load(bias_ptr + _i64(j) * w + offs_r, mask=mask_r, other=0.0).to(ACC)
@@ -104,51 +115,70 @@ def _newton_eval_kernel(
             if RESID:
                 f = fa + prev
             zl = tl.load(Z_ptr + row + offs_r, mask=mask_r, other=0.0).to(ACC)
-            rmax = tl.maximum(rmax, tl.where(mask_r, _nan_to_inf(tl.abs(zl - f)), 0.0))
-            fmax = tl.maximum(fmax, tl.where(mask_r, _nan_to_inf(tl.abs(f)), 0.0))
+            rmax = tl.max(tl.where(mask_r, _nan_to_inf(tl.abs(zl - f)), 0.0), axis=0)
+            fmax = tl.max(tl.where(mask_r, _nan_to_inf(tl.abs(f)), 0.0), axis=0)
+            rho = tl.maximum(rho, _nan_to_inf(rmax / tl.maximum(fmax, TINY)))
             tl.store(D_ptr + row + offs_r, d, mask=mask_r)
             tl.store(BE_ptr + row + offs_r, fa - d * y, mask=mask_r)
-            if SUMMARY:
-                J = d[:, None] * Wl
-                if RESID:
-                    J = J + eye
-                s = tl.sum(J * s[None, :], axis=1)  + (fa - d * y)
-                if USE_DOT:
-                    P = tl.dot(J, P, input_precision="ieee", out_dtype=ACC)
-                else:
-                    P = tl.sum(J[:, :, None] * P[None, :, :], axis=1)
-        pid = bi * n_chunks + c
-        tl.store(stats_ptr + (k * B * n_chunks + pid) * 2, tl.max(rmax, axis=0))
-        tl.store(stats_ptr + (k * B * n_chunks + pid) * 2 + 1, tl.max(fmax, axis=0))
-        if SUMMARY:
-            if c < n_chunks - 1:
-                base = c.to(tl.int64) * B + bi
-                tl.store(S_ptr + base * w + offs_r, s, mask=mask_r)
-                tl.store(P_ptr + base * w * w + offs_r[:, None] * w + offs_c[None, :], P, mask=mask2)
+        tl.store(stats_ptr + bi * n_chunks + c + tl.arange(0, 1), rho)
 
 
 @triton.jit
+def _newton_summary_kernel(
+    z0_ptr, W_ptr, D_ptr, BE_ptr, P_ptr, S_ptr, status_ptr, L, B, w, chunk,
+    RESID: tl.constexpr, W_PAD: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    # Chunk c's composed map of the Newton steps z_l = J_l z_{l-1} + beff_l, J_l = diag(d_l) W_l [+ I]:
+    # s <- J_l s + beff_l, P <- J_l P, from (z_0, 0) for the first chunk and (0, I) otherwise (grid: B x chunks-1).
+    bi = tl.program_id(0)
+    c = tl.program_id(1)
+    if tl.load(status_ptr) == 0:
+        offs_r = tl.arange(0, W_PAD)
+        offs_c = tl.arange(0, W_PAD)
+        mask_r = offs_r < w
+        mask2 = mask_r[:, None] & (offs_c[None, :] < w)
+        eye = tl.where(offs_r[:, None] == offs_c[None, :], 1.0, 0.0).to(ACC)
+        first = (offs_r * 0 + c) == 0
+        s = tl.load(z0_ptr + bi * w + offs_r, mask=mask_r & first, other=0.0).to(ACC)
+        P = tl.where((offs_r[:, None] * 0 + c) == 0, 0.0, eye)
+        start = c * chunk
+        stop = tl.minimum(start + chunk, L)
+        for j in tl.range(start, stop):
+            row = (_i64(j) * B + bi) * w
+            Wl = tl.load(W_ptr + _i64(j) * w * w + offs_r[:, None] * w + offs_c[None, :], mask=mask2, other=0.0)
+            d = tl.load(D_ptr + row + offs_r, mask=mask_r, other=0.0)
+            J = d[:, None] * Wl.to(ACC)
+            if RESID:
+                J = J + eye
+            s = tl.sum(J * s[None, :], axis=1) + tl.load(BE_ptr + row + offs_r, mask=mask_r, other=0.0)
+            if USE_DOT:
+                P = tl.dot(J, P, input_precision=PREC, out_dtype=ACC)
+            else:
+                P = tl.sum(J[:, :, None] * P[None, :, :], axis=1)
+        base = c.to(tl.int64) * B + bi
+        tl.store(S_ptr + base * w + offs_r, s, mask=mask_r)
+        tl.store(P_ptr + base * w * w + offs_r[:, None] * w + offs_c[None, :], P, mask=mask2)
+
+
+@triton.jit(do_not_specialize=["k"])  # the iteration counter: one compiled variant for every k
 def _newton_carry_kernel(
-    P_ptr, S_ptr, carry_ptr, stats_ptr, done_ptr, k, n_stats, tol, tiny, B, w, n_sum,
+    P_ptr, S_ptr, carry_ptr, stats_ptr, status_ptr, k, n_stats, tol, B, w, n_sum,
     W_PAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # stop <=> max|r| <= tol * max(max|f|, tiny) or max|r| = inf (NaN counted as inf);
+    # rho = max over programs of their rho; status[2 + k] = rho; stop <=> rho <= tol or rho = inf;
     # else carry[c] = P[c] carry[c-1] + S[c] over the chunk maps (P[0] = 0: the first chunk starts at z_0).
+    # Every program that finds done unset computes the same rho and writes the same values (benign race).
     bi = tl.program_id(0)
-    if tl.load(done_ptr) == 0:
+    if tl.load(status_ptr) == 0:
         offs = tl.arange(0, BLOCK)
         rm = tl.zeros([BLOCK], dtype=ACC)
-        fm = tl.zeros([BLOCK], dtype=ACC)
         for j in tl.range(0, n_stats, BLOCK):
-            m = offs + j < n_stats
-            rm = tl.maximum(rm, tl.load(stats_ptr + (k * n_stats + j + offs) * 2, mask=m, other=0.0))
-            fm = tl.maximum(fm, tl.load(stats_ptr + (k * n_stats + j + offs) * 2 + 1, mask=m, other=0.0))
-        rmax = tl.max(rm, axis=0)
-        fmax = tl.max(fm, axis=0)
-        stop = (rmax <= tol * tl.maximum(fmax, tiny)) | (rmax == float("inf"))
-        if stop:
-            tl.store(done_ptr, 1)  # every program agrees; the others may skip as soon as they see it
-            tl.store(done_ptr + 1, k)
+            rm = tl.maximum(rm, tl.load(stats_ptr + j + offs, mask=offs + j < n_stats, other=0.0))
+        rho = tl.max(rm, axis=0)
+        tl.store(status_ptr + 2 + k, rho)
+        if (rho <= tol) | (rho == float("inf")):
+            tl.store(status_ptr + 1, k.to(ACC))
+            tl.store(status_ptr, 1.0)  # every program agrees; the others may skip as soon as they see it
         else:
             offs_r = tl.arange(0, W_PAD)
             offs_c = tl.arange(0, W_PAD)
@@ -165,13 +195,13 @@ def _newton_carry_kernel(
 
 @triton.jit
 def _newton_update_kernel(
-    z0_ptr, W_ptr, D_ptr, BE_ptr, carry_ptr, Z_ptr, done_ptr, L, B, w, chunk,
+    z0_ptr, W_ptr, D_ptr, BE_ptr, carry_ptr, Z_ptr, status_ptr, L, B, w, chunk,
     RESID: tl.constexpr, W_PAD: tl.constexpr, ACC: tl.constexpr,
 ):
     # z_l = d_l * (W_l z_{l-1}) [+ z_{l-1}] + beff_l over this chunk, from z_0 (chunk 0) or carry[c-1].
     bi = tl.program_id(0)
     c = tl.program_id(1)
-    if tl.load(done_ptr) == 0:
+    if tl.load(status_ptr) == 0:
         offs_r = tl.arange(0, W_PAD)
         offs_c = tl.arange(0, W_PAD)
         mask_r = offs_r < w

@@ -169,3 +169,15 @@ def test_long_chain_triton(structure, device):
     A, b = make_inputs(structure, 1000, 8, (3,), device=device, seed=7)
     check(A, b, structure, False, "triton")
     check(A, b, structure, True, "triton")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("w", [33, 48, 64])
+def test_two_level_chunks_at_widths_over_32(w, reverse):
+    """Every width up to 64 is cut into chunks (the w x w chunk maps are tl.dot products there)."""
+    skip_unless_runnable("triton", "cpu")
+    from pcr_compile.kernels.triton_pcr import linear_recurrence_triton
+
+    A, b = make_inputs("dense", 13, w, (2,), seed=w)
+    solve = lambda A, b: linear_recurrence_triton(A, b, structure="dense", reverse=reverse, chunk=4)
+    check(A, b, "dense", reverse, "triton", solve=solve)
