@@ -421,7 +421,8 @@ class Euler(nn.Module):
 
 
 class ScaledByStep(nn.Module):
-    """Per-step parameters as slices of one parameter, `self.a[i]`: layers, though the index is lifted."""
+    """Per-step parameters as slices of one parameter, `self.a[i]`: layers (the stacked parameter itself is the
+    per-step input, no index is lifted)."""
 
     def __init__(self, steps=12):
         super().__init__()
@@ -453,7 +454,8 @@ def test_kinds(model, inputs, kind):
     (CellOverTime("rnn", hidden=80, unbind=True), (torch.randn(2, 12, 3), torch.randn(2, 80)), "zero"),
     (Euler(width=80, time=True), (torch.randn(2, 80),), "identity"),
     (Euler(width=80), (torch.randn(2, 80),), "identity"),  # residual
-    (ScaledByStep(), (torch.randn(2, 80),), "identity"),
+    # a stacked-parameter stack is chosen as its ModuleList twin is: a non-residual wide chain, Jacobi
+    (ScaledByStep(), (torch.randn(2, 80),), "zero"),
 ], ids=["rnn-index", "rnn-unbind", "euler-time", "euler", "indexed-parameters"])
 def test_new_kinds_keep_their_jacobian_strategies(model, inputs, jacobian):
     import pcr_compile
