@@ -19,7 +19,7 @@ def _match(model, x):
 
 
 def test_auto_on_cuda_solves_a_deep_narrow_chain_in_parallel():
-    m = _match(DeepMLP(layers=1024, width=16), torch.randn(16, 16))
+    m = _match(DeepMLP(layers=128, width=16), torch.randn(16, 16))
     d = decide(m, Options(mode="auto"), CUDA)
     assert (d.decision, d.jacobian) == ("parallel", "dense")
     par, seq, _ = GPU_MODEL.predict(m, "dense")
@@ -31,7 +31,7 @@ def test_auto_on_cuda_keeps_short_chains_and_jacobi_sequential():
     short = _match(DeepMLP(layers=16, width=16), torch.randn(16, 16))
     d = decide(short, Options(mode="auto"), CUDA)
     assert d.decision == "sequential" and "predicted parallel" in d.reason
-    deep = _match(DeepMLP(layers=1024, width=16), torch.randn(16, 16))
+    deep = _match(DeepMLP(layers=128, width=16), torch.randn(16, 16))
     assert decide(deep, Options(mode="auto", jacobian="zero"), CUDA).decision == "sequential"
     assert decide(deep, Options(mode="auto"), torch.device("cpu")).decision == "sequential"
     assert decide(deep, Options(mode="parallel"), torch.device("cpu")).decision == "parallel"
