@@ -68,11 +68,6 @@ def _solve(A: torch.Tensor | None, b: torch.Tensor, structure: str, reverse: boo
                              impl=impl)
 
 
-def _host_residuals(rho: torch.Tensor) -> list[float]:
-    """The one device-to-host read of an iteration: every step's residual (NaN/inf included)."""
-    return host_values(rho)
-
-
 def _prefix(rho: list[float], tol: float) -> int:
     """Leading steps whose step residual is within tol (NaN and inf are not)."""
     for i, x in enumerate(rho):
@@ -135,7 +130,7 @@ def newton_forward(
         stats.evaluations += 1
         F = F.to(solve_dtype)
         r = Zw - F
-        rho = _host_residuals(step_residuals(r, F, parts))  # the iteration's one host read
+        rho = host_values(step_residuals(r, F, parts))  # the iteration's one host read
         res = max(rho) if rho else 0.0
         stats.residuals.append(res)
         stats.residual = res
@@ -221,7 +216,7 @@ def adjoint_solve(
         G = cot.clone()  # the evaluated right-hand side cot_m + J_{m+1}^T lam_{m+1}: the adjoint's "F"
         G[:-1] += U[1:]
         r = G - lam
-        rho = _host_residuals(step_residuals(r, G, parts))  # the iteration's one host read
+        rho = host_values(step_residuals(r, G, parts))  # the iteration's one host read
         res = max(rho) if rho else 0.0
         stats.residuals.append(res)
         stats.residual = res

@@ -551,17 +551,13 @@ def _autocast_nodes(graph: Graph) -> set[Node]:
     return inside
 
 
-SELECT_TARGETS = {operator.getitem, torch.select}
-UNBIND_TARGETS = {torch.unbind, "unbind"}
 
 
 def _stacked_slice(blocks: list[tuple[Node, ...]], j: int, where: dict) -> tuple[Node, int] | None:
     """(stacked tensor, start) when node j of every block reads step `start + i` of one outside tensor along
     dim 0 (`W[i]`, `torch.select(W, 0, i)`, `W.select(0, i)`, `W.unbind(0)[i]`), else None."""
     node0 = blocks[0][j]
-    is_select = (node0.op == "call_function" and node0.target in SELECT_TARGETS) or \
-        (node0.op == "call_method" and node0.target in ("select", "__getitem__"))
-    if not is_select or node0.kwargs:
+    if node0.op not in ("call_function", "call_method") or node0.target not in SLICE_TARGETS or node0.kwargs:
         return None
     args = [blk[j].args for blk in blocks]
     if any(len(a) != len(args[0]) or len(a) not in (2, 3) for a in args):

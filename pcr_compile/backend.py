@@ -113,12 +113,22 @@ def prepared(gm: GraphModule, options: Options, copy: bool = True) -> tuple[Grap
     return new, plan_graph(new, options, None if carried else analysis)
 
 
+def _may_rewrite(gm: GraphModule, options: Options) -> bool:
+    """Whether `decide` can choose "parallel" for a chain of `gm`: "parallel" always, "sequential" never,
+    "auto" only on CUDA (cost.decide). Decides whether the graph is copied before it is analysed, so that a
+    rewrite analyses once and a graph left alone is not copied at all."""
+    if options.mode != "auto":
+        return options.mode == "parallel"
+    vals = (n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
+    return any(isinstance(v, torch.Tensor) and v.is_cuda for v in vals)
+
+
 def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, list[str]]:
     """A rewritten copy of `gm` with every chain decided "parallel" replaced by its chain op (`gm` itself when
     none is); chains are found in the prepared copy (`prepared`)."""
-    new, plan = prepared(gm, options, copy=False)
+    new, plan = prepared(gm, options, copy=_may_rewrite(gm, options))
     chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
-    if chosen and new is gm:  # analysed in place: rewrite a copy, its chains found again there
+    if chosen and new is gm:  # analysed in place, yet a chain was chosen: rewrite a copy, found again there
         new, plan = prepared(gm, options)
         chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
     specs = [chain_spec(pc.match) for pc in chosen]  # every check before the first mutation

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from conftest import grads_rel_err, rel_err
 from helpers import PARALLEL, run_both
+from test_integrators import RK4
 
 from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser, ResidualMLP
 from pcr_compile.passes.chains import find_chains
@@ -346,25 +347,12 @@ def test_a_declined_stack_is_one_line_with_its_sub_repeats_counted():
     assert [c.length for c in report.chains] == [8] and report.declined == []
 
 
-class AutocastRK4(nn.Module):
-    def __init__(self, steps=10, dt=0.1):
-        super().__init__()
-        self.inp, self.out = nn.Linear(3, 7), nn.Linear(7, 3)
-        self.steps, self.dt = steps, dt
-
-    def f(self, y):
-        return self.out(torch.tanh(self.inp(y)))
+class AutocastRK4(RK4):
+    """The RK4 loop of test_integrators inside a bfloat16 autocast region."""
 
     def forward(self, y):
-        dt = self.dt
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            for _ in range(self.steps):
-                k1 = self.f(y)
-                k2 = self.f(y + dt / 2 * k1)
-                k3 = self.f(y + dt / 2 * k2)
-                k4 = self.f(y + dt * k3)
-                y = y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        return y.float()
+            return super().forward(y).float()
 
 
 def test_a_declined_integrator_is_one_line():

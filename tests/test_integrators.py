@@ -22,11 +22,15 @@ class Field(nn.Module):
         return self.out(torch.tanh(self.inp(y)))
 
 
-class RK4(nn.Module):
+class Integrator(nn.Module):
+    """`steps` fixed steps of size `dt` over the vector field `self.f`."""
+
     def __init__(self, steps=11, dt=0.1):
         super().__init__()
         self.f, self.steps, self.dt = Field(), steps, dt
 
+
+class RK4(Integrator):
     def forward(self, y):
         dt = self.dt
         for _ in range(self.steps):
@@ -38,22 +42,14 @@ class RK4(nn.Module):
         return y
 
 
-class Midpoint(nn.Module):
-    def __init__(self, steps=11, dt=0.1):
-        super().__init__()
-        self.f, self.steps, self.dt = Field(), steps, dt
-
+class Midpoint(Integrator):
     def forward(self, y):
         for _ in range(self.steps):
             y = y + self.dt * self.f(y + self.dt / 2 * self.f(y))
         return y
 
 
-class Heun(nn.Module):
-    def __init__(self, steps=11, dt=0.1):
-        super().__init__()
-        self.f, self.steps, self.dt = Field(), steps, dt
-
+class Heun(Integrator):
     def forward(self, y):
         for _ in range(self.steps):
             k1 = self.f(y)
