@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script (benchmarks/kernel_bench.py): t
 from benchmarks.output import environment, make_row, write_csv  # noqa: E402
 from benchmarks.timing import Timer, time_call  # noqa: E402
 from pcr_compile.kernels import linear_recurrence, linear_recurrence_sequential
-from pcr_compile.kernels.fused_newton import newton_linear_pointwise
+from pcr_compile.solver import newton_linear_pointwise
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from pcr_compile.passes.functionalize import defer_running_stat_updates, functio
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
 from pcr_compile.passes.structure import linear_pointwise
 
-from . import ops
 from .cost import Decision, decide
 from .options import MODES, Options, inductor_modes
-from .solve import ChainSpec
+from .runtime import ops
+from .solver import ChainSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def plan_graph(gm: GraphModule, options: Options, analysis: Analysis | None = No
 
 def _trace_plan(plan: GraphPlan, names: list[str]) -> None:
     """Emit the plan as a structured trace artifact (TORCH_TRACE=dir, then tlparse, shows it)."""
-    from .api import chain_report
+    from .reports import chain_report
 
     def payload():
         return json.dumps({

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.settings import MAX_DENSE_W
 from .options import Options
 
 RESIDUAL_TARGETS = {operator.add, torch.add, "add", "__add__"}
@@ -29,7 +30,7 @@ class GpuModel:
                  k: iterations predicted for the strategy; j: launches of the Jacobian (dense: the VJPs of
                  the block, about 2n; the others 0); pcr: the linear solve; check: the residual's ops
     The chain is solved in parallel when the prediction is at least `speedup` times faster; a solve that then
-    takes more iterations than predicted is caught at run time (solve.SWITCH_FRACTION).
+    takes more iterations than predicted is caught at run time (solver/auto_switch.py).
     """
 
     launch_us: float = 4.0  # host cost of one kernel launch (PyTorch eager on an H200): assumed
@@ -57,9 +58,9 @@ class GpuModel:
 
 
 GPU_MODEL = GpuModel()
-# Dense Jacobians cost w batched VJPs per iteration and w^3 per block product: small widths only (the
-# Triton dense kernels keep blocks up to 64 x 64 on chip).
-DENSE_MAX_WIDTH = 64
+# Dense Jacobians cost w batched VJPs per iteration and w^3 per block product: small widths only, up to the
+# widest block the Triton dense kernels keep on chip.
+DENSE_MAX_WIDTH = MAX_DENSE_W
 
 
 @dataclass(frozen=True)

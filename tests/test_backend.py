@@ -432,14 +432,14 @@ class _SharedAndPerStep(nn.Module):
 def test_unbatchable_template_falls_back_step_by_step_in_both_directions(monkeypatch, caplog):
     """When vmap cannot run the template, the forward evaluates in order and the adjoint takes one VJP per
     step: both exact, both recorded as fallbacks, with a warning."""
-    from pcr_compile import solve
+    from pcr_compile import solver
 
     def no_vmap(self, *a, **k):
         raise RuntimeError("Batching rule not implemented for aten::synthetic")
 
-    monkeypatch.setattr(solve.ChainCall, "batched", no_vmap)
+    monkeypatch.setattr(solver.ChainCall, "batched", no_vmap)
     torch.manual_seed(0)
-    with caplog.at_level("WARNING", logger="pcr_compile.solve"):
+    with caplog.at_level("WARNING", logger="pcr_compile.solver"):
         y0, g0, y1, g1, solves = run_both(_SharedAndPerStep(), [torch.randn(4, 5)])
     assert rel_err(y1, y0) < 1e-6 and grads_rel_err(g1, g0) < 1e-6
     assert [(s.direction, s.fell_back) for s in solves] == [("forward", True), ("backward", True)]
@@ -508,7 +508,7 @@ def test_auto_switches_a_chain_that_does_not_pay_to_sequential_after_its_first_s
     iterations is switched to sequential evaluation for later calls with the same shapes, forward and
     backward; record_solves and explain say so and why."""
     import pcr_compile.backend as backend
-    from pcr_compile import solve
+    from pcr_compile import solver
     from pcr_compile.cost import Decision
 
     monkeypatch.setattr(backend, "decide", lambda m, o, d: Decision("parallel", "identity", "auto (as on cuda)"))
@@ -518,14 +518,14 @@ def test_auto_switches_a_chain_that_does_not_pay_to_sequential_after_its_first_s
     with pcr_compile.record_solves() as first:
         compiled(x).pow(2).mean().backward()
     fwd = first[0]
-    assert fwd.jacobian == "identity" and fwd.iterations > solve.SWITCH_FRACTION * 12
+    assert fwd.jacobian == "identity" and fwd.iterations > solver.SWITCH_FRACTION * 12
     with pcr_compile.record_solves() as later:
         y = compiled(x)
         y.pow(2).mean().backward()
     assert [(r.direction, r.jacobian) for r in later] == [("forward", "sequential"), ("backward", "sequential")]
     assert all(r.reason.startswith("auto: the first") and not r.fell_back for r in later)
     torch.testing.assert_close(y, model(x))
-    assert solve.switched(fwd.chain.removeprefix("pcr_compile::"))
+    assert solver.switched(fwd.chain.removeprefix("pcr_compile::"))
     report = pcr_compile.explain(model, x, options={"mode": "auto"})
     assert "switched to sequential" in report.chains[0].reason
 

@@ -75,3 +75,9 @@ def host_values(t: torch.Tensor) -> list:
 def host_reads() -> int:
     """How many reads `host_values` has made in this process."""
     return _HOST_READS[0]
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating tensor is finite, in one host read."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return not flags or bool(host_values(torch.stack(flags).all()))

@@ -1,7 +1,7 @@
 """Newton (and quasi-Newton) solves of a chain `z_l = f_l(z_{l-1})`, and of its adjoint, by linear recurrences.
 
 The chain is given as callables over *packed* states: the trajectory is one tensor `Z` of shape
-`(L, B, w)` (L steps, B independent rows, w features; see ``pcr_compile.solve`` for the packing).
+`(L, B, w)` (L steps, B independent rows, w features; see ``call.py`` for the packing).
 
 Forward (DeepPCR, Danieli et al. 2023, Sec. 3): with `Zprev = [z_0, z_1 .. z_{L-1}]` at the current
 guess, one batched call gives `F_l = f_l(Zprev_l)` and an approximation `A_l` of `df_l/dz`; the next
@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import linear_recurrence
+from pcr_compile.kernels import linear_recurrence
+
 from .residual import host_values, step_residuals
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,14 @@ class SolveRecord:
     sequential_steps: int = 0
 
 
+def emit_solve(chain: str, length: int, direction: str, jacobian: str, stats, seconds: float) -> None:
+    """Record one solve from its statistics (``solver.newton.SolveStats``) in every open collector."""
+    emit(SolveRecord(chain=chain, length=length, iterations=stats.iterations, residual=stats.residual,
+                     converged=stats.converged, fell_back=stats.fell_back, direction=direction, jacobian=jacobian,
+                     prefix=stats.prefix, residuals=tuple(stats.residuals), reason=stats.reason, seconds=seconds,
+                     evaluations=stats.evaluations, sequential_steps=stats.sequential_steps))
+
+
 def emit(record: SolveRecord) -> None:
     with _lock:
         for c in _active:
