@@ -8,7 +8,6 @@ chain we measured, so `mode="auto"` keeps CPU chains sequential; the parallel so
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 
@@ -80,12 +79,10 @@ def _hint(size) -> int:
 
 def state_geometry(match) -> tuple[int, int]:
     """(rows B, features w) of the packed state, as the solver packs it."""
-    vals = match.state_values()
-    shapes = [tuple(_hint(s) for s in v.shape) for v in vals]
-    leading = {s[0] if len(s) >= 2 else None for s in shapes}
-    if len(leading) == 1 and None not in leading:
-        return int(shapes[0][0]), sum(math.prod(s[1:]) for s in shapes)
-    return 1, sum(math.prod(s) for s in shapes)
+    from .solver.call import packed_geometry
+
+    _, B, sizes = packed_geometry([tuple(_hint(s) for s in v.shape) for v in match.state_values()])
+    return B, sum(sizes)
 
 
 def is_residual(match) -> bool:

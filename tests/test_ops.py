@@ -1,4 +1,4 @@
-"""pcr_compile/ops.py: the chain ops' arguments, defined once, and what a call costs as the chain grows.
+"""pcr_compile/runtime/ops.py: the chain ops' arguments, defined once, and what a call costs as the chain grows.
 
 Per-step inputs enter the op stacked (one `(L, ...)` tensor per group) and their gradients leave stacked,
 so nothing about a call grows with L but the data: the op's argument list, and the copies in a compiled

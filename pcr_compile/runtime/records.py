@@ -22,7 +22,7 @@ class SolveRecord:
     iterations: int  # linear solves (Newton / Picard / refinement iterations) performed
     # final residual: max over steps l of rho_l = max over rows b of |z_lb - f_l(z_{l-1})_b| / |f_l(z_{l-1})_b|
     # (max norms; each carried tensor against its own size; the adjoint: lam against its right-hand side).
-    # The result is within tol of each step's own size in this sense (kernels/residual.py derives what that
+    # The result is within tol of each step's own size in this sense (solver/residual.py derives what that
     # means for the error against sequential evaluation).
     residual: float
     converged: bool  # the parallel iteration reached the tolerance

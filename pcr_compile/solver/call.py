@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import vjp, vmap
 
-from pcr_compile.kernels.settings import MAX_DENSE_W
+from pcr_compile.kernels.settings import MAX_DENSE_W, compute_dtype
 from pcr_compile.passes.structure import LinearPointwise
 
 # Dense Jacobians are materialised only up to the dense kernels' width when "diagonal" needs a generic diagonal.
@@ -48,16 +48,22 @@ class ChainSpec:
     lp: LinearPointwise | None = None  # set when one step is act(z W^T + b) (+ z): cheap exact diagonal
 
 
+def packed_geometry(shapes: list[tuple[int, ...]]) -> tuple[bool, int, list[int]]:
+    """The packing rule: (batched, rows B, features per state). States that share a leading batch dim pack
+    to `(B, sum of the rest)`; otherwise the whole state is one row `(1, w)`. (The cost model reads it too.)"""
+    leading = {s[0] if len(s) >= 2 else None for s in shapes}
+    batched = len(leading) == 1 and None not in leading
+    B = int(shapes[0][0]) if batched else 1
+    return batched, B, [math.prod(s[1:]) if batched else math.prod(s) for s in shapes]
+
+
 class Layout:
     """Packing of a list of state tensors into one `(..., B, w)` tensor and back."""
 
     def __init__(self, states: list[torch.Tensor]):
         self.shapes = [tuple(s.shape) for s in states]
         self.dtypes = [s.dtype for s in states]
-        leading = {s[0] if len(s) >= 2 else None for s in self.shapes}
-        self.batched = len(leading) == 1 and None not in leading
-        self.B = self.shapes[0][0] if self.batched else 1
-        self.sizes = [math.prod(s[1:]) if self.batched else math.prod(s) for s in self.shapes]
+        self.batched, self.B, self.sizes = packed_geometry(self.shapes)
         self.w = sum(self.sizes)
 
     def pack(self, states: list[torch.Tensor], lead: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,7 +92,7 @@ class ChainCall:
         self.states = list(states)
         self.layout = Layout(self.states)
         dtype = self.states[0].dtype
-        self.solve_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.solve_dtype = compute_dtype(dtype)
         self.round_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
         n_s, n_c, n_i = spec.n_state, spec.n_consts, spec.n_invariants
         self._in_dims = (0,) * (n_s + k + n_c) + (None,) * (n_i + len(self.syms))

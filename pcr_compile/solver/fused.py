@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from pcr_compile.kernels import settings
+from pcr_compile.kernels import IMPLS, settings
 from pcr_compile.kernels.activations import ACTIVATIONS, act_and_grad
 from pcr_compile.kernels.reference import linear_recurrence_torch
 
@@ -110,8 +110,8 @@ def newton_linear_pointwise(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(z0, torch.Tensor) or z0.dim() < 1 or not z0.is_floating_point():
         raise ValueError("z0 must be a floating tensor of shape (*batch, w)")
     w = z0.shape[-1]

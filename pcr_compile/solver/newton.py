@@ -109,7 +109,7 @@ def newton_forward(
     per window length of progress. `impl` selects the linear-recurrence kernels (see `linear_recurrence`).
     `parts` splits the packed features into the carried tensors, each measured against its own size.
 
-    Stopping and acceptance (``kernels/residual.py``, with the derivation): step l is accepted when its
+    Stopping and acceptance (``residual.py``, with the derivation): step l is accepted when its
     step residual `rho_l <= tol`; only accepted leading steps are committed, and the sequential fallback
     starts from the last committed one, so a fallback never continues from a wrong state.
     """
@@ -202,7 +202,7 @@ def adjoint_solve(
     operator); `A` approximates `J` in `structure` form (None for identity / zero); `step_vjp(s, v)`
     returns `J_s^T v` for one step (the sequential fallback).
 
-    Stopping: the same step residual as the forward (``kernels/residual.py``), each step's residual against
+    Stopping: the same step residual as the forward (``residual.py``), each step's residual against
     its evaluated right-hand side `cot_m + J_{m+1}^T lam_{m+1}`; the fallback continues from the verified
     trailing steps only.
     """
