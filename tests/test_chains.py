@@ -11,8 +11,6 @@ from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser, ResidualMLP
 from pcr_compile.passes.chains import find_chains
 
 
-
-
 def test_mlp_chain_structure_and_analysis_is_read_only():
     gm = dynamo_graph(DeepMLP(layers=11, width=4), torch.randn(2, 4))
     before = graph_fingerprint(gm.graph)
