@@ -23,7 +23,7 @@ from .settings import MAX_DENSE_W
 from .triton_dense import dense_scan
 from .triton_elementwise import elementwise_scan
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 __all__ = ["linear_recurrence_triton", "MAX_DENSE_W", "triton_available_for"]
 
@@ -55,7 +55,7 @@ def linear_recurrence_triton(
     shape = b.shape
     if structure == "dense":
         if b.shape[-1] > MAX_DENSE_W:
-            logger.debug("dense w=%d > %d: PyTorch fallback", b.shape[-1], MAX_DENSE_W)
+            log.debug("dense w=%d > %d: PyTorch fallback", b.shape[-1], MAX_DENSE_W)
             return linear_recurrence_torch(A, b, structure=structure, reverse=reverse)
         z = dense_scan(A, b, reverse, chunk)
     elif structure in ("diagonal", "identity"):

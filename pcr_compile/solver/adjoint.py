@@ -146,7 +146,7 @@ def _parallel_adjoint(spec, call, Zprev, Z, cot, full_map, primals, diff_stacked
                                               max_iters=max_iters if ok else 0, impl=impl, parts=parts)
             out = last["out"] if last.get("lam") is lam else pullback(lam)
     except Exception as e:  # a template that cannot be batched, say: the exact adjoint step by step instead
-        log.warning("pcr_compile: parallel adjoint of %s failed (%s: %s); evaluating sequentially",
+        log.warning("deeppcr: parallel adjoint of %s failed (%s: %s); evaluating sequentially",
                     spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         out = _sequential_adjoint(call, Zprev, cot, diff_stacked, diff_inv)
         stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}", sequential_steps=length)

@@ -78,7 +78,7 @@ def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_ite
                         round_dtype=call.round_dtype, window=window, keep_trajectory=keep_trajectory, impl=impl,
                         parts=lay.sizes)
         except Exception as e:  # a template that cannot be batched, say: exact sequential answer instead
-            log.warning("pcr_compile: parallel solve of %s failed (%s: %s); evaluating sequentially",
+            log.warning("deeppcr: parallel solve of %s failed (%s: %s); evaluating sequentially",
                         spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
             stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}", sequential_steps=length)
             Z = call.sequential(z0, keep_trajectory)

@@ -33,7 +33,7 @@ from pcr_compile.kernels.reference import linear_recurrence_torch
 
 from .residual import step_residuals, tiny
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 __all__ = ["NewtonResult", "newton_linear_pointwise", "ACTIVATIONS"]
 
@@ -130,7 +130,7 @@ def newton_linear_pointwise(
     bc = None if bias is None else bias.to(device=z.device, dtype=ct)
     use_triton = impl == "triton" or (impl == "auto" and z0.is_cuda)
     if use_triton and w > MAX_FUSED_W:
-        logger.debug("fused Newton: w=%d > %d, PyTorch path", w, MAX_FUSED_W)
+        log.debug("fused Newton: w=%d > %d, PyTorch path", w, MAX_FUSED_W)
         use_triton = False
     if use_triton:
         from pcr_compile.kernels.triton_newton import fused_newton_launch  # lazily: needs Triton
