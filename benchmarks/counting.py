@@ -266,8 +266,33 @@ def count_launches() -> Iterator[Counts]:
     """Count launches and host syncs of everything run inside the block (see the module docstring)."""
     counts = Counts()
     quiet = threading.local()
-    with _counting_inductor(counts), _counting_triton(counts, quiet), CountingMode(counts, quiet):
+    with _counting_inductor(counts), _counting_triton(counts, quiet), _counting_host_reads(counts, quiet), \
+            CountingMode(counts, quiet):
         yield counts
+
+
+@contextlib.contextmanager
+def _counting_host_reads(counts: Counts, quiet) -> Iterator[None]:
+    """Each read of the solver or a launcher (`kernels.settings.to_host`) is one host sync, on any device: on
+    a CPU `.tolist()` dispatches nothing to see, on CUDA its copy is not counted a second time."""
+    from pcr_compile.kernels import settings
+
+    real = settings.to_host
+
+    def counted(t):
+        counts.syncs += 1
+        counts.by_op["sync:to_host"] += 1
+        quiet.depth = getattr(quiet, "depth", 0) + 1
+        try:
+            return real(t)
+        finally:
+            quiet.depth -= 1
+
+    settings.to_host = counted
+    try:
+        yield
+    finally:
+        settings.to_host = real
 
 
 def count_call(fn) -> Counts:

@@ -293,7 +293,7 @@ def fused_newton_launch(z0, W, bias, activation: str, residual: bool, tol: float
             )
         if (k + 1) % check_every == 0 or k == max_iters:  # always true at the last k: host is set below
             k_read, reads = k, reads + 1
-            host = status.tolist()  # the one device-to-host transfer of this check
+            host = settings.to_host(status)  # the one device-to-host transfer of this check
             if host[0]:
                 break
     stopped = bool(host[0])
