@@ -131,3 +131,17 @@ def test_a_training_step_of_the_stacked_form_allocates_nothing_of_size_L_squared
     bound = 2 * L * B * w * w  # a dense Jacobian, with room for one temporary of its size
     assert len(largest) == 2 and max(largest) <= bound, (largest, bound)
     assert max(graph_sizes) <= bound and max(largest + graph_sizes) < L * L * w * w
+
+
+def test_stacked_mlp_is_deep_mlp_with_its_parameters_stacked():
+    from pcr_compile.models import DeepMLP, StackedMLP
+
+    torch.manual_seed(0)
+    ref = DeepMLP(layers=9, width=4)
+    torch.manual_seed(0)
+    model = StackedMLP(layers=9, width=4)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    assert tuple(model.weight.shape) == (9, 4, 4) and tuple(model.bias.shape) == (9, 4)
+    [c] = pcr_compile.explain(model, x, options=PARALLEL).chains
+    assert (c.kind, c.length, c.per_step_inputs) == ("layers", 9, 2)
