@@ -112,7 +112,7 @@ def test_a_training_step_of_the_stacked_form_allocates_nothing_of_size_L_squared
     scattering the whole W per step would make (L, L, w, w)."""
     from pcr_compile import solver
 
-    L, w, B = 64, 4, 2
+    L, w, B = 32, 4, 2
     model, x = Stacked(L=L, w=w), torch.randn(B, w)
     largest = []
     for name in ("run_forward", "run_backward"):
