@@ -53,6 +53,9 @@ diffusers is optional: nothing here imports it at module import time.
 """
 
 from pcr_compile.diffusion.loop import SamplingLoop, sampling_loop
+from pcr_compile.diffusion.parallel import parallel_sample
+from pcr_compile.diffusion.pipelines import ParallelPipeline, parallel_pipeline
 from pcr_compile.diffusion.plans import SUPPORTED_SCHEDULERS, SamplerPlan, StepCoefficients, noise_levels
 
-__all__ = ["SUPPORTED_SCHEDULERS", "SamplerPlan", "SamplingLoop", "StepCoefficients", "noise_levels", "sampling_loop"]
+__all__ = ["SUPPORTED_SCHEDULERS", "ParallelPipeline", "SamplerPlan", "SamplingLoop", "StepCoefficients",
+           "noise_levels", "parallel_pipeline", "parallel_sample", "sampling_loop"]
