@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import vjp, vmap
 
+from pcr_compile import sampler_solve
 from pcr_compile.kernels import fused_newton, newton
 from pcr_compile.kernels.residual import host_values
 from pcr_compile.passes.structure import LinearPointwise
@@ -313,6 +314,12 @@ def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_ite
                 fused = _fused(call, z0, structure, tol, max_iters, window, impl)
                 if fused is not None:
                     Z, stats = fused
+                    Z = Z if keep_trajectory else Z[-1:]
+                elif spec.kind == "sampler" and structure == "identity" and not window and call.round_dtype is None:
+                    # Samplers under Picard: the never-worse sampler solve (rounds <= steps, Anderson; issue 16)
+                    Z, stats = sampler_solve.sampler_forward(
+                        z0, length, lambda s, Zp: call.evaluate(s, Zp, False, structure)[0], tol=tol,
+                        max_iters=min(max_iters, length), solve_dtype=call.solve_dtype, parts=lay.sizes)
                     Z = Z if keep_trajectory else Z[-1:]
                 else:
                     Z, stats = newton.newton_forward(
