@@ -106,12 +106,16 @@ def sampler_forward(
     clamp_factor: float = 10.0,
     patience: int = 16,
     on_round: Callable[[int, int], None] | None = None,
+    integrating: list[bool] | None = None,
 ) -> tuple[torch.Tensor, SamplerStats]:
     """Solve the sampler chain from packed `z0` `(B, w)`; returns the trajectory `(L, B, w)` and the stats.
 
     `evaluate(start, Zprev)` returns `F` for steps `start .. start + len(Zprev)` in one batched call (also used
     with one step for the sequential finish). `sigma` `(L,)`: the noise level of each step (rule="sigma").
     `on_round(committed, L)` is called after every round and every sequential step (a progress bar).
+    `integrating` (one bool per entry of `parts`): which carried tensors evolve as `z + drift` (Picard's
+    identity Jacobian, the default for all); the others (a multistep sampler's stored predictions, remade or
+    copied every step) take the Jacobi update `z <- F`, their Jacobian with respect to themselves being ~0.
     `SolveStats.iterations` counts rounds, `evaluations` batched calls, `sequential_steps` the finish.
     """
     if accel not in ACCELERATIONS:
@@ -123,6 +127,12 @@ def sampler_forward(
                          f"{None if sigma is None else tuple(sigma.shape)}")
     stats = SamplerStats()
     L = length
+    jacobi = None  # (w,) True for the features of non-integrating parts
+    if integrating is not None and not all(integrating):
+        if parts is None or len(parts) != len(integrating):
+            raise ValueError(f"integrating needs one bool per part, got {len(integrating)} for parts {parts}")
+        jacobi = torch.cat([torch.full((n,), not keep, dtype=torch.bool, device=z0.device)
+                            for n, keep in zip(parts, integrating)])
     P = window if 0 < window < L else L
     z_prev = z0.to(solve_dtype)
     bound = clamp_factor * float(host_values(z_prev.abs().amax())) if z_prev.numel() else 0.0
@@ -197,6 +207,8 @@ def sampler_forward(
         else:
             g[:p] = 0  # row p's own defect stays: the rows after it move with the exact step
             R = g.cumsum(0)[q:]  # Picard (identity-Jacobian Newton) update of the unaccepted rows
+            if jacobi is not None:
+                R = torch.where(jacobi, g[q:], R)
             Zr = Zw[q:]
             if mixing and last is not None:
                 dX = [d[q:] for d in dX[max(len(dX) - history + 1, 0):]] + [Zr - last[0][q:]]

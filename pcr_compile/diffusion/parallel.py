@@ -139,5 +139,5 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
         Z, stats = sampler_solve.sampler_forward(
             steps.pack(latents), L, steps, tol=tol, rule=rule, sigma=sigma, accel=accel, history=history,
             max_iters=L if max_iters is None else max_iters, window=window, solve_dtype=solve_dtype,
-            parts=[steps.D] * (1 + steps.K), on_round=on_round)
+            parts=[steps.D] * (1 + steps.K), integrating=[True] + [False] * steps.K, on_round=on_round)
     return Z[-1, :, : steps.D].to(latents.dtype).reshape(latents.shape), stats
