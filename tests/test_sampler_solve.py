@@ -150,3 +150,21 @@ def test_pipeline_images_match_the_sequential_pipeline(unet, pipeline):
     assert len(pil) == 1 and pil[0].size == (16, 16)
     with pytest.raises(NotImplementedError, match="DDIMPipeline"):
         parallel_pipeline(object())
+
+
+def test_condition_unet_kwargs_are_tiled_over_the_steps():
+    """UNet2DConditionModel: encoder_hidden_states (batch-leading) reach every step of a batched round."""
+    from pcr_compile.diffusion import parallel_sample, sampling_loop
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    latents, cond = torch.randn(2, 2, 8, 8), torch.randn(2, 3, 8)
+    loop = sampling_loop(unet, diffusers.DDIMScheduler(), 6)
+    with torch.no_grad():
+        ref = loop(latents, encoder_hidden_states=cond)
+    y, st = parallel_sample(loop, latents, encoder_hidden_states=cond)
+    assert rel_err(y, ref) < 1e-4 and st.depth <= 6
