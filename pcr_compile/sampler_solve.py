@@ -22,8 +22,9 @@ Never worse than sequential (issue 16):
   exact; every round commits the accepted prefix *and* that step. A solve therefore takes at most `L - s_0`
   rounds, and the sequential finish (below) starts from the committed prefix: rounds + sequential steps
   never exceed L.
-- Evaluations: a round evaluates at most `window` steps; rounds stop at `max_iters`, so the denoiser runs
-  at most `max_iters * window` step evaluations besides the sequential finish.
+- Evaluations: a round evaluates at most `window` steps (the unfinished ones) and there are at most
+  `max_iters + 1` rounds, so the denoiser runs at most `(max_iters + 1) * window` step evaluations besides
+  the sequential finish (`parallel_sample`: `max_iters` = L; measured 5-30 L on the fixture, RESULTS.md).
 - No blow-up: the guesses beyond the committed prefix are clamped to `clamp_factor` times the largest
   committed state (`max |z|` over z_0 and the committed steps); committed steps are never clamped, so the fixed
   point is unchanged wherever the true trajectory stays within that bound, and progress is kept regardless.
