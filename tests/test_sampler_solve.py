@@ -1,4 +1,4 @@
-"""The sampler solve (`pcr_compile.sampler_solve`, `pcr_compile.diffusion.parallel_sample`) and the pipeline
+"""The sampler solve (`pcr_compile.solver.sampler`, `pcr_compile.diffusion.parallel_sample`) and the pipeline
 wrappers, on synthetic chains and on the trained fixture (benchmarks/fixtures/blob_unet.py): never more depth
 than sequential sampling, results equal to the sequential loop, the noise-level rule, and the pipelines'
 images against diffusers' own sequential pipelines."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import rel_err
 
-from pcr_compile import sampler_solve
-from pcr_compile.kernels.residual import sigma_residuals
+from pcr_compile.solver import sampler as sampler_solve
+from pcr_compile.solver.residual import sigma_residuals
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder at the repository root, not an installed package

@@ -6,7 +6,7 @@ A round evaluates `n` steps at once by folding the steps into the denoiser's bat
 one timestep each (diffusers' UNets take a `(batch,)` timestep tensor), every per-step constant as an `(n,)`
 tensor in the latents' dtype, applied in the eager loop's order, so a step evaluated in a batch rounds as
 the same step evaluated alone. No `torch.compile` is involved (a CPU compile of a UNet sampler takes
-minutes); the solver is ``pcr_compile.sampler_solve`` (never more rounds than steps, Anderson / Picard,
+minutes); the solver is ``pcr_compile.solver.sampler`` (never more rounds than steps, Anderson / Picard,
 the exact or the noise-level stopping rule).
 """
 
@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from pcr_compile import sampler_solve
 from pcr_compile.diffusion.loop import SamplingLoop
 from pcr_compile.diffusion.plans import noise_levels
-from pcr_compile.kernels.newton import default_tol
-from pcr_compile.sampler_solve import SamplerStats
+from pcr_compile.solver import sampler as sampler_solve
+from pcr_compile.solver.newton import default_tol
+from pcr_compile.solver.sampler import SamplerStats
 
 # rule="sigma": the default tolerance of a step's RMS defect against its noise level (measured on the fixture,
 # README: DDIM-50/100 error ~1e-3 relative to the sequential result, at about half the exact rule's rounds).
@@ -98,7 +98,7 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
         generator, noise: the stochastic samplers' noise, exactly as `SamplingLoop.forward` takes it.
         tol: the stopping tolerance; None: the dtype's default for rule="exact" (float32 1e-6, as the
             backend), `DEFAULT_SIGMA_TOL` for rule="sigma".
-        rule: "exact" (each step's defect against its own size, ``kernels/residual.py``) or "sigma" (against
+        rule: "exact" (each step's defect against its own size, ``pcr_compile/solver/residual.py``) or "sigma" (against
             the scheduler's noise level at that step, as ParaDiGMS).
         accel: "auto" (triangular Anderson with a measured safeguard), "anderson", or "picard".
         history: Anderson's history length. window: steps per round (0: all).

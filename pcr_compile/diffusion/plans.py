@@ -2,7 +2,7 @@
 
 The update every step runs, and the supported schedulers and options, are described in the package docstring
 (``pcr_compile.diffusion``). `sigma` of each step is the noise level its output still carries, the scale of
-the `rule="sigma"` stopping rule (``kernels/residual.py`` `sigma_residuals`; ParaDiGMS): the ancestral
+the `rule="sigma"` stopping rule (``pcr_compile/solver/residual.py`` `sigma_residuals`; ParaDiGMS): the ancestral
 (posterior) standard deviation between the step's noise level and the next, `s' sqrt(1 - s'^2 / s^2)` for
 variance-exploding sigmas `s -> s'`, times `sqrt(alpha_cumprod')` for the variance-preserving samplers
 (DDIM, DDPM, DPM-Solver: the DDPM posterior standard deviation), and zero at a last step to a clean sample.

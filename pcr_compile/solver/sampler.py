@@ -1,6 +1,6 @@
 """Parallel solve of a diffusion sampler's chain that is never worse than sequential sampling.
 
-The chain `z_l = f_l(z_{l-1})`, l = 1..L, on packed states `(L, B, w)` as in ``kernels/newton.py``; here `f_l`
+The chain `z_l = f_l(z_{l-1})`, l = 1..L, on packed states `(L, B, w)` as in ``newton.py``; here `f_l`
 is one sampler step (a denoiser call and the scheduler's update). Each *round* evaluates every step of the
 window at the current guess in one batched call, `F_l = f_l(Z_{l-1})`, reads the per-step residuals once, and
 updates the guess.
@@ -33,7 +33,7 @@ Never worse than sequential (issue 16):
   non-finite residuals, or `patience` rounds without a new best mean log residual over the unaccepted steps,
   finish sequentially.
 
-Stopping: `rule="exact"` is the project's one rule (``kernels/residual.py`` `step_residuals`);
+Stopping: `rule="exact"` is the project's one rule (``residual.py`` `step_residuals`);
 `rule="sigma"` is its documented second rule `sigma_residuals` against the per-step noise levels `sigma`.
 """
 
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pcr_compile.kernels.newton import SolveStats
-from pcr_compile.kernels.residual import host_values, sigma_residuals, step_residuals
+from .newton import SolveStats
+from .residual import host_values, sigma_residuals, step_residuals
 
 log = logging.getLogger(__name__)
 
