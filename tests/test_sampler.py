@@ -151,6 +151,7 @@ def test_diffusers_unet_sampling_loop_compiled_matches_diffusers(scheduler):
     assert rel_err(y, ref) < 1e-4
     [s] = solves
     assert s.converged and s.jacobian == "identity"
+    assert s.evaluations + s.sequential_steps <= steps  # the sampler solve: never deeper than sequential
 
 
 def test_stochastic_ddpm_mlp_loop_with_pre_drawn_noise():

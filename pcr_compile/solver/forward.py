@@ -10,7 +10,7 @@ import torch
 
 from pcr_compile.runtime.records import emit_solve
 
-from . import auto_switch, fused, newton
+from . import auto_switch, fused, newton, sampler
 from .call import ChainCall, ChainSpec, _functorch_ready
 from .residual import all_finite
 
@@ -70,6 +70,12 @@ def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_ite
                 fused = _fused(call, z0, structure, tol, max_iters, window, impl)
                 if fused is not None:
                     Z, stats = fused
+                    Z = Z if keep_trajectory else Z[-1:]
+                elif spec.kind == "sampler" and structure == "identity" and not window and call.round_dtype is None:
+                    # Samplers under Picard: the never-deeper-than-sequential sampler solve (sampler.py)
+                    Z, stats = sampler.sampler_forward(
+                        z0, length, lambda s, Zp: call.evaluate(s, Zp, False, structure)[0], tol=tol,
+                        max_iters=min(max_iters, length), solve_dtype=call.solve_dtype, parts=lay.sizes)
                     Z = Z if keep_trajectory else Z[-1:]
                 else:
                     Z, stats = newton.newton_forward(

@@ -27,6 +27,10 @@ bias-free ReLU or linear chains, any chain in its linear range) the relative err
 `l * tol`. A rule that measures residuals against the chain's *largest* step (`max_l |F_l|`) instead lets
 the errors of steps far smaller than the largest grow unseen: chains whose activations shrink or grow by
 more than `1/tol` came back wrong and "converged" under it.
+
+Diffusion samplers may stop on a second, clearly weaker rule instead, `sigma_residuals` (ParaDiGMS): the
+step's defect against the noise level the scheduler leaves at that step, not against the state's size.
+It is opt-in (`pcr_compile.diffusion`, `rule="sigma"`) and never the default.
 """
 
 from __future__ import annotations
@@ -61,6 +65,29 @@ def step_residuals(r: torch.Tensor, F: torch.Tensor, parts: list[int] | None = N
         scale = fp.abs().amax(-1).clamp_min(tiny(F.dtype))  # (L, B)
         ratio = (rp.abs().amax(-1) / scale).amax(-1)  # (L,)
         rho = ratio if rho is None else torch.maximum(rho, ratio)
+    return torch.where(torch.isnan(rho), torch.full_like(rho, float("inf")), rho)
+
+
+def sigma_residuals(r: torch.Tensor, sigma: torch.Tensor, parts: list[int] | None = None) -> torch.Tensor:
+    """The second stopping rule, for diffusion samplers only: each step's residual against the sampler's own
+    noise level (ParaDiGMS, Shih et al. 2023, Sec. 3.3), `(L,)` from `r` `(L, B, w)` and `sigma` `(L,)`:
+
+        rho_l = max_b  sqrt(mean_i r_{l,b,i}^2)  /  sigma_l                    (NaN counts as inf)
+
+    `r` is the step's defect `z_l - f_l(z_{l-1})` (under Picard, the update the next round makes) and
+    `sigma_l` the standard deviation of the noise the step's output still carries (`sigma_floor`ed by the
+    caller where it is zero, as at a sampler's last step). Accepting `rho_l <= tol` perturbs each step by
+    at most `tol` of the noise already present, which is what a sampler's output is judged by, not by the
+    exact rule's backward error of `tol` of the state's size (`step_residuals`). It gives no bound relative to
+    sequential evaluation: the final error is whatever these perturbations become through the remaining steps
+    (README: rounds against final error for both rules). `parts` as in `step_residuals`."""
+    L = r.shape[0]
+    if r.numel() == 0:
+        return torch.zeros(L, dtype=r.dtype, device=r.device)
+    rows = r.reshape(L, r.shape[1], -1) if r.dim() >= 3 else r.reshape(L, 1, -1)
+    pieces = rows.split(parts, dim=-1) if parts is not None and len(parts) > 1 else [rows]
+    rms = torch.stack([p.pow(2).mean(-1).sqrt() for p in pieces]).amax(0).amax(-1)  # (L,)
+    rho = rms / sigma.to(rms)
     return torch.where(torch.isnan(rho), torch.full_like(rho, float("inf")), rho)
 
 

@@ -1,0 +1,170 @@
+"""The sampler solve (`pcr_compile.solver.sampler`, `pcr_compile.diffusion.parallel_sample`) and the pipeline
+wrappers, on synthetic chains and on the trained fixture (benchmarks/fixtures/blob_unet.py): never more depth
+than sequential sampling, results equal to the sequential loop, the noise-level rule, and the pipelines'
+images against diffusers' own sequential pipelines."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+
+from pcr_compile.solver import sampler as sampler_solve
+from pcr_compile.solver.residual import sigma_residuals
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder at the repository root, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+
+def chain(coef: float, L: int):
+    """z_l = coef * tanh(z_{l-1}) + 0.1 l: contractive for coef < 1, expansive above."""
+
+    def evaluate(start, Zprev):
+        shift = 0.1 * torch.arange(start + 1, start + 1 + Zprev.shape[0], dtype=Zprev.dtype).view(-1, 1, 1)
+        return coef * torch.tanh(Zprev) + shift
+
+    z0 = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
+    ref, z = [], z0
+    for l in range(L):
+        z = evaluate(l, z.unsqueeze(0))[0]
+        ref.append(z)
+    return z0, evaluate, torch.stack(ref)
+
+
+@pytest.mark.parametrize("accel", ["picard", "anderson", "auto"])
+@pytest.mark.parametrize("coef,L", [(0.5, 13), (3.0, 29), (-6.0, 37)])
+def test_never_deeper_than_sequential_and_exact(accel, coef, L):
+    z0, evaluate, ref = chain(coef, L)
+    Z, st = sampler_solve.sampler_forward(z0, L, evaluate, tol=1e-12, accel=accel, max_iters=L,
+                                          solve_dtype=torch.float64)
+    assert rel_err(Z, ref) < 1e-9
+    assert st.depth <= L and st.evaluations <= L
+    assert st.step_evaluations <= st.evaluations * L + st.sequential_steps
+    assert st.step_evaluations <= L * (L + 1) // 2 + L  # windows shrink as steps are committed
+
+
+def test_divergence_is_detected_before_max_iters():
+    """An expansive chain whose suffix blows up under Picard: clamped, detected, finished sequentially."""
+    L = 60
+    z0, evaluate, ref = chain(-40.0, L)
+    Z, st = sampler_solve.sampler_forward(z0, L, evaluate, tol=1e-12, accel="picard", max_iters=1000,
+                                          solve_dtype=torch.float64)
+    assert rel_err(Z, ref) < 1e-9
+    assert st.depth <= L and st.iterations < 40
+    assert all(r == r and r < 1e6 for r in st.residuals)  # the clamp keeps every guess bounded
+
+
+def test_sigma_rule_is_rms_over_noise_level():
+    r = torch.zeros(3, 2, 4)
+    r[1, 0] = torch.tensor([3.0, 0.0, 0.0, 4.0])  # RMS sqrt(25 / 4) = 2.5
+    r[2, 1] = float("nan")
+    rho = sigma_residuals(r, torch.tensor([1.0, 0.5, 2.0]))
+    assert rho.tolist() == [0.0, 5.0, float("inf")]
+    parts = sigma_residuals(r, torch.ones(3), parts=[2, 2])  # each part's RMS: max(sqrt(9/2), sqrt(16/2))
+    assert parts[1] == pytest.approx(8**0.5)
+
+
+def test_bad_arguments_name_the_argument():
+    z0, evaluate, _ = chain(0.5, 4)
+    with pytest.raises(ValueError, match="accel"):
+        sampler_solve.sampler_forward(z0, 4, evaluate, tol=1e-6, accel="newton")
+    with pytest.raises(ValueError, match="rule"):
+        sampler_solve.sampler_forward(z0, 4, evaluate, tol=1e-6, rule="loose")
+    with pytest.raises(ValueError, match="sigma"):
+        sampler_solve.sampler_forward(z0, 4, evaluate, tol=1e-6, rule="sigma")
+
+
+diffusers = pytest.importorskip("diffusers", reason="the fixture is a diffusers UNet2DModel")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    from benchmarks.fixtures.blob_unet import CHECKPOINT, load_blob_unet
+
+    assert CHECKPOINT.stat().st_size < 1 << 20  # committed, under 1 MB
+    torch.set_num_threads(1)
+    return load_blob_unet()
+
+
+SCHEDULERS = {
+    "ddim": lambda: diffusers.DDIMScheduler(clip_sample=False),
+    "ddim-clip": lambda: diffusers.DDIMScheduler(),
+    "ddim-eta": lambda: diffusers.DDIMScheduler(),  # with eta=1: stochastic
+    "ddpm": lambda: diffusers.DDPMScheduler(),
+    "euler": lambda: diffusers.EulerDiscreteScheduler(),
+    "dpm": lambda: diffusers.DPMSolverMultistepScheduler(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_fixture_samplers_never_deeper_than_sequential(unet, name):
+    from pcr_compile.diffusion import sampling_loop
+    from pcr_compile.diffusion.parallel import parallel_sample
+
+    steps = 12
+    loop = sampling_loop(unet, SCHEDULERS[name](), steps, **({"eta": 1.0} if name == "ddim-eta" else {}))
+    latents = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * loop.init_noise_sigma
+    with torch.no_grad():
+        ref = loop(latents, generator=torch.Generator().manual_seed(1))
+    y, st = parallel_sample(loop, latents, generator=torch.Generator().manual_seed(1))  # default options
+    assert rel_err(y, ref) < 1e-4
+    assert st.depth <= steps
+    assert st.step_evaluations <= steps * (steps + 1) // 2
+
+
+def test_sigma_rule_takes_fewer_rounds_at_a_bounded_error(unet):
+    from pcr_compile.diffusion import sampling_loop
+    from pcr_compile.diffusion.parallel import parallel_sample
+
+    loop = sampling_loop(unet, diffusers.DDIMScheduler(clip_sample=False), 20)
+    latents = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = loop(latents)
+    y_exact, exact = parallel_sample(loop, latents)
+    y_sigma, sigma = parallel_sample(loop, latents, rule="sigma", tol=1e-3)
+    assert rel_err(y_exact, ref) < 1e-4
+    assert sigma.evaluations < exact.evaluations
+    assert rel_err(y_sigma, ref) < 3e-2
+
+
+@pytest.mark.parametrize("pipeline", ["DDIMPipeline", "DDPMPipeline"])
+def test_pipeline_images_match_the_sequential_pipeline(unet, pipeline):
+    import numpy as np
+
+    from pcr_compile.diffusion import parallel_pipeline
+
+    sched = diffusers.DDIMScheduler() if pipeline == "DDIMPipeline" else diffusers.DDPMScheduler()
+    pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=2, num_inference_steps=10, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    par = parallel_pipeline(pipe)
+    out = par(generator=torch.Generator().manual_seed(0), **kw).images
+    assert out.shape == ref.shape == (2, 16, 16, 1)
+    assert np.abs(out - ref).max() < 1e-4
+    assert par.last_stats.depth <= 10
+    (pil,) = par(generator=torch.Generator().manual_seed(0), batch_size=1, num_inference_steps=4,
+                 return_dict=False)
+    assert len(pil) == 1 and pil[0].size == (16, 16)
+    with pytest.raises(NotImplementedError, match="DDIMPipeline"):
+        parallel_pipeline(object())
+
+
+def test_condition_unet_kwargs_are_tiled_over_the_steps():
+    """UNet2DConditionModel: encoder_hidden_states (batch-leading) reach every step of a batched round."""
+    from pcr_compile.diffusion import parallel_sample, sampling_loop
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    latents, cond = torch.randn(2, 2, 8, 8), torch.randn(2, 3, 8)
+    loop = sampling_loop(unet, diffusers.DDIMScheduler(), 6)
+    with torch.no_grad():
+        ref = loop(latents, encoder_hidden_states=cond)
+    y, st = parallel_sample(loop, latents, encoder_hidden_states=cond)
+    assert rel_err(y, ref) < 1e-4 and st.depth <= 6
