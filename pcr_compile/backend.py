@@ -192,6 +192,11 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
                              f"'deeppcr', got {mode!r}")
         options = {"inductor_mode": mode}
     opts = Options.parse(options)
+    from .distributed.ddp import compile_under_ddp  # DDP: split the graph keeping chains whole (issue 17)
+
+    routed = compile_under_ddp(gm, example_inputs, opts, lambda g, inputs: deeppcr(g, inputs, options=opts))
+    if routed is not None:
+        return routed
     patches = list_mode_options(opts.inductor_mode) if opts.inductor_mode else None
     try:
         new, plan, names = rewrite(gm, opts)

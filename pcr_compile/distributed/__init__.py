@@ -1,0 +1,7 @@
+"""deeppcr under torch.distributed: DDP's graph split kept chain-whole (`ddp.py`), collectives declined in
+chains (`passes/chains.py` names them; `collectives.py`), and layer-parallel chains solved across the
+ranks of a process group (`layer_parallel.py`)."""
+
+from .ddp import DDPSplitReport, clear_ddp_reports, ddp_reports
+
+__all__ = ["DDPSplitReport", "ddp_reports", "clear_ddp_reports"]
