@@ -1,0 +1,73 @@
+"""Layer-parallel chains: a chain of L steps split over 2 / 4 gloo ranks equals the single-device chain.
+
+Reference: the same chain evaluated step by step by eager PyTorch in float64 with autograd (values, every
+rank's slice of the parameter gradients, and the input's gradient)."""
+
+import pytest
+import torch
+
+from dist_helpers import requires_gloo, run_ranks
+
+pytestmark = requires_gloo
+
+
+def _step(p, z):
+    W, b = p
+    return torch.tanh(z @ W.T + b)
+
+
+def _chain(L, w, gain, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(L, w, w, dtype=torch.float64, generator=g) * gain / w ** 0.5
+    b = torch.randn(L, w, dtype=torch.float64, generator=g) * 0.1
+    z0 = torch.randn(3, w, dtype=torch.float64, generator=g)
+    return W, b, z0
+
+
+def _eager(W, b, z0):
+    W, b, z0 = (t.clone().requires_grad_() for t in (W, b, z0))
+    z = z0
+    for l in range(W.shape[0]):
+        z = _step((W[l], b[l]), z)
+    (z * torch.linspace(-1, 1, z.shape[-1], dtype=z.dtype)).sum().backward()
+    return z.detach(), W.grad, b.grad, z0.grad
+
+
+def _lp_worker(rank, world, L, w, gain, max_iters, expect_fallback):
+    from pcr_compile.distributed import layer_parallel as lp
+
+    W, b, z0 = _chain(L, w, gain)
+    ref_z, ref_gW, ref_gb, ref_gz0 = _eager(W, b, z0)
+    sizes = lp.split_sizes(L, world)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    Wl, bl = W[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+    z0l = z0.clone().requires_grad_()
+    lp.clear_records()
+    z = lp.layer_parallel(_step, (Wl, bl), z0l, max_iters=max_iters)
+    (z * torch.linspace(-1, 1, w, dtype=z.dtype)).sum().backward()
+    tol = dict(rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(z, ref_z, **tol, msg=f"rank {rank}: z_L")
+    torch.testing.assert_close(Wl.grad, ref_gW[lo:hi], **tol, msg=f"rank {rank}: dW")
+    torch.testing.assert_close(bl.grad, ref_gb[lo:hi], **tol, msg=f"rank {rank}: db")
+    torch.testing.assert_close(z0l.grad, ref_gz0, **tol, msg=f"rank {rank}: dz0")
+    fwd, bwd = lp.records()
+    assert fwd.fell_back == expect_fallback and fwd.converged != expect_fallback, fwd
+    assert bwd.converged, bwd
+    if not expect_fallback:
+        # one all-gather per iteration, plus the step counts once and z_L's broadcast
+        assert fwd.collectives == fwd.iterations + 1 + 2, fwd
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_layer_parallel_mlp_256(world):
+    run_ranks(_lp_worker, world, 256, 8, 0.9, 50, False)
+
+
+def test_layer_parallel_uneven_split_falls_back_on_all_ranks():
+    # 2 iterations cannot converge 61 expansive steps: every rank finishes sequentially, in order.
+    run_ranks(_lp_worker, 2, 61, 6, 2.5, 2, True)
+
+
+@pytest.mark.slow
+def test_layer_parallel_fallback_four_ranks():
+    run_ranks(_lp_worker, 4, 64, 6, 2.5, 2, True)
