@@ -5,7 +5,6 @@ rank's slice of the parameter gradients, and the input's gradient)."""
 
 import pytest
 import torch
-
 from dist_helpers import requires_gloo, run_ranks
 
 pytestmark = requires_gloo
@@ -45,11 +44,10 @@ def _lp_worker(rank, world, L, w, gain, max_iters, expect_fallback):
     lp.clear_records()
     z = lp.layer_parallel(_step, (Wl, bl), z0l, max_iters=max_iters)
     (z * torch.linspace(-1, 1, w, dtype=z.dtype)).sum().backward()
-    tol = dict(rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(z, ref_z, **tol, msg=f"rank {rank}: z_L")
-    torch.testing.assert_close(Wl.grad, ref_gW[lo:hi], **tol, msg=f"rank {rank}: dW")
-    torch.testing.assert_close(bl.grad, ref_gb[lo:hi], **tol, msg=f"rank {rank}: db")
-    torch.testing.assert_close(z0l.grad, ref_gz0, **tol, msg=f"rank {rank}: dz0")
+    for what, got, ref in (("z_L", z, ref_z), ("dW", Wl.grad, ref_gW[lo:hi]), ("db", bl.grad, ref_gb[lo:hi]),
+                           ("dz0", z0l.grad, ref_gz0)):
+        err = float((got - ref).abs().max() / ref.abs().max())  # relative to the largest entry
+        assert err < 1e-7, f"rank {rank}: {what} off by {err:.2e} (relative to its largest entry)"
     fwd, bwd = lp.records()
     assert fwd.fell_back == expect_fallback and fwd.converged != expect_fallback, fwd
     assert bwd.converged, bwd
@@ -58,16 +56,22 @@ def _lp_worker(rank, world, L, w, gain, max_iters, expect_fallback):
         assert fwd.collectives == fwd.iterations + 1 + 2, fwd
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_layer_parallel_mlp_256(world):
-    run_ranks(_lp_worker, world, 256, 8, 0.9, 50, False)
+def _cases_worker(rank, world, cases):
+    for case in cases:
+        _lp_worker(rank, world, *case)
 
 
-def test_layer_parallel_uneven_split_falls_back_on_all_ranks():
-    # 2 iterations cannot converge 61 expansive steps: every rank finishes sequentially, in order.
-    run_ranks(_lp_worker, 2, 61, 6, 2.5, 2, True)
+SOLVE_256 = (256, 8, 0.9, 50, False)  # L, width, gain, max_iters, expect_fallback
+# 2 iterations cannot converge 61 expansive steps (the residual grows 3 -> 3e5): every rank finishes
+# sequentially, in order, from the accepted prefix; the split is uneven (31 + 30 steps).
+DIVERGING_61 = (61, 6, 2.5, 2, True)
+
+
+def test_layer_parallel_two_ranks():
+    """One spawn for both 2-rank cases (a process start costs ~10 s here)."""
+    run_ranks(_cases_worker, 2, [SOLVE_256, DIVERGING_61])
 
 
 @pytest.mark.slow
-def test_layer_parallel_fallback_four_ranks():
-    run_ranks(_lp_worker, 4, 64, 6, 2.5, 2, True)
+def test_layer_parallel_four_ranks():
+    run_ranks(_cases_worker, 4, [SOLVE_256, (64, 6, 2.5, 2, True)])

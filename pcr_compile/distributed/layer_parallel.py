@@ -191,7 +191,9 @@ def _sequential_over_ranks(one, Z, z_in, prefixes, sizes, comm: Comm):
     Z = Z.clone()
     for q in range(q0, P):
         if q > q0:
-            z_in = comm.broadcast(Z[-1].clone() if r == q - 1 else torch.empty_like(z_in), src=q - 1)
+            got = comm.broadcast(Z[-1].clone() if r == q - 1 else torch.empty_like(z_in), src=q - 1)
+            if r == q:
+                z_in = got
         if r == q:
             start = prefixes[q] if q == q0 else 0
             z = z_in if start == 0 else Z[start - 1]
