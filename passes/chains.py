@@ -39,6 +39,8 @@ import torch
 from torch.fx import Graph, Node
 from torch.utils._pytree import tree_flatten
 
+from pcr_compile.distributed.collectives import collective_name, collective_reason
+
 log = logging.getLogger(__name__)
 
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -368,6 +370,9 @@ def ineligibility(n: Node) -> str | None:
     if mutates_in_place(n):
         kept = n.meta.get(KEPT_META)
         return f"in-place op {name} (node {n.name}{'; kept in place: ' + kept if kept else ''})"
+    collective = collective_name(n)  # issue 17: FSDP's per-layer gathers and other collectives
+    if collective is not None:
+        return f"{collective_reason(collective)} (node {n.name})"
     if n.is_impure():
         return f"op with side effects {name} (node {n.name})"
     body = inlinable_body(n)
