@@ -204,9 +204,33 @@ def _sequential_over_ranks(one, Z, z_in, prefixes, sizes, comm: Comm):
     return Z, z_in
 
 
-def adjoint_solve(evaluate: Callable, vjp_prev: Callable, Z, z_in, J, A_all, g_last, comm: Comm, tol: float):
+def _reverse_solve(J, rhs, A_all, comm: Comm):
+    """lam_l = J_{l+1}^T lam_{l+1} + rhs_l over the ranks (nothing beyond the chain's end): a local reverse
+    scan with no incoming gradient, one all-gather of the chunk offsets m_q (their matrices are A_q^T),
+    the composition from the last rank down, and a local rescan."""
+    P, r = comm.world, comm.rank
+    mu = linear_recurrence(J, rhs, structure="dense", reverse=True)
+    m_all = comm.all_gather(_mv(J[0].transpose(-1, -2), mu[0]))
+    u = torch.zeros_like(rhs[0])
+    incoming = u
+    for q in range(P - 1, r - 1, -1):  # u_q: the gradient entering rank q's last step from rank q+1
+        if q == r:
+            incoming = u
+        u = _mv(A_all[q].transpose(-1, -2), u) + m_all[q]
+    rhs = rhs.clone()
+    rhs[-1] = rhs[-1] + incoming
+    return linear_recurrence(J, rhs, structure="dense", reverse=True)
+
+
+def adjoint_solve(evaluate: Callable, vjp_prev: Callable, Z, z_in, J, A_all, g_last, comm: Comm, tol: float,
+                  max_iters: int = 8):
     """lam_l = J_{l+1}^T lam_{l+1} + c_l over the ranks, c zero but for the chain's last step (`g_last`, used
-    on the last rank). `vjp_prev(Zprev, lam) -> J_l^T lam_l` for every local step (batched). Returns lam."""
+    on the last rank). `vjp_prev(Zprev, lam) -> J_l^T lam_l` for every local step (batched). Returns
+    (lam, dz0): dz0 the gradient of z0 on every rank (None after a fallback).
+
+    Iterative refinement, as the single-device adjoint: solve, evaluate every step's right-hand side with
+    exact vector-Jacobian products (the next rank's first one all-gathered), check the step residuals
+    (one all-reduce), and solve again for the correction until every step passes."""
     st, P, r = comm.stats, comm.world, comm.rank
     prev = torch.cat([z_in[None], Z[:-1]])
     if J is None:  # after a forward fallback: the Jacobians at the returned trajectory
@@ -215,39 +239,39 @@ def adjoint_solve(evaluate: Callable, vjp_prev: Callable, Z, z_in, J, A_all, g_l
     c = torch.zeros_like(Z)
     if r == P - 1:
         c[-1] = g_last
-    mu = linear_recurrence(J, c, structure="dense", reverse=True)  # no incoming gradient
-    m_all = comm.all_gather(_mv(J[0].transpose(-1, -2), mu[0]))
-    u = torch.zeros_like(z_in)
-    incoming = [None] * P
-    for q in range(P - 1, -1, -1):  # u_q: the gradient entering rank q's last step from rank q+1
-        incoming[q] = u
-        u = _mv(A_all[q].transpose(-1, -2), u) + m_all[q]
-    c[-1] = c[-1] + incoming[r]
-    lam = linear_recurrence(J, c, structure="dense", reverse=True)
-    # The a posteriori check, each step against its evaluated right-hand side (c_l + J_{l+1}^T lam_{l+1}).
-    back = vjp_prev(prev, lam)  # (n, B, w): J_l^T lam_l
-    rhs = c.clone()
-    rhs[:-1] = rhs[:-1] + back[1:]
-    rho = step_residuals(lam - rhs, rhs)
-    worst = comm.all_reduce_max(torch.nan_to_num(rho.max(), nan=math.inf).reshape(1))
-    st.residuals.append(float(worst))
-    st.iterations, st.prefix = 1, st.steps
-    if float(worst) <= tol:
-        st.converged = True
-        return lam
+    lam = _reverse_solve(J, c, A_all, comm)
+    for k in range(max_iters + 1):
+        back = vjp_prev(prev, lam)  # (n, B, w): J_l^T lam_l
+        first = comm.all_gather(back[0])  # every rank's J_0^T lam_0: the gradient it passes down
+        rhs = c.clone()
+        rhs[:-1] = rhs[:-1] + back[1:]
+        if r < P - 1:
+            rhs[-1] = rhs[-1] + first[r + 1]
+        rho = step_residuals(lam - rhs, rhs)
+        worst = float(comm.all_reduce_max(torch.nan_to_num(rho.max(), nan=math.inf).reshape(1)))
+        st.residuals.append(worst)
+        st.iterations = k
+        if worst <= tol:
+            st.converged, st.prefix = True, st.steps
+            return lam, first[0]
+        if not math.isfinite(worst) or k == max_iters:
+            break
+        lam = lam + _reverse_solve(J, rhs - lam, A_all, comm)
     st.fell_back = True
     lam = torch.zeros_like(Z)
     u = torch.zeros_like(z_in)
     for q in range(P - 1, -1, -1):  # in reverse rank order, passing J^T lam of each rank's first step down
         if q < P - 1:
-            u = comm.broadcast(u.clone() if r == q + 1 else torch.empty_like(u), src=q + 1)
+            got = comm.broadcast(u.clone() if r == q + 1 else torch.empty_like(u), src=q + 1)
+            if r == q:
+                u = got
         if r == q:
-            g = c[-1] - incoming[r] + u
+            g = c[-1] + u
             for i in range(Z.shape[0] - 1, -1, -1):
                 lam[i] = g
                 g = _mv(J[i].transpose(-1, -2), g)
             u = g
-    return lam
+    return lam, None
 
 
 class _LocalChain:
@@ -296,11 +320,13 @@ class _LayerParallel(torch.autograd.Function):
         stats = ExchangeStats("backward", dist.get_rank(ctx.group), dist.get_world_size(ctx.group), ctx.L)
         comm = Comm(ctx.group, stats)
         with torch.no_grad():
-            lam = adjoint_solve(chain.evaluate, chain.vjp_prev, Z, z_in, ctx.J, ctx.A_all, g, comm, ctx.tol)
+            lam, g_z0 = adjoint_solve(chain.evaluate, chain.vjp_prev, Z, z_in, ctx.J, ctx.A_all, g, comm,
+                                      ctx.tol)
         prev = torch.cat([z_in[None], Z[:-1]])
         _, pull = vjp(chain.batched, chain.params, prev)
         g_params, g_prev = pull(lam)
-        g_z0 = comm.broadcast(g_prev[0].clone(), src=0)
+        if g_z0 is None:  # after a sequential adjoint: rank 0's, to every rank
+            g_z0 = comm.broadcast(g_prev[0].clone(), src=0)
         _RECORDS.append(stats)
         return (None, None, None, None, None, g_z0, *g_params)
 
