@@ -1,7 +1,7 @@
 """DDP: `torch.compile(DDP(model), backend="deeppcr")` keeps one chain op per chain, with eager DDP's gradients.
 
-Two gloo ranks on loopback, each on its own data; a 40-layer width-96 float64 MLP (~3 MB of parameters)
-under 1 MB buckets, which Dynamo's DDP optimizer cuts into 3-4 pieces."""
+Two gloo ranks on loopback, each on its own data; a 30-layer width-96 float64 MLP (~2.2 MB of parameters)
+under 1 MB buckets, which Dynamo's DDP optimizer cuts into 3 pieces."""
 
 import copy
 
@@ -12,7 +12,7 @@ from dist_helpers import requires_gloo, run_ranks
 
 pytestmark = requires_gloo
 
-LAYERS, WIDTH, BATCH = 40, 96, 4
+LAYERS, WIDTH, BATCH = 30, 96, 4
 OPTS = {"mode": "parallel", "strict": True}
 
 
