@@ -296,6 +296,12 @@ def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_ite
     z0 = lay.pack(call.states, lead=0, dtype=call.solve_dtype)
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
     structure = call.structure_for(jacobian)
+    from .distributed.chain_op import forward_over_ranks  # issue 17: option process_group
+
+    over = forward_over_ranks(spec, call, z0, structure, tol, max_iters) if jacobian != "sequential" else None
+    if over is not None:
+        _record(spec, length, "forward", "layer-parallel", over[1], t0)
+        return lay.unpack(over[0] if keep_trajectory else over[0][-1:], lead=1)
     learned = _SWITCHED.get(_switch_key(spec, "forward", call.states)) if adaptive else None
     if learned:
         Z = call.sequential(z0, keep_trajectory)
@@ -416,6 +422,12 @@ def _run_backward(spec, trajs, states, stacked, consts, invariants, grads, lengt
     primals = [Zprev, *(call.stacked[i] for i in diff_stacked), *(call.invariants[i] for i in diff_inv)]
     # The approximate Jacobian only preconditions the refinement; the exact VJPs make the answer exact.
     structure = call.structure_for(jacobian if jacobian in ("dense", "diagonal", "identity", "zero") else "identity")
+    from .distributed.chain_op import backward_over_ranks  # issue 17: option process_group
+
+    over = backward_over_ranks(spec, call, Zprev, Z, cot, diff_stacked, diff_inv, tol, max_iters)
+    if over is not None:
+        _record(spec, length, "backward", "layer-parallel", over[1], t0)
+        return _gradients(call, over[0], diff_stacked, diff_inv)
     learned = _SWITCHED.get(_switch_key(spec, "backward", call.states)) if adaptive else None
     if learned:
         out = _sequential_adjoint(call, Zprev, cot, diff_stacked, diff_inv)

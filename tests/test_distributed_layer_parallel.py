@@ -56,9 +56,40 @@ def _lp_worker(rank, world, L, w, gain, max_iters, expect_fallback):
         assert fwd.collectives == fwd.iterations + 1 + 2, fwd
 
 
+def _compiled_worker(rank, world, L, w):
+    """`options={"process_group": "world"}`: the compiled model's chain solved over the ranks."""
+    import pcr_compile
+    from pcr_compile.distributed import layer_parallel as lp
+    from pcr_compile.models import DeepMLP
+
+    torch.manual_seed(0)
+    model = DeepMLP(L, w, gain=0.9).double()
+    x = torch.randn(3, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = model(x)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fast = torch.compile(model, backend="deeppcr",
+                         options={"mode": "parallel", "jacobian": "dense", "process_group": "world", "strict": True})
+    lp.clear_records()
+    with pcr_compile.record_solves() as solves:
+        out = fast(x)
+        out.square().sum().backward()
+    assert [s.jacobian for s in solves] == ["layer-parallel", "layer-parallel"], solves
+    assert [(r.direction, r.world, r.converged) for r in lp.records()] == [("forward", world, True),
+                                                                          ("backward", world, True)]
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-7, f"rank {rank}: output"
+    scale = max(float(g.abs().max()) for g in ref_grads)
+    err = max(float((p.grad - g).abs().max()) for p, g in zip(model.parameters(), ref_grads)) / scale
+    assert err < 1e-7, f"rank {rank}: gradients off by {err:.2e}"
+
+
 def _cases_worker(rank, world, cases):
     for case in cases:
-        _lp_worker(rank, world, *case)
+        if case[0] == "compiled":
+            _compiled_worker(rank, world, *case[1:])
+        else:
+            _lp_worker(rank, world, *case)
 
 
 SOLVE_256 = (256, 8, 0.9, 50, False)  # L, width, gain, max_iters, expect_fallback
@@ -68,10 +99,10 @@ DIVERGING_61 = (61, 6, 2.5, 2, True)
 
 
 def test_layer_parallel_two_ranks():
-    """One spawn for both 2-rank cases (a process start costs ~10 s here)."""
-    run_ranks(_cases_worker, 2, [SOLVE_256, DIVERGING_61])
+    """One spawn for the 2-rank cases (a process start costs ~10 s here)."""
+    run_ranks(_cases_worker, 2, [SOLVE_256, DIVERGING_61, ("compiled", 24, 8)])
 
 
 @pytest.mark.slow
 def test_layer_parallel_four_ranks():
-    run_ranks(_cases_worker, 4, [SOLVE_256, (64, 6, 2.5, 2, True)])
+    run_ranks(_cases_worker, 4, [SOLVE_256, (64, 6, 2.5, 2, True), ("compiled", 24, 8)])

@@ -2,6 +2,7 @@
 chains (`passes/chains.py` names them; `collectives.py`), and layer-parallel chains solved across the
 ranks of a process group (`layer_parallel.py`)."""
 
+from .chain_op import register_process_group
 from .ddp import DDPSplitReport, clear_ddp_reports, ddp_reports
 
-__all__ = ["DDPSplitReport", "ddp_reports", "clear_ddp_reports"]
+__all__ = ["DDPSplitReport", "ddp_reports", "clear_ddp_reports", "register_process_group"]

@@ -222,11 +222,11 @@ def _reverse_solve(J, rhs, A_all, comm: Comm):
     return linear_recurrence(J, rhs, structure="dense", reverse=True)
 
 
-def adjoint_solve(evaluate: Callable, vjp_prev: Callable, Z, z_in, J, A_all, g_last, comm: Comm, tol: float,
+def adjoint_solve(evaluate: Callable, vjp_prev: Callable, Z, z_in, J, A_all, c, comm: Comm, tol: float,
                   max_iters: int = 8):
-    """lam_l = J_{l+1}^T lam_{l+1} + c_l over the ranks, c zero but for the chain's last step (`g_last`, used
-    on the last rank). `vjp_prev(Zprev, lam) -> J_l^T lam_l` for every local step (batched). Returns
-    (lam, dz0): dz0 the gradient of z0 on every rank (None after a fallback).
+    """lam_l = J_{l+1}^T lam_{l+1} + c_l over the ranks, `c` (n, B, w) this rank's steps' cotangents.
+    `vjp_prev(Zprev, lam) -> J_l^T lam_l` for every local step (batched). Returns (lam, dz0): dz0 the
+    gradient of z0 on every rank (None after a fallback).
 
     Iterative refinement, as the single-device adjoint: solve, evaluate every step's right-hand side with
     exact vector-Jacobian products (the next rank's first one all-gathered), check the step residuals
@@ -236,9 +236,6 @@ def adjoint_solve(evaluate: Callable, vjp_prev: Callable, Z, z_in, J, A_all, g_l
     if J is None:  # after a forward fallback: the Jacobians at the returned trajectory
         _, J = evaluate(prev)
         A_all = comm.all_gather(chunk_product(J))
-    c = torch.zeros_like(Z)
-    if r == P - 1:
-        c[-1] = g_last
     lam = _reverse_solve(J, c, A_all, comm)
     for k in range(max_iters + 1):
         back = vjp_prev(prev, lam)  # (n, B, w): J_l^T lam_l
@@ -266,8 +263,9 @@ def adjoint_solve(evaluate: Callable, vjp_prev: Callable, Z, z_in, J, A_all, g_l
             if r == q:
                 u = got
         if r == q:
-            g = c[-1] + u
+            g = u
             for i in range(Z.shape[0] - 1, -1, -1):
+                g = g + c[i]
                 lam[i] = g
                 g = _mv(J[i].transpose(-1, -2), g)
             u = g
@@ -320,7 +318,10 @@ class _LayerParallel(torch.autograd.Function):
         stats = ExchangeStats("backward", dist.get_rank(ctx.group), dist.get_world_size(ctx.group), ctx.L)
         comm = Comm(ctx.group, stats)
         with torch.no_grad():
-            lam, g_z0 = adjoint_solve(chain.evaluate, chain.vjp_prev, Z, z_in, ctx.J, ctx.A_all, g, comm,
+            c = torch.zeros_like(Z)
+            if comm.rank == comm.world - 1:
+                c[-1] = g
+            lam, g_z0 = adjoint_solve(chain.evaluate, chain.vjp_prev, Z, z_in, ctx.J, ctx.A_all, c, comm,
                                       ctx.tol)
         prev = torch.cat([z_in[None], Z[:-1]])
         _, pull = vjp(chain.batched, chain.params, prev)
