@@ -1,7 +1,7 @@
 """DDP: `torch.compile(DDP(model), backend="deeppcr")` keeps one chain op per chain, with eager DDP's gradients.
 
 Two gloo ranks on loopback, each on its own data; a 30-layer width-96 float64 MLP (~2.2 MB of parameters)
-under 1 MB buckets, which Dynamo's DDP optimizer cuts into 3 pieces."""
+under 1 MB buckets, which Dynamo's DDP optimizer cuts into 2 pieces."""
 
 import copy
 
@@ -62,3 +62,17 @@ def _ddp_worker(rank: int, world: int, optimize_ddp) -> None:
                          ids=["chain-aware", "dynamo-split"])
 def test_ddp_two_ranks(optimize_ddp):
     run_ranks(_ddp_worker, 2, optimize_ddp)
+
+
+def test_explain_ddp_reports_the_cut_and_the_merge():
+    from pcr_compile.distributed import explain_ddp
+    from pcr_compile.models import DeepMLP
+
+    model = DeepMLP(LAYERS, WIDTH).double()
+    x = torch.randn(BATCH, WIDTH, dtype=torch.float64)
+    (rep,) = explain_ddp(model, x, bucket_cap_mb=1, options=OPTS)
+    assert rep.mode == "merged" and len(rep.buckets) == 2 and len(rep.merged) == 1, rep
+    assert len(rep.cuts) == 1 and rep.cuts[0][2] == 2 and sum(rep.merged) == sum(rep.buckets), rep
+    # At the default 25 MB the first bucket (the last layers) is still DDP's 1 MB first bucket: one cut.
+    (wide,) = explain_ddp(model, x, bucket_cap_mb=25, options=OPTS)
+    assert len(wide.buckets) == 2 and len(wide.merged) == 1, wide

@@ -106,3 +106,14 @@ def test_layer_parallel_two_ranks():
 @pytest.mark.slow
 def test_layer_parallel_four_ranks():
     run_ranks(_cases_worker, 4, [SOLVE_256, (64, 6, 2.5, 2, True), ("compiled", 24, 8)])
+
+
+def test_process_group_option_is_checked():
+    from pcr_compile.distributed.chain_op import resolve
+    from pcr_compile.options import Options
+
+    with pytest.raises(ValueError, match="'process_group' must be None, 'world' or a name"):
+        Options.parse({"process_group": 3})
+    with pytest.raises(ValueError, match="'process_group' must be 'world' or a name registered"):
+        resolve("no-such-group")
+    assert Options.parse({"process_group": "world"}).process_group == "world"

@@ -3,6 +3,6 @@ chains (`passes/chains.py` names them; `collectives.py`), and layer-parallel cha
 ranks of a process group (`layer_parallel.py`)."""
 
 from .chain_op import register_process_group
-from .ddp import DDPSplitReport, clear_ddp_reports, ddp_reports
+from .ddp import DDPSplitReport, clear_ddp_reports, ddp_reports, explain_ddp
 
-__all__ = ["DDPSplitReport", "ddp_reports", "clear_ddp_reports", "register_process_group"]
+__all__ = ["DDPSplitReport", "ddp_reports", "clear_ddp_reports", "register_process_group", "explain_ddp"]

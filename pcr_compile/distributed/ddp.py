@@ -36,7 +36,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch._dynamo.backends.distributed import Bucket, DDPOptimizer
@@ -64,7 +64,6 @@ class DDPSplitReport:
     cuts: tuple[tuple[str, str, int], ...] = ()
     merged: tuple[int, ...] = ()
     note: str = ""
-    chain_ops: tuple[str, ...] = field(default_factory=tuple)
 
 
 _REPORTS: list[DDPSplitReport] = []
@@ -139,9 +138,10 @@ class ChainAwareDDPOptimizer(DDPOptimizer):
     `spans`: `(first, last)` node names of the chains to keep whole, in `gm`'s graph."""
 
     def __init__(self, bucket_bytes_cap: int, backend_compile_fn: Callable, spans: list[tuple[str, str]],
-                 first_bucket_cap: int | None = None):
+                 first_bucket_cap: int | None = None, probe: bool = False):
         super().__init__(bucket_bytes_cap, backend_compile_fn, first_bucket_cap)
         self._spans = spans
+        self._probe = probe  # stop right after bucketing (explain_ddp)
         self._order: dict = {}
         self.report: DDPSplitReport | None = None
 
@@ -165,6 +165,8 @@ class ChainAwareDDPOptimizer(DDPOptimizer):
             merged=tuple(b.size for b in buckets),
             note=(f"DDP's buckets would cut {len(cuts)} chain(s); merged into one bucket each" if cuts
                   else "no chain crosses a bucket boundary"))
+        if self._probe:
+            raise _Probed
 
     def compile_fn(self, gm, example_inputs, **kw):
         self._order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -173,6 +175,34 @@ class ChainAwareDDPOptimizer(DDPOptimizer):
             return super().compile_fn(gm, example_inputs, **kw)
         finally:
             _STATE.splitting = False
+
+
+class _Probed(Exception):
+    """Raised by a probing optimizer once its buckets are known: nothing is split or compiled."""
+
+
+def explain_ddp(model, *example_inputs, bucket_cap_mb: float = 25.0, options: dict | None = None,
+                **example_kwargs) -> list[DDPSplitReport]:
+    """What DDP's graph split would do to each Dynamo graph of `model` (the module DDP would wrap) under
+    `bucket_cap_mb`, and the buckets deeppcr compiles instead (`torch._dynamo.config.optimize_ddp = False`);
+    no process group needed, nothing compiled. Resets Dynamo's caches, as `pcr_compile.explain`."""
+    from pcr_compile.options import Options
+
+    opts = Options.parse(options)
+    out = torch._dynamo.explain(model)(*example_inputs, **example_kwargs)
+    cap = int(bucket_cap_mb * 1024 * 1024)
+    reports = []
+    for gm in out.graphs:
+        opt = ChainAwareDDPOptimizer(cap, None, chain_spans(gm, opts), probe=True,
+                                     first_bucket_cap=min(cap, torch.distributed._DEFAULT_FIRST_BUCKET_BYTES))
+        opt._order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        try:
+            DDPOptimizer.compile_fn(opt, gm, [])
+        except _Probed:
+            pass
+        reports.append(opt.report)
+    torch._dynamo.reset()
+    return reports
 
 
 def chain_spans(gm: torch.fx.GraphModule, options) -> list[tuple[str, str]]:
