@@ -100,7 +100,13 @@ DIVERGING_61 = (61, 6, 2.5, 2, True)
 
 def test_layer_parallel_two_ranks():
     """One spawn for the 2-rank cases (a process start costs ~10 s here)."""
-    run_ranks(_cases_worker, 2, [SOLVE_256, DIVERGING_61, ("compiled", 24, 8)])
+    run_ranks(_cases_worker, 2, [SOLVE_256, DIVERGING_61])
+
+
+@pytest.mark.slow
+def test_layer_parallel_option_two_ranks():
+    """The `process_group` option on a compiled DeepMLP (slow: Inductor's compile on every rank, ~15 s)."""
+    run_ranks(_cases_worker, 2, [("compiled", 24, 8)])
 
 
 @pytest.mark.slow
