@@ -13,11 +13,13 @@ one batched call. Every Newton iteration (dense Jacobians, DeepPCR's update form
               so that rank r+1's z_in is bit for bit rank r's last state.
 
 The stopping test is the project's (`kernels/residual.py: step_residuals`, each step against its own size);
-its statistics ride in the same all-gather, so an iteration issues one collective (the brief's separate
+its statistics ride in the same all-gather, so an iteration issues one collective (the issue's separate
 all-reduce folded into it). The adjoint is the same in reverse: a local reverse scan with no incoming
 gradient gives the chunk's offset m_r (its matrix is A_r^T, already gathered), one all-gather of the
-m_r, a composition from the last rank down and a local rescan; then one batched vector-Jacobian product
-gives the local parameters' gradients, and one all-reduce checks every step's adjoint residual.
+m_r, a composition from the last rank down and a local rescan; then, as the single-device adjoint, it is
+refined against exact batched vector-Jacobian products (the next rank's first one all-gathered) until
+every step passes the rule (one all-reduce per check); one more batched VJP gives the local parameters'
+gradients.
 
 Fallback (the single-device solve's guarantee): when any rank's residuals are non-finite or `max_iters`
 pass, all ranks finish sequentially, in rank order, from the accepted prefix: the first rank with an
