@@ -266,8 +266,33 @@ def count_launches() -> Iterator[Counts]:
     """Count launches and host syncs of everything run inside the block (see the module docstring)."""
     counts = Counts()
     quiet = threading.local()
-    with _counting_inductor(counts), _counting_triton(counts, quiet), CountingMode(counts, quiet):
+    with _counting_inductor(counts), _counting_triton(counts, quiet), _counting_host_reads(counts, quiet), \
+            CountingMode(counts, quiet):
         yield counts
+
+
+@contextlib.contextmanager
+def _counting_host_reads(counts: Counts, quiet) -> Iterator[None]:
+    """Each read of the solver or a launcher (`kernels.settings.to_host`) is one host sync, on any device: on
+    a CPU `.tolist()` dispatches nothing to see, on CUDA its copy is not counted a second time."""
+    from pcr_compile.kernels import settings
+
+    real = settings.to_host
+
+    def counted(t):
+        counts.syncs += 1
+        counts.by_op["sync:to_host"] += 1
+        quiet.depth = getattr(quiet, "depth", 0) + 1
+        try:
+            return real(t)
+        finally:
+            quiet.depth -= 1
+
+    settings.to_host = counted
+    try:
+        yield
+    finally:
+        settings.to_host = real
 
 
 def count_call(fn) -> Counts:
@@ -290,20 +315,22 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--providers", default="eager,inductor,deeppcr-parallel")
+    ap.add_argument("--form", choices=("modulelist", "stacked"), default="modulelist",
+                    help="DeepMLP (an nn.Sequential of Linear layers) or StackedMLP (weight[i] of one stacked tensor)")
     a = ap.parse_args(argv)
-    from pcr_compile.models import DeepMLP
+    from pcr_compile.models import DeepMLP, StackedMLP
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = DeepMLP(layers=a.layers, width=a.width)
+    model = (StackedMLP if a.form == "stacked" else DeepMLP)(layers=a.layers, width=a.width)
     x = torch.randn(a.batch, a.width)
     kernels = "triton" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or torch.cuda.is_available() \
         else "torch"
     builds = {"eager": lambda: model, "inductor": lambda: torch.compile(model),
               "deeppcr-parallel": lambda: torch.compile(model, backend="deeppcr",
                                                         options={"mode": "parallel", "kernels": kernels})}
-    print(f"DeepMLP({a.layers}, {a.width}) batch {a.batch}; deeppcr kernels={kernels!r}; GPU est.: {ASSUMPTIONS}",
-          flush=True)
+    print(f"{type(model).__name__}({a.layers}, {a.width}) batch {a.batch}; deeppcr kernels={kernels!r}; GPU est.: "
+          f"{ASSUMPTIONS}", flush=True)
     for label in a.providers.split(","):
         torch._dynamo.reset()
         fn = builds[label]()

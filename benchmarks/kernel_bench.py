@@ -29,9 +29,9 @@ if __package__ in (None, ""):  # run as a script (benchmarks/kernel_bench.py): t
 from benchmarks.output import environment, make_row, write_csv  # noqa: E402
 from benchmarks.timing import Timer, time_call  # noqa: E402
 from pcr_compile.kernels import linear_recurrence, linear_recurrence_sequential
-from pcr_compile.kernels.fused_newton import newton_linear_pointwise
+from pcr_compile.solver import newton_linear_pointwise
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # (structure, L, w, batch, dtype, reverse); the first row is the headline case.
 RECURRENCE_CASES = [
@@ -114,7 +114,7 @@ def bench_recurrence(args, versions) -> list[dict]:
                 err = (fn().double() - ref).abs().max().item()
                 med, p20, p80 = time_fn(fn, args.device, args.quick)
             except Exception as e:  # keep going: one failing provider must not hide the others
-                logger.warning("%s %s L=%d w=%d failed: %r", provider, structure, L, w, e)
+                log.warning("%s %s L=%d w=%d failed: %r", provider, structure, L, w, e)
                 med = p20 = p80 = err = float("nan")
             rows.append(dict(bench="linear_recurrence", provider=provider, structure=structure, L=L, w=w,
                              batch=batch, dtype=str(dtype).removeprefix("torch."), reverse=reverse, median_ms=med,
@@ -160,7 +160,7 @@ def bench_newton(args, versions) -> list[dict]:
                 err = (traj.double() - ref).abs().max().item()
                 med, p20, p80 = time_fn(fn, args.device, args.quick)
             except Exception as e:
-                logger.warning("newton %s %s L=%d failed: %r", provider, activation, L, e)
+                log.warning("newton %s %s L=%d failed: %r", provider, activation, L, e)
                 med = p20 = p80 = err = float("nan")
             bound_ms = nbytes / (args.bandwidth_gbs * 1e9) * 1e3
             rows.append(dict(bench="newton_linear_pointwise", provider=provider, structure=activation

@@ -30,7 +30,7 @@ import torch
 
 from .counting import count_call
 from .gpu_model import ASSUMPTIONS, estimate_ms
-from .output import REPO, Env, RowMaker, err_text
+from .output import REPO, Env, RowMaker, err_text, metric_name
 from .providers import Provider, triton_interpreted
 from .suites import Case, Workload
 from .timing import Timer, deadline, peak_memory_mib, quantiles, sync, time_call
@@ -171,7 +171,7 @@ def eager_reference(wl: Workload, train: bool) -> Reference:
 
 def _solve_rows(row: RowMaker, phase: str, records: list[Any]) -> list[dict[str, str]]:
     if not records:
-        return [row(f"iters_{phase}", "iters", status="none",
+        return [row(metric_name("iters", phase), "iters", status="none",
                     note="no chain solve recorded (nothing solved in parallel)")]
     rows = []
     for direction in ("forward", "backward"):
@@ -188,9 +188,9 @@ def _solve_rows(row: RowMaker, phase: str, records: list[Any]) -> list[dict[str,
         note = (f"{len(recs)} solve(s), chain length(s) {lengths}, converged {conv}/{len(recs)}, "
                 f"fell back {fell}" + (f", jacobian {','.join(jac)}" if jac else "")
                 + (f", reasons: {'; '.join(reasons)}" if reasons else ""))
-        metric = f"iters_{phase}" if direction == "forward" else f"iters_{phase}_adjoint"
+        metric = metric_name("iters", phase, adjoint=direction != "forward")
         rows.append(row(metric, "iters", med, p20, p80, note=note))
-        rows.append(row(f"fallbacks_{phase}" if direction == "forward" else f"fallbacks_{phase}_adjoint",
+        rows.append(row(metric_name("fallbacks", phase, adjoint=direction != "forward"),
                         "count", float(fell), note=f"of {len(recs)} solve(s)"))
     return rows
 
@@ -212,9 +212,9 @@ def count_rows(row: RowMaker, phase: str, provider: Provider, wl: Workload, call
         path = "PyTorch kernels (CPU); set TRITON_INTERPRET=1 to count the Triton path"
     c = count_call(call)
     est = estimate_ms(c.launches, c.syncs)
-    return [row(f"launches_{phase}", "count", float(c.launches), note=f"{path}; {c.summary()}"),
-            row(f"syncs_{phase}", "count", float(c.syncs), note=path),
-            row(f"gpu_est_{phase}", "ms", est, status="model", note=ASSUMPTIONS)]
+    return [row(metric_name("launches", phase), "count", float(c.launches), note=f"{path}; {c.summary()}"),
+            row(metric_name("syncs", phase), "count", float(c.syncs), note=path),
+            row(metric_name("gpu_est", phase), "ms", est, status="model", note=ASSUMPTIONS)]
 
 
 def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref: Reference, cfg: Config,
@@ -226,7 +226,7 @@ def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref:
     with fresh_compiler(provider.compiled), backend_messages() as messages:
         try:
             with deadline(cfg.timeout_s):
-                step = f"compile_{phase}" if provider.compiled else phase
+                step = metric_name("compile", phase) if provider.compiled else phase
                 fn = provider.build(wl.fn)
                 call = forward_call(fn, wl) if phase == "forward" else train_call(fn, wl)
                 sync(device)
@@ -246,13 +246,13 @@ def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref:
                 step = phase
                 rows.append(row(phase, "ms", *time_call(call, device, cfg)))
                 if cfg.memory:
-                    step = f"peak_mem_{phase}"
+                    step = metric_name("peak_mem", phase)
                     mib = peak_memory_mib(call, device)
                     how = "cuda max_memory_allocated" if device.type == "cuda" else "RSS high-water mark rise"
                     rows.append(row(step, "MiB", mib, status="ok" if mib is not None else "unavailable",
                                     note=how if mib is not None else "/proc/self/clear_refs not writable"))
                 if provider.name == "deeppcr":
-                    step = f"iters_{phase}"
+                    step = metric_name("iters", phase)
                     with _solves_context() as records:
                         call()
                     if records is None:
@@ -260,7 +260,7 @@ def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref:
                     else:
                         rows += _solve_rows(row, phase, list(records))
                 if cfg.count:
-                    step = f"launches_{phase}"
+                    step = metric_name("launches", phase)
                     rows += count_rows(row, phase, provider, wl, call, device)
         except Exception as e:  # noqa: BLE001 -- a failing provider must not end the run
             log.debug("%s %s %s failed at %s", case.model, case.parameters, provider.label, step, exc_info=True)
@@ -270,7 +270,7 @@ def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref:
                 p.grad = None
     if messages:
         unique = list(dict.fromkeys(messages))
-        rows.append(row(f"backend_warnings_{phase}", "count", float(len(messages)), status="warning",
+        rows.append(row(metric_name("backend_warnings", phase), "count", float(len(messages)), status="warning",
                         note=" || ".join(unique[:3])))
     return rows
 

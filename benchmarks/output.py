@@ -26,6 +26,14 @@ import torch
 COLUMNS = ("model", "provider", "mode", "metric", "unit", "parameters", "median", "p20", "p80", "status", "note",
            "device", "torch_version", "project_version", "commit", "date")
 PHASES = ("forward", "forward_backward")
+
+
+def metric_name(kind: str, phase: str, adjoint: bool = False) -> str:
+    """The one spelling of a per-phase metric: `iters_forward`, `launches_forward_backward`,
+    `iters_forward_backward_adjoint` (the adjoint solves of a training step); writers and readers use it."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    return f"{kind}_{phase}" + ("_adjoint" if adjoint else "")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -5,7 +5,7 @@
 The floor is what any torch.compile backend pays per call: the model compiled with a backend that returns a
 cached output (`providers.cached_output_backend`: Dynamo's guards, frame evaluation and argument handling,
 nothing else). deeppcr's forward (`mode="parallel"`, under no_grad) is measured as it is and with the solve's
-device work removed: `pcr_compile.solve.run_forward` patched, from here, to return the result its first call
+device work removed: `pcr_compile.solver.run_forward` patched, from here, to return the result its first call
 stored (no Newton iterations, no kernels). What is left is the host cost around the solve: Inductor's
 wrapper (size/stride asserts on every input), the chain op's dispatch and argument handling, its output
 checks. Both are also measured with `guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe`,
@@ -35,10 +35,10 @@ GUARD_FILTER = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_u
 
 @contextlib.contextmanager
 def solve_work_removed() -> Iterator[dict]:
-    """Patch `pcr_compile.solve.run_forward` to return, per (chain, shapes), the result of its first call."""
-    from pcr_compile import solve
+    """Patch `pcr_compile.solver.run_forward` to return, per (chain, shapes), the result of its first call."""
+    from pcr_compile import solver
 
-    real = solve.run_forward
+    real = solver.run_forward
     stored: dict[tuple, Any] = {}
 
     def stored_result(spec, states, per_step, consts, invariants, length, *args, **kwargs):
@@ -47,11 +47,11 @@ def solve_work_removed() -> Iterator[dict]:
             stored[key] = real(spec, states, per_step, consts, invariants, length, *args, **kwargs)
         return stored[key]
 
-    solve.run_forward = stored_result
+    solver.run_forward = stored_result
     try:
         yield stored
     finally:
-        solve.run_forward = real
+        solver.run_forward = real
 
 
 def _forward(fn: Callable[..., Any], x: torch.Tensor) -> Callable[[], Any]:
@@ -88,12 +88,12 @@ def measure(layers: int, width: int, batch: int, timer: Timer) -> list[tuple[str
     run("deeppcr", "parallel", torch.compile(model, backend="deeppcr", options=dict(par)), "the real solve")
     with solve_work_removed() as stored:
         run("deeppcr", "parallel-no-solve", torch.compile(model, backend="deeppcr", options=dict(par)),
-            "solve.run_forward returns a stored result: host work only")
+            "solver.run_forward returns a stored result: host work only")
         run("deeppcr", "parallel-no-solve+guard_filter",
             torch.compile(model, backend="deeppcr", options={**par, **GUARD_FILTER}),
             "the same with skip_guard_on_all_nn_modules_unsafe")
     if not stored:
-        raise RuntimeError("the deeppcr forward never called solve.run_forward: no chain was solved")
+        raise RuntimeError("the deeppcr forward never called solver.run_forward: no chain was solved")
     return out
 
 

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from .gpu_model import ASSUMPTIONS
-from .output import PHASES
+from .output import PHASES, metric_name
 
 
 def _num(s: str) -> float | None:
@@ -72,20 +72,22 @@ def tables(rows: Sequence[dict[str, str]], fmt: str = "github") -> str:
                 for base in ("eager", "inductor"):
                     b = val(dev, model, params, base, phase)
                     line.append(f"{b / t:.2f}x" if t and b else "-")
-            comp = [val(dev, model, params, label, f"compile_{ph}") for ph in (PHASES if has_train else PHASES[:1])]
+            own = PHASES if has_train else PHASES[:1]
+            comp = [val(dev, model, params, label, metric_name("compile", ph)) for ph in own]
             line.append("/".join(_g(c) for c in comp))
-            mem = [val(dev, model, params, label, f"peak_mem_{ph}") for ph in (PHASES if has_train else PHASES[:1])]
+            mem = [val(dev, model, params, label, metric_name("peak_mem", ph)) for ph in own]
             line.append("/".join(_g(m) for m in mem))
             its = [val(dev, model, params, label, m) for m in
-                   (("iters_forward", "iters_forward_backward_adjoint") if has_train else ("iters_forward",))]
-            fb = val(dev, model, params, label, "fallbacks_forward")
+                   ((metric_name("iters", "forward"), metric_name("iters", "forward_backward", adjoint=True))
+                    if has_train else (metric_name("iters", "forward"),))]
+            fb = val(dev, model, params, label, metric_name("fallbacks", "forward"))
             line.append("/".join(_g(i) for i in its) + (f" (fb {fb:.0f})" if fb else ""))
             errs = [val(dev, model, params, label, m) for m in
                     (("max_rel_err", "max_rel_err_grad") if has_train else ("max_rel_err",))]
             line.append("/".join("-" if e is None else f"{e:.1e}" for e in errs))
             phases = PHASES if has_train else PHASES[:1]
             for metric, fmt_one in (("launches", "{:.0f}"), ("syncs", "{:.0f}"), ("gpu_est", "{:.3g}")):
-                got = [val(dev, model, params, label, f"{metric}_{ph}") for ph in phases]
+                got = [val(dev, model, params, label, metric_name(metric, ph)) for ph in phases]
                 line.append("/".join("-" if v is None else fmt_one.format(v) for v in got))
             line.append("; ".join(status) if status else ("ok, warned" if warn else "ok"))
             table.append(line)
@@ -97,7 +99,7 @@ def tables(rows: Sequence[dict[str, str]], fmt: str = "github") -> str:
                  "max rel err" + (" out/grad" if has_train else " out"), "launches" + suffix, "syncs" + suffix,
                  "GPU est. ms (MODEL)" + suffix, "status"]
         text = f"### {model} ({dev})\n\n" + tabulate(table, headers=head, tablefmt=fmt, disable_numparse=True)
-        if any(val(dev, model, p, lab, f"gpu_est_{ph}") is not None for p, lab in entries for ph in PHASES):
+        if any(val(dev, model, p, lab, metric_name("gpu_est", ph)) is not None for p, lab in entries for ph in PHASES):
             text += f"\n\nGPU est.: {ASSUMPTIONS}."
         out.append(text)
     return "\n\n".join(out)

@@ -1,18 +1,19 @@
 """Linear-recurrence kernels for the Newton-PCR solver: a PyTorch path everywhere, Triton on CUDA.
 
-Public entry points: :func:`linear_recurrence` (see ``reference.py`` for the math; Triton kernels in
-``triton_pcr.py``) and :func:`newton_linear_pointwise` (``fused_newton.py``), the fused Newton solve of
-chains of linear + pointwise layers.
+Device numerics only: the public :func:`linear_recurrence` (the math and the PyTorch references in
+``reference.py``; the chunked-scan Triton kernels with their launchers in ``triton_dense.py`` and
+``triton_elementwise.py``, dispatched by ``triton_pcr.py``), the fused Newton kernels with their launcher
+(``triton_newton.py``), the activation table they select from by name (``activations.py``) and the launch
+settings of every kernel (``settings.py``). The iterations that use them are ``pcr_compile.solver``'s.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .fused_newton import NewtonResult, newton_linear_pointwise
 from .reference import STRUCTURES, linear_recurrence_sequential, linear_recurrence_torch
 
-__all__ = ["linear_recurrence", "linear_recurrence_sequential", "STRUCTURES", "newton_linear_pointwise", "NewtonResult"]
+__all__ = ["linear_recurrence", "linear_recurrence_sequential", "STRUCTURES"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 IMPLS = ("auto", "triton", "torch")

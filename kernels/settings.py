@@ -24,7 +24,8 @@ import torch
 
 __all__ = [
     "DeviceProps", "device_props", "compute_dtype", "acc_dtype", "dot_precision", "w_pad", "dense_warps",
-    "reduce_settings", "elementwise_settings", "plan_chunk", "launch", "launch_count", "LAUNCHES",
+    "reduce_settings", "elementwise_settings", "plan_chunk", "launch", "launch_count", "LAUNCHES", "to_host",
+    "host_read_count",
 ]
 
 PROGRAMS_PER_SM = 4  # programs per SM that count as a filled GPU
@@ -35,6 +36,7 @@ MAX_DENSE_W = 64  # widest dense block kept in registers (padded to a power of t
 
 _DENSE_WARPS = {2: 1, 4: 1, 8: 1, 16: 2, 32: 4, 64: 8}
 LAUNCHES = 0  # Triton launches made through launch() since import (benchmarks read it; never reset here)
+HOST_READS = 0  # device-to-host reads made through to_host() since import
 
 
 @dataclass(frozen=True)
@@ -152,3 +154,17 @@ def launch(kernel, grid: tuple[int, ...], *args, device: torch.device, **meta) -
 def launch_count() -> int:
     """Triton launches made through :func:`launch` so far (take differences around the code measured)."""
     return LAUNCHES
+
+
+def to_host(t: torch.Tensor) -> list:
+    """``t.tolist()``, counted: every device-to-host read of the kernels' launchers and of the solver goes
+    through here (one transfer each), so benchmarks count host syncs on a CPU too, where ``.tolist()``
+    dispatches no op to see."""
+    global HOST_READS
+    HOST_READS += 1
+    return t.tolist()
+
+
+def host_read_count() -> int:
+    """Reads made through :func:`to_host` so far (take differences around the code measured)."""
+    return HOST_READS

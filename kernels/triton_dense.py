@@ -22,8 +22,11 @@ no transpose materialised). References: Blelloch (1990) prefix sums; DeepPCR (ar
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from . import settings
 
 # ----------------------------------------------------------------------------------------------- kernels
 
@@ -108,3 +111,34 @@ def _dense_chunk_summary_kernel(
     tl.store(s_ptr + base * w + offs_r, s, mask=mask_r)
     mask2 = mask_r[:, None] & (offs_c[None, :] < w)
     tl.store(P_ptr + base * w * w + offs_r[:, None] * w + offs_c[None, :], P, mask=mask2)
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def dense_scan(A: torch.Tensor, b: torch.Tensor, reverse: bool, chunk: int | None) -> torch.Tensor:
+    """Launch the dense scan (one chunk, or the two-level scan): ``A`` ``(L, *batch, w, w)``, ``b`` ``(L, *batch, w)``;
+    returns ``z`` ``(L, B, w)``."""
+    L, w = b.shape[0], b.shape[-1]
+    B = b[0].numel() // w
+    A = A.reshape(L, B, w, w).contiguous()  # (L, B, w, w)
+    b = b.reshape(L, B, w).contiguous()  # (L, B, w)
+    z = torch.empty_like(b)
+    dev, ct = b.device, settings.compute_dtype(b.dtype)
+    W_PAD = settings.w_pad(w)
+    meta = dict(W_PAD=W_PAD, ACC=settings.acc_dtype(b.dtype), num_warps=settings.dense_warps(W_PAD))
+    chunk = settings.plan_chunk(B, L, w, ct, settings.device_props(dev), chunk)
+    n_chunks = triton.cdiv(L, chunk)
+    if n_chunks == 1:
+        settings.launch(_dense_scan_kernel, (B, 1), A, b, z, b, L, B, w, L, device=dev,
+                        REVERSE=reverse, HAS_CARRY=False, **meta)
+        return z
+    P = torch.empty(n_chunks - 1, B, w, w, dtype=ct, device=dev)  # composed map of each chunk but the last
+    s = torch.empty(n_chunks - 1, B, w, dtype=ct, device=dev)
+    settings.launch(_dense_chunk_summary_kernel, (B, n_chunks - 1), A, b, P, s, L, B, w, chunk, device=dev,
+                    REVERSE=reverse, USE_DOT=settings.use_dot(W_PAD), PREC=settings.dot_precision(ct), **meta)
+    carry = torch.empty_like(s)  # state at the end of each chunk: carry[c] = P[c] carry[c-1] + s[c]
+    settings.launch(_dense_scan_kernel, (B, 1), P, s, carry, s, n_chunks - 1, B, w, n_chunks - 1, device=dev,
+                    REVERSE=False, HAS_CARRY=False, **meta)
+    settings.launch(_dense_scan_kernel, (B, n_chunks), A, b, z, carry, L, B, w, chunk, device=dev,
+                    REVERSE=reverse, HAS_CARRY=True, **meta)
+    return z

@@ -13,8 +13,11 @@ Martin & Cundy, "Parallelizing linear recurrent neural nets over sequence length
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from . import settings
 
 # ----------------------------------------------------------------------------------------------- kernels
 
@@ -82,3 +85,37 @@ def _elementwise_chunk_summary_kernel(
     row = c.to(tl.int64) * N
     tl.store(s_ptr + row + offs, s, mask=mask)
     tl.store(P_ptr + row + offs, p, mask=mask)
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def elementwise_scan(A: torch.Tensor | None, b: torch.Tensor, reverse: bool, chunk: int | None) -> torch.Tensor:
+    """Launch the elementwise scan: ``A`` ``(L, ...)`` or None (identity), ``b`` ``(L, ...)``; returns ``z``
+    ``(L, N)``."""
+    L = b.shape[0]
+    N = b[0].numel()
+    b = b.reshape(L, N).contiguous()  # (L, N): batch and features flattened
+    A = None if A is None else A.reshape(L, N).contiguous()
+    has_a = A is not None
+    A_arg = A if has_a else b  # never read when HAS_A is False
+    z = torch.empty_like(b)
+    dev, ct = b.device, settings.compute_dtype(b.dtype)
+    BLOCK_N, warps = settings.elementwise_settings(N)
+    grid_n = triton.cdiv(N, BLOCK_N)
+    chunk = settings.plan_chunk(grid_n, L, 1, ct, settings.device_props(dev), chunk)
+    n_chunks = triton.cdiv(L, chunk)
+    meta = dict(BLOCK_N=BLOCK_N, ACC=settings.acc_dtype(b.dtype), num_warps=warps)
+    if n_chunks == 1:
+        settings.launch(_elementwise_scan_kernel, (grid_n, 1), A_arg, b, z, b, L, N, L, device=dev,
+                        REVERSE=reverse, HAS_A=has_a, HAS_CARRY=False, **meta)
+        return z
+    P = torch.empty(n_chunks - 1, N, dtype=ct, device=dev)
+    s = torch.empty(n_chunks - 1, N, dtype=ct, device=dev)
+    settings.launch(_elementwise_chunk_summary_kernel, (grid_n, n_chunks - 1), A_arg, b, P, s, L, N, chunk,
+                    device=dev, REVERSE=reverse, HAS_A=has_a, **meta)
+    carry = torch.empty_like(s)
+    settings.launch(_elementwise_scan_kernel, (grid_n, 1), P, s, carry, s, n_chunks - 1, N, n_chunks - 1,
+                    device=dev, REVERSE=False, HAS_A=True, HAS_CARRY=False, **meta)
+    settings.launch(_elementwise_scan_kernel, (grid_n, n_chunks), A_arg, b, z, carry, L, N, chunk, device=dev,
+                    REVERSE=reverse, HAS_A=has_a, HAS_CARRY=True, **meta)
+    return z

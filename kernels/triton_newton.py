@@ -19,25 +19,41 @@ the host:
 After ``done`` is set every kernel is a no-op, so the host reads the status buffer
 ``(done, stopping evaluation, rho_0, rho_1, ...)`` only every few iterations, in one transfer.
 ``W_l`` stays in registers for the whole layer (``w <= 64``, padded to a power of two); ``P_c <- J_l P_c`` is
-a ``tl.dot`` (``tf32x3`` for float32: three TF32 tensor-core products, about float32's accuracy). The launcher is in
-``fused_newton.py``.
+a ``tl.dot`` (``tf32x3`` for float32: three TF32 tensor-core products, about float32's accuracy). The launcher,
+:func:`fused_newton_launch`, follows the kernels; the iteration it belongs to is ``solver/fused.py``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+
+import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("identity", "tanh", "relu", "gelu", "sigmoid", "silu")
+from . import settings
+from .activations import ACTIVATION_ID
+
+# Compile-time activation codes, by name (``activations.py`` is the one table).
+_IDENTITY = tl.constexpr(ACTIVATION_ID["identity"])
+_TANH = tl.constexpr(ACTIVATION_ID["tanh"])
+_RELU = tl.constexpr(ACTIVATION_ID["relu"])
+_GELU = tl.constexpr(ACTIVATION_ID["gelu"])
+_SIGMOID = tl.constexpr(ACTIVATION_ID["sigmoid"])
+_SILU = tl.constexpr(ACTIVATION_ID["silu"])
+CHECK_EVERY = 4  # iterations launched between two host reads of the status buffer
+
+log = logging.getLogger(__name__)
 
 
 @triton.jit
 def _act(a, ACT: tl.constexpr):
-    """(act(a), act'(a)) for ACT = index in ACTIVATIONS; gelu is the exact erf form (nn.GELU())."""
-    if ACT == 0:
+    """(act(a), act'(a)) for ACT = ACTIVATION_ID[name]; gelu is the exact erf form (nn.GELU())."""
+    if ACT == _IDENTITY:
         f = a
         d = tl.full(a.shape, 1.0, a.dtype)
-    elif ACT == 1:
+    elif ACT == _TANH:
         # tanh(|a|) = (1 - e) / (1 + e), e = exp(-2|a|): no overflow, but 1 - e cancels for small |a|, so
         # |a| < 1/8 takes the odd Taylor series to a^13 (relative error under 4e-16 there).
         x = tl.abs(a)
@@ -52,17 +68,17 @@ def _act(a, ACT: tl.constexpr):
         t = tl.where(x < 0.125, x + x * x2 * p, t)
         f = tl.where(a < 0, -t, t)
         d = 1.0 - f * f
-    elif ACT == 2:
+    elif ACT == _RELU:
         f = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN (as torch.relu)
         d = (a > 0).to(a.dtype)
-    elif ACT == 3:
+    elif ACT == _GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
         f = a * cdf
         d = cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
-    elif ACT == 4:
+    elif ACT == _SIGMOID:
         f = 1.0 / (1.0 + tl.exp(-a))
         d = f * (1.0 - f)
-    else:
+    else:  # _SILU
         s = 1.0 / (1.0 + tl.exp(-a))
         f = a * s
         d = s * (1.0 + a * (1.0 - s))
@@ -223,3 +239,67 @@ def _newton_update_kernel(
                 zn = zn + z
             z = zn
             tl.store(Z_ptr + row + offs_r, z, mask=mask_r)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+
+def fused_newton_launch(z0, W, bias, activation: str, residual: bool, tol: float, max_iters: int, tiny: float,
+                        chunk=None, check_every=CHECK_EVERY):
+    """Newton on ``z_l = act(W_l z_{l-1} + bias_l)`` (``+ z_{l-1}``) with the kernels above: ``z0`` ``(B, w)``, ``W``
+    ``(L, w, w)``, ``bias`` ``(L, w)`` or None, all contiguous in the compute dtype; ``tiny``: the residual's floor
+    (``solver/residual.py``). Returns ``(Z, iterations, converged, residuals)``."""
+
+    L, (B, w) = W.shape[0], z0.shape
+    dev, ct = z0.device, z0.dtype
+    W = W.contiguous()
+    W_PAD = settings.w_pad(w)
+    warps = settings.dense_warps(W_PAD)
+    chunk = settings.plan_chunk(B, L, w, ct, settings.device_props(dev), chunk)
+    n_chunks = triton.cdiv(L, chunk)
+    Z = z0.expand(L, B, w).contiguous()  # (L, B, w) in the compute dtype, updated in place
+    D, BE = torch.empty_like(Z), torch.empty_like(Z)  # act'(a_l) and the Newton offsets
+    n_sum = max(n_chunks - 1, 1)
+    P = torch.empty(n_sum, B, w, w, dtype=ct, device=dev)
+    S, carry = torch.empty(n_sum, B, w, dtype=ct, device=dev), torch.empty(n_sum, B, w, dtype=ct, device=dev)
+    n_stats = B * n_chunks
+    stats = torch.zeros(n_stats, dtype=ct, device=dev)  # per program: max over its steps of rho_{l,b}
+    # status = (stopped, evaluation it stopped at, rho at evaluation 0, 1, ..): read by the host in one transfer
+    status = torch.zeros(max_iters + 3, dtype=ct, device=dev)
+    acc = settings.acc_dtype(ct)
+    act = ACTIVATION_ID[activation]
+    block, carry_warps = settings.reduce_settings(n_stats, W_PAD)
+    bias_arg = W if bias is None else bias.contiguous()
+    meta = dict(W_PAD=W_PAD, ACC=acc, num_warps=warps)
+    k_read, reads, host = -1, 0, None
+    for k in range(max_iters + 1):
+        settings.launch(
+            _newton_eval_kernel, (B, n_chunks), z0, W, bias_arg, Z, D, BE, stats, status, L, B, w, chunk, n_chunks,
+            device=dev, TINY=tiny, ACT=act, RESID=residual, HAS_BIAS=bias is not None, **meta,
+        )
+        if n_chunks > 1:
+            settings.launch(
+                _newton_summary_kernel, (B, n_chunks - 1), z0, W, D, BE, P, S, status, L, B, w, chunk, device=dev,
+                RESID=residual, USE_DOT=settings.use_dot(W_PAD), PREC=settings.dot_precision(ct), **meta,
+            )
+        settings.launch(
+            _newton_carry_kernel, (B,), P, S, carry, stats, status, k, n_stats, float(tol), B, w, n_chunks - 1,
+            device=dev, W_PAD=W_PAD, ACC=acc, BLOCK=block, num_warps=carry_warps,
+        )
+        if k < max_iters:
+            settings.launch(
+                _newton_update_kernel, (B, n_chunks), z0, W, D, BE, carry, Z, status, L, B, w, chunk, device=dev,
+                RESID=residual, **meta,
+            )
+        if (k + 1) % check_every == 0 or k == max_iters:  # always true at the last k: host is set below
+            k_read, reads = k, reads + 1
+            host = settings.to_host(status)  # the one device-to-host transfer of this check
+            if host[0]:
+                break
+    stopped = bool(host[0])
+    it = int(host[1]) if stopped else max_iters
+    residuals = [float(r) for r in host[2 : it + 3]]
+    converged = stopped and residuals[-1] != math.inf  # the device stops on convergence or a non-finite residual
+    log.debug("fused Newton (triton): %d iterations, %d host reads (last at %d), chunks %d",
+                 it, reads, k_read, n_chunks)
+    return Z, it, converged, residuals

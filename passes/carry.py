@@ -34,7 +34,8 @@ def carry_lagged_values(graph: Graph, min_length: int = 8) -> tuple[int, Analysi
     analysis = find_chains(graph, min_length=min_length)
     done: set[Node] = set()
     changed = 0
-    for blocks, slots in analysis.lagged:
+    for run in analysis.lagged:
+        blocks, slots = run.blocks, run.slots
         if any(n in done for blk in blocks for n in blk):
             continue  # overlaps a run already changed (another period of the same repeat)
         k = len(blocks)

@@ -29,7 +29,12 @@ from torch.fx import Graph, Node
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
-from .chains import DEFERRED_META, KEPT_META, bound_arguments, mutates_in_place
+from .fx_utils import bound_arguments, mutates_in_place, node_value
+
+# Node meta keys this pass writes: why it left an in-place op in place (the finder's decline reason quotes it);
+# and the nodes it moved to the end of the graph (running-statistics writes), which are never part of a chain.
+KEPT_META = "pcr_kept_in_place"
+DEFERRED_META = "pcr_deferred"
 
 OUT_OF_PLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -46,13 +51,9 @@ _NOT_TWINS = {"resize_", "resize_as_", "set_", "requires_grad_", "share_memory_"
               "align_to_", "record_stream_", "pin_memory_", "sparse_resize_", "sparse_resize_and_clear_"}
 
 
-def _val(n: Node):
-    return n.meta.get("example_value", n.meta.get("val"))
-
-
 def _storages(n: Node) -> list:
     out = []
-    for v in tree_flatten(_val(n))[0]:
+    for v in tree_flatten(node_value(n))[0]:
         if isinstance(v, torch.Tensor):
             try:
                 out.append(StorageWeakRef(v.untyped_storage()))
@@ -93,10 +94,10 @@ def _mutated(n: Node) -> Node | None:
 
 
 def _same_dtype_reads(n: Node, target: Node) -> bool:
-    dtype = getattr(_val(target), "dtype", None)
+    dtype = getattr(node_value(target), "dtype", None)
     for x in tree_flatten((n.args, n.kwargs))[0]:
         if isinstance(x, Node) and x is not target:
-            v = _val(x)
+            v = node_value(x)
             if isinstance(v, torch.Tensor) and v.dim() > 0 and v.dtype != dtype:
                 return False
     return True
@@ -106,14 +107,14 @@ def _not_private(root: Node, rest: list[Node], members: list[Node]) -> str | Non
     """Why the in-place ops on the tensor of `root` cannot be rewritten out of place, or None."""
     if root.op == "placeholder":
         return f"it writes {root.name}, an input, parameter or buffer of the graph"
-    if root.op not in ("call_function", "call_method") or not isinstance(_val(root), torch.Tensor):
+    if root.op not in ("call_function", "call_method") or not isinstance(node_value(root), torch.Tensor):
         return f"it writes a value of {root.name} that is not a plain tensor"
     for m in rest:
         if _twin(m) is None:
             if mutates_in_place(m):
                 return f"{m.name} has no out-of-place form"
             return f"{m.name} is a view of, or aliases, the written tensor"
-        if _mutated(m) not in members or not isinstance(_val(m), torch.Tensor) or len(_storages(m)) != 1:
+        if _mutated(m) not in members or not isinstance(node_value(m), torch.Tensor) or len(_storages(m)) != 1:
             return f"{m.name} writes a tensor that other values alias"
         if not _same_dtype_reads(m, _mutated(m)):
             return f"{m.name} reads a tensor of another dtype (out of place it would promote)"
@@ -189,7 +190,7 @@ def defer_running_stat_updates(graph: Graph) -> int:
             continue
         if not all(isinstance(b, Node) and b.op == "placeholder" and set(b.users) == {n} for b in (rm, rv)):
             continue
-        xv = _val(x)
+        xv = node_value(x)
         if not isinstance(xv, torch.Tensor) or xv.dim() < 2:
             continue
         dims = [0, *range(2, xv.dim())]
@@ -198,12 +199,12 @@ def defer_running_stat_updates(graph: Graph) -> int:
         with graph.inserting_before(output):
             # Not differentiated, and in the buffers' precision (the kernel accumulates in float for half).
             detached = graph.call_method("detach", (x,))
-            data = graph.call_method("to", (detached, _val(rm).dtype))
+            data = graph.call_method("to", (detached, node_value(rm).dtype))
             mean = graph.call_method("mean", (data, dims))
             var = graph.call_method("var", (data, dims), {"unbiased": True})
             updates = [graph.call_method("lerp_", (buf, stat, momentum)) for buf, stat in ((rm, mean), (rv, var))]
         for node, like in ((mean, rm), (var, rv), *zip(updates, (rm, rv))):  # example values, for later passes
-            node.meta["example_value"] = _val(like)
+            node.meta["example_value"] = node_value(like)
         for node in (detached, data, mean, var, *updates):
             node.meta[DEFERRED_META] = True
         changed += 1
@@ -212,7 +213,7 @@ def defer_running_stat_updates(graph: Graph) -> int:
         for n in list(graph.nodes):
             if n.op == "call_method" and n.target == "add_" and not n.users and isinstance(n.args[0], Node) \
                     and n.args[0].op == "placeholder" and set(n.args[0].users) == {n} \
-                    and getattr(_val(n.args[0]), "dtype", None) == torch.long:
+                    and getattr(node_value(n.args[0]), "dtype", None) == torch.long:
                 output.prepend(n)
                 n.meta[DEFERRED_META] = True
     return changed

@@ -3,7 +3,7 @@
 For each chain: build the one-step template (an FX graph of block 0 with every outside reference turned
 into a placeholder), register its op, insert one call of the op after the chain, route the users of the
 last step's state to the op's results, and delete the chain's nodes. All checks run before the first
-mutation; afterwards dead code is eliminated, the graph linted and recompiled.
+mutation; afterwards the backend eliminates dead code, lints and recompiles once (``fx_utils.cleanup``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import vmap_compat
 from .chains import ChainMatch
+from .fx_utils import node_value
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def build_template(match: ChainMatch) -> Template:
 
 
 def _rows(n: Node) -> int | None:
-    v = n.meta.get("example_value", n.meta.get("val"))
+    v = node_value(n)
     return int(v.shape[0]) if isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], int) else None
 
 
@@ -119,7 +120,7 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
                   window: int, kernels: str, save_trajectory: bool, const_prefix: str, adaptive: bool = False) -> Node:
     """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile.
 
-    `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.ops``); every
+    `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.runtime.ops``); every
     per-step group enters as one `torch.stack` of its nodes, so the graph's autograd differentiates the
     stack and each layer's gradient is a view of one stacked gradient.
 
@@ -210,4 +211,6 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
         reroute(out, r)
     for n in reversed(chain_nodes):
         graph.erase_node(n)
+    log.debug("rewrote %s..%s (%d steps of %d nodes) into %s", match.first.name, match.last.name, L,
+              match.nodes_per_step, call.name)
     return call

@@ -3,7 +3,7 @@
 A *linear-pointwise* step is `z -> act(z @ W^T + b)` or the residual form `z -> z + act(z @ W^T + b)`,
 where `act` is any chain of elementwise ops (tanh, gelu, a scalar multiply, ...). Its Jacobian is
 `diag(act'(a)) W` (+ I): the exact diagonal costs one elementwise derivative, which makes the "diagonal"
-(quasi-Newton) strategy cheap, and the fused Newton kernels (`kernels/fused_newton.py`) apply when `act`
+(quasi-Newton) strategy cheap, and the fused Newton solve (`pcr_compile/solver/fused.py`) apply when `act`
 is a single known activation.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
-from .chains import bound_arguments
+from .fx_utils import bound_arguments
 
 LINEAR_TARGETS = {torch._C._nn.linear, F.linear}
 # Elementwise ops of one tensor (other arguments constants), with the fused kernels' names where they exist.

@@ -6,7 +6,7 @@ Public API: :func:`explain`, :func:`record_solves`, :class:`Options`, :class:`So
 """
 
 from .options import Options
-from .records import SolveRecord, record_solves
+from .runtime.records import SolveRecord, record_solves
 
 __version__ = "0.1.0"
 __all__ = ["Options", "SolveRecord", "record_solves", "explain", "__version__"]

@@ -17,16 +17,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.fx import Graph, GraphModule
 
-from pcr_compile.passes.carry import carry_lagged_values
-from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains, keep_in_graph, mutates_in_place
-from pcr_compile.passes.functionalize import defer_running_stat_updates, functionalize_inplace
+from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
+from pcr_compile.passes.fx_utils import cleanup, mutates_in_place, node_value
+from pcr_compile.passes.pipeline import PREPARE, PassContext, run_passes
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
 from pcr_compile.passes.structure import linear_pointwise
 
-from . import ops
 from .cost import Decision, decide
 from .options import MODES, Options, inductor_modes
-from .solve import ChainSpec
+from .runtime import ops
+from .solver import ChainSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def plan_graph(gm: GraphModule, options: Options, analysis: Analysis | None = No
 
 def _trace_plan(plan: GraphPlan, names: list[str]) -> None:
     """Emit the plan as a structured trace artifact (TORCH_TRACE=dir, then tlparse, shows it)."""
-    from .api import chain_report
+    from .reports import chain_report
 
     def payload():
         return json.dumps({
@@ -74,7 +74,7 @@ def _needs_grad(match: ChainMatch) -> bool:
         return False
     nodes = [*match.initial, *(n for g in match.per_step for n in g), *(src for _, src, _ in match.sliced),
              *match.invariants]
-    return any(getattr(n.meta.get("example_value"), "requires_grad", False) for n in nodes)
+    return any(getattr(node_value(n), "requires_grad", False) for n in nodes)
 
 
 def chain_spec(match: ChainMatch) -> ChainSpec:
@@ -98,19 +98,18 @@ def prepared(gm: GraphModule, options: Options, copy: bool = True) -> tuple[Grap
     """The copy of a Dynamo graph that chains are found in, and its plan. In the copy, BatchNorm's
     running-statistics updates are moved to the end and private in-place ops rewritten out of place
     (`passes/functionalize.py`), and values read two steps back are carried through the step between
-    (`passes/carry.py`). With `copy=False`, a graph that none of those passes would change (no in-place op,
-    no read two steps back) is analysed where it is, read only, and returned itself: deciding to change
-    nothing then costs no copy of the graph (half the backend's time on a 1,000-node graph)."""
+    (`passes/carry.py`): the passes of `passes/pipeline.py`. With `copy=False`, a graph that none of those
+    passes would change (no in-place op, no read two steps back) is analysed where it is, read only, and
+    returned itself: deciding to change nothing then costs no copy of the graph (half the backend's time on
+    a 1,000-node graph)."""
     if not copy and not any(mutates_in_place(n) for n in gm.graph.nodes):
         analysis = find_chains(gm.graph, min_length=options.min_chain_length)
         if not analysis.lagged:
             return gm, plan_graph(gm, options, analysis)
     new = copy_graph_module(gm)
-    changed = defer_running_stat_updates(new.graph) + functionalize_inplace(new.graph)
-    carried, analysis = carry_lagged_values(new.graph, min_length=options.min_chain_length)
-    if changed or carried:
-        new.recompile()
-    return new, plan_graph(new, options, None if carried else analysis)
+    ctx = PassContext(min_length=options.min_chain_length)
+    run_passes(new, PREPARE, ctx)
+    return new, plan_graph(new, options, ctx.analysis)
 
 
 def _may_rewrite(gm: GraphModule, options: Options) -> bool:
@@ -119,7 +118,7 @@ def _may_rewrite(gm: GraphModule, options: Options) -> bool:
     rewrite analyses once and a graph left alone is not copied at all."""
     if options.mode != "auto":
         return options.mode == "parallel"
-    vals = (n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
+    vals = (node_value(n) for n in gm.graph.nodes if n.op == "placeholder")
     return any(isinstance(v, torch.Tensor) and v.is_cuda for v in vals)
 
 
@@ -145,10 +144,7 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
     _trace_plan(plan, names)
     if not chosen:
         return gm, plan, names  # unchanged: not even the out-of-place rewrites
-    new.graph.eliminate_dead_code(is_impure_node=keep_in_graph)
-    new.graph.lint()
-    new.recompile()
-    return new, plan, names
+    return cleanup(new), plan, names
 
 
 def capturing_backend(options: Options, sink: list[dict]):

@@ -6,7 +6,7 @@
 
 `inspect` shows what the deeppcr backend finds in a model and what it does with it, shaped like
 `torch._dynamo.explain`'s report and tlparse's artifacts: a human report by default, `--json` for machines,
-`--dump-dir` for one file per stage. The work is done by ``pcr_compile.inspect``; this module parses
+`--dump-dir` for one file per stage. The work is done by ``pcr_compile.inspection``; this module parses
 arguments, prints, and maps errors to exit statuses:
 
     0  success
@@ -36,10 +36,7 @@ exit status:
 
 INSPECT_EPILOG = """\
 TARGET is one of
-  mlp      DeepMLP: --layers x (Linear(--width, --width) + tanh), gain 0.9     (defaults 16, 8, batch 4)
-  resmlp   ResidualMLP: --layers pre-norm residual blocks of --width            (defaults 16, 16, batch 4)
-  resnet   ConvResNet: --layers conv blocks, --width channels, 8x8 images       (defaults 8, 8, batch 2)
-  ddim     DDIMSampler: --steps DDIM steps of an MLPDenoiser, hidden --width    (defaults 10, 32, batch 4)
+{builtins}
   package.module:callable  or  path/to/file.py:callable
            the callable takes no arguments and returns (model, example_inputs), example_inputs a tuple of
            tensors, or (model, example_inputs, example_kwargs), example_kwargs a dict of keyword inputs
@@ -70,14 +67,16 @@ examples:
 
 
 def _inspect_parser(sub) -> argparse.ArgumentParser:
-    from .inspect import JSON_SCHEMA
+    from .inspection import JSON_SCHEMA
+    from .inspection.targets import BUILTINS, builtins_help
 
     p = sub.add_parser(
         "inspect", help="show the chains the deeppcr backend finds in a model, its rewrite, and its solves",
         description="Show what the deeppcr backend finds in a model (chains, decisions, declined candidates),\n"
                     "the graphs before and after its rewrite, and the solves of one compiled run.",
-        epilog=INSPECT_EPILOG + JSON_SCHEMA + "\n" + EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", metavar="TARGET", help="mlp | resmlp | resnet | ddim | package.module:callable | "
+        epilog=INSPECT_EPILOG.replace("{builtins}", builtins_help()) + JSON_SCHEMA + "\n" + EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="TARGET", help=" | ".join(BUILTINS) + " | package.module:callable | "
                                                    "path/to/file.py:callable (see below)")
     size = p.add_argument_group("built-in example sizes")
     size.add_argument("--layers", type=int, help="layers / residual blocks (mlp, resmlp, resnet)")
@@ -119,7 +118,7 @@ class _Fail(Exception):
 
 
 def _inspect(args) -> int:
-    from . import inspect as ins_mod
+    from . import inspection as ins_mod
 
     try:
         options = ins_mod.parse_options(args.options)

@@ -8,12 +8,12 @@ chain we measured, so `mode="auto"` keeps CPU chains sequential; the parallel so
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 
 import torch
 
+from .kernels.settings import MAX_DENSE_W
 from .options import Options
 
 RESIDUAL_TARGETS = {operator.add, torch.add, "add", "__add__"}
@@ -29,7 +29,7 @@ class GpuModel:
                  k: iterations predicted for the strategy; j: launches of the Jacobian (dense: the VJPs of
                  the block, about 2n; the others 0); pcr: the linear solve; check: the residual's ops
     The chain is solved in parallel when the prediction is at least `speedup` times faster; a solve that then
-    takes more iterations than predicted is caught at run time (solve.SWITCH_FRACTION).
+    takes more iterations than predicted is caught at run time (solver/auto_switch.py).
     """
 
     launch_us: float = 4.0  # host cost of one kernel launch (PyTorch eager on an H200): assumed
@@ -57,9 +57,9 @@ class GpuModel:
 
 
 GPU_MODEL = GpuModel()
-# Dense Jacobians cost w batched VJPs per iteration and w^3 per block product: small widths only (the
-# Triton dense kernels keep blocks up to 64 x 64 on chip).
-DENSE_MAX_WIDTH = 64
+# Dense Jacobians cost w batched VJPs per iteration and w^3 per block product: small widths only, up to the
+# widest block the Triton dense kernels keep on chip.
+DENSE_MAX_WIDTH = MAX_DENSE_W
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,10 @@ def _hint(size) -> int:
 
 def state_geometry(match) -> tuple[int, int]:
     """(rows B, features w) of the packed state, as the solver packs it."""
-    vals = match.state_values()
-    shapes = [tuple(_hint(s) for s in v.shape) for v in vals]
-    leading = {s[0] if len(s) >= 2 else None for s in shapes}
-    if len(leading) == 1 and None not in leading:
-        return int(shapes[0][0]), sum(math.prod(s[1:]) for s in shapes)
-    return 1, sum(math.prod(s) for s in shapes)
+    from .solver.call import packed_geometry
+
+    _, B, sizes = packed_geometry([tuple(_hint(s) for s in v.shape) for v in match.state_values()])
+    return B, sum(sizes)
 
 
 def is_residual(match) -> bool:

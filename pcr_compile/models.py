@@ -44,6 +44,25 @@ class DeepMLP(nn.Module):
         return self.layers(x)
 
 
+class StackedMLP(nn.Module):
+    """`DeepMLP` with its parameters held stacked, `weight` `(layers, width, width)` and `bias` `(layers, width)`,
+    read as `weight[i]` in the loop (the form scan-style code uses): the same initialisation as `DeepMLP`'s
+    `nn.Linear` layers, and a chain op that takes the stacked tensors as they are."""
+
+    def __init__(self, layers: int = 64, width: int = 8, activation: str = "tanh", gain: float = 1.0):
+        super().__init__()
+        ref = DeepMLP(layers, width, activation, gain)
+        lins = ref.layers[0::2]
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in lins]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in lins]))
+        self.act = _activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.weight.shape[0]):
+            x = self.act(torch.nn.functional.linear(x, self.weight[i], self.bias[i]))
+        return x
+
+
 class PreNormResidualBlock(nn.Module):
     """`x + W2 act(W1 LayerNorm(x))`: the pre-norm residual MLP block of transformers and MLP-Mixers."""
 

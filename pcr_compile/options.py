@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from .kernels import IMPLS
+
 MODES = ("auto", "parallel", "sequential")
 JACOBIANS = ("auto", "dense", "diagonal", "identity", "zero")
-KERNELS = ("auto", "triton", "torch")
+KERNELS = IMPLS  # the kernels option takes the kernels package's impl values
 
 
 def inductor_modes() -> tuple[str, ...]:
@@ -23,7 +25,7 @@ class Options:
     mode: "auto" (a cost model decides per chain), "parallel" (solve every chain found in parallel),
         "sequential" (find chains, rewrite none: the same code as Inductor).
     tol: tolerance of every step's residual relative to that step's own size, row by row
-        (|z_l - f_l(z_{l-1})| <= tol * |f_l(z_{l-1})|; kernels/residual.py); None: by dtype
+        (|z_l - f_l(z_{l-1})| <= tol * |f_l(z_{l-1})|; solver/residual.py); None: by dtype
         (float64 1e-10, float32 1e-6, float16 2e-3, bfloat16 1e-2).
     max_iters: Newton / Picard iterations before finishing sequentially from the converged prefix.
     min_chain_length: shorter repeats are left alone.

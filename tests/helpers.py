@@ -36,3 +36,17 @@ def capture_graphs(model, inputs, options=None):
 
 def call_targets(gm) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def dynamo_graph(model, *inputs):
+    """The one FX graph Dynamo captures of `model(*inputs)` (asserts there is no graph break)."""
+    out = torch._dynamo.explain(model)(*inputs)
+    assert out.graph_count == 1, out.break_reasons
+    return out.graphs[0]
+
+
+def graph_fingerprint(graph: torch.fx.Graph) -> list[tuple]:
+    """Everything a pass could change in a graph, node by node: name, op, target, arguments, users and the
+    meta keys (``gm.code`` is refreshed only by ``recompile()``, so comparing it misses a mutation)."""
+    return [(n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs), tuple(u.name for u in n.users),
+             tuple(sorted(n.meta))) for n in graph.nodes]

@@ -7,10 +7,10 @@ import torch
 from cli_target_model import make_with_kwargs
 
 import pcr_compile
-from pcr_compile.api import chain_report
 from pcr_compile.backend import capturing_backend
 from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser
 from pcr_compile.options import Options
+from pcr_compile.reports import chain_report
 
 
 def test_explain_report_fields_and_table():

@@ -55,7 +55,8 @@ def test_finder_reports_the_lagged_run_and_the_carry_makes_it_a_chain():
     before = find_chains(gm.graph, min_length=8)
     assert before.chains == ()
     assert any("two steps back" in d.reason for d in before.declined)
-    [(blocks, slots)] = before.lagged
+    [run] = before.lagged
+    blocks, slots = run.blocks, run.slots
     assert len(blocks) == 12 and len(slots) == 1
     assert carry_lagged_values(gm.graph)[0] == 1
     gm.recompile()

@@ -1,4 +1,4 @@
-"""Tests of `pcr-compile inspect` (pcr_compile/cli.py, pcr_compile/inspect.py).
+"""Tests of `pcr-compile inspect` (pcr_compile/cli.py, pcr_compile/inspection/).
 
 The expensive invocations run once, as subprocesses started together (module fixture), and several tests read
 each one's output: the human report, --graphs/--aot markers, --run --backward solves, --plot, --dump-dir, --json,
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pcr_compile import cli
-from pcr_compile.inspect import JSON_SCHEMA
+from pcr_compile.inspection import JSON_SCHEMA
 from pcr_compile.options import Options
 
 ROOT = Path(__file__).resolve().parents[1]

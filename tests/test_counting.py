@@ -106,3 +106,27 @@ def test_gpu_model_is_labelled_and_adds_up():
     assert gpu_model.estimate_ms(1000, 0) == pytest.approx(gpu_model.LAUNCH_US)
     assert gpu_model.estimate_ms(0, 100) == pytest.approx(gpu_model.SYNC_US / 10)
     assert "MODEL" in gpu_model.ASSUMPTIONS and f"{gpu_model.LAUNCH_US:g} us" in gpu_model.ASSUMPTIONS
+
+
+def test_every_host_read_of_the_solver_is_one_sync_on_a_cpu_too():
+    from pcr_compile.kernels import settings
+    from pcr_compile.solver.newton import newton_forward
+
+    torch.manual_seed(0)
+    L, B, w = 12, 2, 3
+    W = torch.randn(L, w, w, dtype=torch.float64) * 0.3
+
+    def evaluate(start, Zprev, need_A):
+        Ws = W[start: start + Zprev.shape[0]]
+        F = torch.tanh(torch.einsum("lij,lbj->lbi", Ws, Zprev))
+        return F, (1 - F * F)[..., None] * Ws[:, None] if need_A else None
+
+    def step(l, z):
+        return torch.tanh(z @ W[l].T)
+
+    before = settings.host_read_count()
+    c = counting.count_call(lambda: newton_forward(torch.randn(B, w, dtype=torch.float64), L, evaluate, step,
+                                                   structure="dense", tol=1e-12, max_iters=20,
+                                                   solve_dtype=torch.float64, impl="torch"))
+    reads = settings.host_read_count() - before
+    assert reads >= 2 and c.by_op["sync:to_host"] == reads and c.syncs == reads  # no other sync on a CPU

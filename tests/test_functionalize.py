@@ -260,7 +260,7 @@ class FunctionalBatchNormReadsStats(FunctionalBatchNorm):
 def test_functional_batch_norm_in_training_moves_its_writes_or_declines(training):
     """`F.batch_norm(training=True)` writes its running statistics: the writes move after the chain, or,
     when the graph reads a statistic, stay and decline the block (`mutates_in_place` sees them)."""
-    from pcr_compile.passes.chains import mutates_in_place
+    from pcr_compile.passes.fx_utils import mutates_in_place
 
     x = torch.randn(3, 4)
     report = pcr_compile.explain(FunctionalBatchNorm(training), x, options=PARALLEL)
@@ -281,7 +281,7 @@ def test_functional_batch_norm_in_training_moves_its_writes_or_declines(training
 
 
 def test_mutations_found_from_the_call_arguments():
-    from pcr_compile.passes.chains import mutates_in_place
+    from pcr_compile.passes.fx_utils import mutates_in_place
 
     g = torch.fx.Graph()
     a, h = g.placeholder("a"), g.placeholder("h")

@@ -1,4 +1,4 @@
-"""Tests of ``pcr_compile.kernels.fused_newton.newton_linear_pointwise`` against an eager sequential loop.
+"""Tests of ``pcr_compile.solver.newton_linear_pointwise`` against an eager sequential loop.
 
 Chains ``z_l = act(z_{l-1} @ W_l^T + b_l)`` (and the residual form ``z_{l-1} + act(...)``) with weights
 scaled so the chain contracts; the reference runs the layers one by one in float64. Triton cases run on
@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcr_compile.kernels.fused_newton import ACTIVATIONS, NewtonResult, _newton_triton, newton_linear_pointwise
+from pcr_compile.kernels.activations import ACTIVATIONS
+from pcr_compile.kernels.triton_newton import fused_newton_launch
+from pcr_compile.solver import NewtonResult, newton_linear_pointwise
+from pcr_compile.solver.residual import tiny
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -96,7 +99,8 @@ def test_triton_chunked_newton(activation, w, residual, chunk, device):
     """The two-level Newton step (chunk maps, carries, rescan), forced with small chunks; w=17 uses tl.dot."""
     skip_unless_runnable("triton", device)
     z0, W, bias = make_chain(6, w, (1,), residual=residual, device=device, seed=chunk)
-    Z, it, conv, residuals = _newton_triton(z0, W, bias, activation, residual, 1e-11, 6, chunk=chunk, check_every=2)
+    Z, it, conv, residuals = fused_newton_launch(z0, W, bias, activation, residual, 1e-11, 6, tiny(z0.dtype),
+                                                 chunk=chunk, check_every=2)
     assert conv and len(residuals) == it + 1
     torch.testing.assert_close(Z, sequential(z0, W, bias, activation, residual), atol=1e-9, rtol=1e-9)
 
@@ -229,7 +233,7 @@ def test_triton_status_is_read_in_few_transfers(chunk, monkeypatch):
     reads = []
     real = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real(t))
-    Z, it, conv, residuals = _newton_triton(z0, W, bias, "tanh", False, 1e-11, 20, chunk=chunk)
+    Z, it, conv, residuals = fused_newton_launch(z0, W, bias, "tanh", False, 1e-11, 20, tiny(z0.dtype), chunk=chunk)
     monkeypatch.undo()
     ref = newton_linear_pointwise(z0, W, bias, activation="tanh", tol=1e-11, max_iters=20, impl="torch")
     assert conv and it == ref.iterations and 4 <= it <= 7
@@ -243,6 +247,7 @@ def test_triton_chunked_newton_at_widths_over_32(w, residual):
     """The fused Newton cuts chains into chunks at every width up to 64 (summaries in their own kernel)."""
     skip_unless_runnable("triton", "cpu")
     z0, W, bias = make_chain(7, w, (2,), residual=residual, seed=w)
-    Z, it, conv, residuals = _newton_triton(z0, W, bias, "tanh", residual, 1e-11, 7, chunk=3, check_every=2)
+    Z, it, conv, residuals = fused_newton_launch(z0, W, bias, "tanh", residual, 1e-11, 7, tiny(z0.dtype), chunk=3,
+                                                 check_every=2)
     assert conv and len(residuals) == it + 1
     torch.testing.assert_close(Z, sequential(z0, W, bias, "tanh", residual), atol=1e-9, rtol=1e-9)

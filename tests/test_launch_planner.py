@@ -124,8 +124,9 @@ def test_iteration_counter_is_not_specialised():
 
 @pytest.mark.skipif(not INTERPRET, reason="counts launches of interpreted kernels")
 def test_launches_are_counted_through_the_launchers():
-    from pcr_compile.kernels.fused_newton import _newton_triton
+    from pcr_compile.kernels.triton_newton import fused_newton_launch
     from pcr_compile.kernels.triton_pcr import linear_recurrence_triton
+    from pcr_compile.solver.residual import tiny
 
     A, b = torch.randn(9, 2, 3, 3) * 0.3, torch.randn(9, 2, 3)
     before = settings.launch_count()
@@ -136,5 +137,5 @@ def test_launches_are_counted_through_the_launchers():
     assert settings.launch_count() - before == 3  # summaries, scan of the carries, rescan
     z0, W = torch.randn(2, 3), torch.randn(6, 3, 3) * 0.3
     before = settings.launch_count()
-    _, it, conv, _ = _newton_triton(z0, W, None, "tanh", False, 1e-6, 0, chunk=2)
+    _, it, conv, _ = fused_newton_launch(z0, W, None, "tanh", False, 1e-6, 0, tiny(z0.dtype), chunk=2)
     assert settings.launch_count() - before == 3  # max_iters=0: eval, summary, carry

@@ -1,4 +1,4 @@
-"""pcr_compile/ops.py: the chain ops' arguments, defined once, and what a call costs as the chain grows.
+"""pcr_compile/runtime/ops.py: the chain ops' arguments, defined once, and what a call costs as the chain grows.
 
 Per-step inputs enter the op stacked (one `(L, ...)` tensor per group) and their gradients leave stacked,
 so nothing about a call grows with L but the data: the op's argument list, and the copies in a compiled
@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pcr_compile import ops, solve
+from pcr_compile import solver
 from pcr_compile.backend import capturing_backend
 from pcr_compile.models import DeepMLP
 from pcr_compile.options import Options
+from pcr_compile.runtime import ops
 
 COPIES = ("clone", "copy_", "copy", "_to_copy")
 
@@ -52,7 +53,7 @@ def _training_step_counts(L: int, monkeypatch) -> tuple[collections.Counter, dic
 
     solve_ops = collections.Counter()
     for name in ("run_forward", "run_backward"):
-        fn = getattr(solve, name)
+        fn = getattr(solver, name)
 
         def counted(*a, _fn=fn, **k):
             with _CountOps() as c:
@@ -60,7 +61,7 @@ def _training_step_counts(L: int, monkeypatch) -> tuple[collections.Counter, dic
             solve_ops.update(c.counts)
             return out
 
-        monkeypatch.setattr(solve, name, counted)
+        monkeypatch.setattr(solver, name, counted)
     model.zero_grad(set_to_none=True)
     compiled(x).pow(2).mean().backward()
     monkeypatch.undo()

@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a folder at the repository root
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import overhead, providers  # noqa: E402
-from pcr_compile import solve  # noqa: E402
+from pcr_compile import solver  # noqa: E402
 from pcr_compile.models import DeepMLP  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def test_solve_work_removed_returns_the_first_result_and_restores():
     torch.manual_seed(0)
     model = DeepMLP(layers=9, width=4)
     x = torch.randn(3, 4)
-    real = solve.run_forward
+    real = solver.run_forward
     fn = torch.compile(model, backend="deeppcr", options={"mode": "parallel", "strict": True})
     with torch.no_grad():
         ref = model(x)
@@ -40,6 +40,6 @@ def test_solve_work_removed_returns_the_first_result_and_restores():
             b = fn(x * 0)  # a different input: the stored result comes back, no solve ran
         assert len(stored) == 1
         assert torch.allclose(a, ref, atol=1e-5) and torch.equal(a, b)
-        assert solve.run_forward is real
+        assert solver.run_forward is real
         c = fn(x * 0)  # the real solve again
     assert torch.allclose(c, model(x * 0), atol=1e-5) and not torch.equal(c, b)

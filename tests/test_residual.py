@@ -7,7 +7,7 @@ from conftest import grads_rel_err, rel_err
 from helpers import PARALLEL, run_both
 
 import pcr_compile
-from pcr_compile import solve
+from pcr_compile import solver
 from pcr_compile.models import ConvResNet, DeepMLP, ResidualMLP
 
 
@@ -40,7 +40,7 @@ def test_diagonal_strategy_uses_the_closed_form_for_linear_pointwise_blocks(monk
     def no_dense(*a, **k):
         raise AssertionError("a dense Jacobian was materialised")
 
-    monkeypatch.setattr(solve.ChainCall, "jacobian_from", no_dense)
+    monkeypatch.setattr(solver.ChainCall, "jacobian_from", no_dense)
     model = DeepMLP(layers=20, width=6, activation="tanh", gain=0.9)
     x = torch.randn(4, 6)
     y0, g0, y1, g1, solves = run_both(model, [x], {**PARALLEL, "jacobian": "diagonal"})
@@ -78,7 +78,7 @@ def test_large_state_residual_chain_is_solved_matrix_free(monkeypatch):
     def no_dense(*a, **k):
         raise AssertionError("a dense Jacobian was materialised")
 
-    monkeypatch.setattr(solve.ChainCall, "jacobian_from", no_dense)
+    monkeypatch.setattr(solver.ChainCall, "jacobian_from", no_dense)
     model = ConvResNet(blocks=10, channels=16, in_channels=3, num_classes=4)
     x = torch.randn(2, 3, 32, 32)
     [c] = pcr_compile.explain(model, x, options=PARALLEL).chains

@@ -65,7 +65,7 @@ def test_sliding_window_matches_full_solve(window, jacobian):
 
 MEMORY_CHILD = textwrap.dedent("""
     import json, re, sys, torch
-    from pcr_compile.kernels.newton import newton_forward
+    from pcr_compile.solver.newton import newton_forward
 
     def high_water_mib():  # peak resident memory of this process (Linux)
         return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024

@@ -89,3 +89,59 @@ def test_guard_filter_fn_passes_through_torch_compile_options():
         y = torch.compile(model, backend="deeppcr", options=opts)(x)
     assert len(solves) == 1
     torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-6)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor any op returns while active (elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_a_training_step_of_the_stacked_form_allocates_nothing_of_size_L_squared(monkeypatch):
+    """Every tensor of the compiled training step, in its graphs and inside the solves, is at most the size of
+    what the solve stores (trajectory, dense Jacobians (L, B, w, w), one stacked gradient): gathering or
+    scattering the whole W per step would make (L, L, w, w)."""
+    from pcr_compile import solver
+
+    L, w, B = 64, 4, 2
+    model, x = Stacked(L=L, w=w), torch.randn(B, w)
+    largest = []
+    for name in ("run_forward", "run_backward"):
+        real = getattr(solver, name)
+
+        def watched(*a, _real=real, **k):
+            with _LargestTensor() as m:
+                out = _real(*a, **k)
+            largest.append(m.largest)
+            return out
+
+        monkeypatch.setattr(solver, name, watched)
+    g = capture_graphs(model, (x,), options={**PARALLEL, "jacobian": "dense"})
+    graph_sizes = [n.meta["val"].numel() for gm in (g["forward"], g["backward"]) for n in gm.graph.nodes
+                   if isinstance(n.meta.get("val"), torch.Tensor)]
+    bound = 2 * L * B * w * w  # a dense Jacobian, with room for one temporary of its size
+    assert len(largest) == 2 and max(largest) <= bound, (largest, bound)
+    assert max(graph_sizes) <= bound and max(largest + graph_sizes) < L * L * w * w
+
+
+def test_stacked_mlp_is_deep_mlp_with_its_parameters_stacked():
+    from pcr_compile.models import DeepMLP, StackedMLP
+
+    torch.manual_seed(0)
+    ref = DeepMLP(layers=9, width=4)
+    torch.manual_seed(0)
+    model = StackedMLP(layers=9, width=4)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    assert tuple(model.weight.shape) == (9, 4, 4) and tuple(model.bias.shape) == (9, 4)
+    [c] = pcr_compile.explain(model, x, options=PARALLEL).chains
+    assert (c.kind, c.length, c.per_step_inputs) == ("layers", 9, 2)

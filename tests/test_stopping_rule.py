@@ -1,4 +1,4 @@
-"""The stopping rule (kernels/residual.py): never silently wrong, at every scale.
+"""The stopping rule (pcr_compile/solver/residual.py): never silently wrong, at every scale.
 
 A property test over random chains whose activations grow or shrink by up to 1e20 along the chain: every
 parallel result (forward and gradients, every Jacobian strategy, float32 and float64) is within a stated
@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pcr_compile
-from pcr_compile import solve
-from pcr_compile.kernels.residual import step_residuals
+from pcr_compile import solver
 from pcr_compile.passes.structure import linear_pointwise
+from pcr_compile.solver.residual import step_residuals
 
 U32 = 2.0 ** -24  # float32's unit roundoff
 
@@ -29,12 +29,12 @@ U32 = 2.0 ** -24  # float32's unit roundoff
 def multiple(L: int, dtype: torch.dtype) -> float:
     """The stated multiple of eager float32's own error. Each step's residual is at most tol of its size
     where eager's rounding is about u32 of it, and both propagate through the same Jacobian products
-    (kernels/residual.py): per step tol / u32 times eager's error, and at most L such terms that may add up
+    (pcr_compile/solver/residual.py): per step tol / u32 times eager's error, and at most L such terms that may add up
     coherently where rounding errors partly cancel. Gradients see the trajectory's error through the
     Jacobians' own sensitivity, step by step, the same way. Hence 2 L tol / u32 (float32's default tol:
     about 33 L). Measured on 120 random chains: at most 17; the worst case found, 350 at L = 37, a
     saturated tanh chain's input gradient."""
-    from pcr_compile.kernels.newton import default_tol
+    from pcr_compile.solver import default_tol
 
     return 2.0 * L * default_tol(dtype) / U32
 
@@ -49,9 +49,9 @@ def _template(act):
     return gm
 
 
-def _spec(act_name: str) -> solve.ChainSpec:
+def _spec(act_name: str) -> solver.ChainSpec:
     gm = _template(ACTS[act_name])
-    return solve.ChainSpec(name=f"test_rule_{act_name}", template=gm, n_state=1, n_per_step=2, n_consts=0,
+    return solver.ChainSpec(name=f"test_rule_{act_name}", template=gm, n_state=1, n_per_step=2, n_consts=0,
                            n_invariants=0, lp=linear_pointwise(gm, 1, 2))
 
 
@@ -88,8 +88,8 @@ def _parallel(W, b, x, v, act, jacobian):
     spec = _spec(act)
     L = W.shape[0]
     with pcr_compile.record_solves() as recs:
-        (traj,) = solve.run_forward(spec, [x], [W, b], [], [], L, tol=0.0, max_iters=2 * L + 10, jacobian=jacobian)
-        d_states, (gW, gb), _ = solve.run_backward(spec, [traj], [x], [W, b], [], [], [v.to(x.dtype)], L, tol=0.0,
+        (traj,) = solver.run_forward(spec, [x], [W, b], [], [], L, tol=0.0, max_iters=2 * L + 10, jacobian=jacobian)
+        d_states, (gW, gb), _ = solver.run_backward(spec, [traj], [x], [W, b], [], [], [v.to(x.dtype)], L, tol=0.0,
                                                    max_iters=2 * L + 10, jacobian=jacobian)
     return traj[-1], gW, gb, d_states[0], recs
 
@@ -125,7 +125,7 @@ def test_fell_back_from_the_start_is_eagers_answer():
     W, b, x = W.float(), b.float(), x.float()
     spec = _spec("relu")
     with pcr_compile.record_solves() as recs:
-        (traj,) = solve.run_forward(spec, [x], [W, b], [], [], 16, tol=0.0, max_iters=0, jacobian="identity")
+        (traj,) = solver.run_forward(spec, [x], [W, b], [], [], 16, tol=0.0, max_iters=0, jacobian="identity")
     assert recs[0].fell_back and recs[0].prefix == 0
     torch.testing.assert_close(traj[-1], _eager(W, b, x, v, "relu")[0], rtol=0, atol=0)
 
@@ -196,7 +196,7 @@ def test_records_report_what_the_solve_and_its_check_cost():
     assert bwd.evaluations == bwd.iterations + 1
     spec = _spec("tanh")
     with pcr_compile.record_solves() as recs:
-        solve.run_forward(spec, [x.float()], [W.float(), b.float()], [], [], 12, tol=0.0, max_iters=1,
+        solver.run_forward(spec, [x.float()], [W.float(), b.float()], [], [], 12, tol=0.0, max_iters=1,
                           jacobian="identity")
     [r] = recs
     assert r.fell_back and r.sequential_steps == 12 - r.prefix and r.evaluations == 2

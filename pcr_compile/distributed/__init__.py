@@ -1,5 +1,5 @@
 """deeppcr under torch.distributed: DDP's graph split kept chain-whole (`ddp.py`), collectives declined in
-chains (`passes/chains.py` names them; `collectives.py`), and layer-parallel chains solved across the
+chains (`passes/chains/collectives.py` names them), and layer-parallel chains solved across the
 ranks of a process group (`layer_parallel.py`)."""
 
 from .chain_op import register_process_group

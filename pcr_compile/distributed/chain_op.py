@@ -69,7 +69,7 @@ def _group():
 
 
 def _stats(ex: lp.ExchangeStats):
-    from pcr_compile.kernels import newton
+    from pcr_compile.solver import newton
 
     return newton.SolveStats(iterations=ex.iterations, residual=ex.residuals[-1] if ex.residuals else 0.0,
                              converged=ex.converged, fell_back=ex.fell_back, prefix=ex.prefix,
@@ -109,7 +109,7 @@ def backward_over_ranks(spec, call, Zprev, Z, cot, diff_stacked, diff_inv, tol: 
     unless this chain's forward was solved over a group."""
     if spec.name not in _SOLVED or not dist.is_initialized():
         return None
-    from pcr_compile.solve import _substituted
+    from pcr_compile.solver.adjoint import _substituted
 
     group = _SOLVED[spec.name]
     ex = lp.ExchangeStats("backward", dist.get_rank(group), dist.get_world_size(group), call.L)

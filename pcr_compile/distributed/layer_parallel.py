@@ -12,7 +12,7 @@ one batched call. Every Newton iteration (dense Jacobians, DeepPCR's update form
               with J_0 d_in added to its first term) and sets its last step to Z_last + e_r exactly,
               so that rank r+1's z_in is bit for bit rank r's last state.
 
-The stopping test is the project's (`kernels/residual.py: step_residuals`, each step against its own size);
+The stopping test is the project's (`pcr_compile/solver/residual.py: step_residuals`, each step against its own size);
 its statistics ride in the same all-gather, so an iteration issues one collective (the issue's separate
 all-reduce folded into it). The adjoint is the same in reverse: a local reverse scan with no incoming
 gradient gives the chunk's offset m_r (its matrix is A_r^T, already gathered), one all-gather of the
@@ -39,8 +39,8 @@ import torch.distributed as dist
 from torch.func import vjp, vmap
 
 from pcr_compile.kernels import linear_recurrence
-from pcr_compile.kernels.newton import default_tol
-from pcr_compile.kernels.residual import step_residuals
+from pcr_compile.solver.newton import default_tol
+from pcr_compile.solver.residual import step_residuals
 
 
 @dataclass

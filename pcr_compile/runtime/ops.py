@@ -1,6 +1,6 @@
 """The chain ops: one `torch.library.custom_op` per chain template, with its adjoint as a second op.
 
-`pcr_compile::chain_<hash>(...)` solves the chain (see ``solve.py``); `pcr_compile::chain_<hash>_adjoint(...)`
+`pcr_compile::chain_<hash>(...)` solves the chain (``pcr_compile.solver``); `pcr_compile::chain_<hash>_adjoint(...)`
 is its autograd formula, so AOTAutograd places the chain op in the forward graph and the adjoint op in the
 backward graph, and Inductor compiles around both. The arguments of both ops are defined once, below
 (`CHAIN_ARGS`, `ADJOINT_ARGS`): the schemas, the fake kernels, the autograd wiring and the call in the
@@ -31,8 +31,8 @@ from collections import namedtuple
 import torch
 from torch import Tensor
 
-from pcr_compile import solve
-from pcr_compile.solve import ChainSpec
+from pcr_compile import solver
+from pcr_compile.solver import ChainSpec
 
 NAMESPACE = "pcr_compile"
 
@@ -50,7 +50,7 @@ CHAIN_ARGS = (
     ("window", "int"),
     ("kernels", "str"),
     ("save_trajectory", "bool"),
-    ("adaptive", "bool"),  # mode="auto": switch to sequential after a solve that did not pay (solve.py)
+    ("adaptive", "bool"),  # mode="auto": switch to sequential after a solve that did not pay (solver/auto_switch.py)
 )
 ADJOINT_ARGS = (
     ("trajs", "Tensor[]"),  # every step's states (L, *state), from the forward
@@ -136,7 +136,7 @@ def _define(name: str):
     @torch.library.custom_op(qual, mutates_args=(), schema=CHAIN_SCHEMA, **_TAGS)
     def chain(*args) -> list[Tensor]:
         a = ChainArgs(*args)
-        trajs = solve.run_forward(_SPECS[name], a.states, a.stacked, a.consts, a.invariants, a.length, a.tol,
+        trajs = solver.run_forward(_SPECS[name], a.states, a.stacked, a.consts, a.invariants, a.length, a.tol,
                                   a.max_iters, a.jacobian, a.window, keep_trajectory=a.save_trajectory,
                                   impl=a.kernels, syms=a.syms, adaptive=a.adaptive)
         finals = [torch.empty_like(s).copy_(t[-1]) for s, t in zip(a.states, trajs)]  # one state each, not L
@@ -157,7 +157,7 @@ def _define(name: str):
     @torch.library.custom_op(qual + "_adjoint", mutates_args=(), schema=ADJOINT_SCHEMA, **_TAGS)
     def adjoint(*args) -> list[Tensor]:
         a = AdjointArgs(*args)
-        d_states, d_stacked, d_inv = solve.run_backward(
+        d_states, d_stacked, d_inv = solver.run_backward(
             _SPECS[name], a.trajs, a.states, a.stacked, a.consts, a.invariants, a.grads, a.length, a.tol,
             a.max_iters, a.jacobian, impl=a.kernels, syms=a.syms, traj_grads=a.traj_grads, needs_grad=a.needs_grad,
             adaptive=a.adaptive)

@@ -27,16 +27,17 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import compute_dtype, linear_recurrence_torch
+from pcr_compile.kernels import IMPLS, settings
+from pcr_compile.kernels.activations import ACTIVATIONS, act_and_grad
+from pcr_compile.kernels.reference import linear_recurrence_torch
+
 from .residual import step_residuals, tiny
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 __all__ = ["NewtonResult", "newton_linear_pointwise", "ACTIVATIONS"]
 
-ACTIVATIONS = ("identity", "tanh", "relu", "gelu", "sigmoid", "silu")
-CHECK_EVERY = 4  # Triton path: iterations launched between two host reads of the status buffer
-MAX_FUSED_W = 64
+MAX_FUSED_W = settings.MAX_DENSE_W  # the fused kernels hold one W_l in registers
 
 
 class NewtonResult(NamedTuple):
@@ -58,24 +59,6 @@ class NewtonResult(NamedTuple):
 # -------------------------------------------------------------------------------------------- PyTorch path
 
 
-def _act_and_grad(a: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(a), act'(a)) in closed form; gelu is the exact erf form (nn.GELU())."""
-    if activation == "identity":
-        return a, torch.ones_like(a)
-    if activation == "tanh":
-        t = torch.tanh(a)
-        return t, 1 - t * t
-    if activation == "relu":
-        return torch.relu(a), (a > 0).to(a.dtype)
-    if activation == "gelu":
-        cdf = 0.5 * (1 + torch.erf(a * 0.7071067811865476))
-        return a * cdf, cdf + a * torch.exp(-0.5 * a * a) * 0.3989422804014327
-    s = torch.sigmoid(a)
-    if activation == "sigmoid":
-        return s, s * (1 - s)
-    return a * s, s * (1 + a * (1 - s))  # silu
-
-
 def _newton_torch(z0, W, bias, activation, residual, tol, max_iters):
     L, (B, w) = W.shape[0], z0.shape
     Z = z0.expand(L, B, w).clone()  # (L, B, w): initial guess z_l = z_0
@@ -84,7 +67,7 @@ def _newton_torch(z0, W, bias, activation, residual, tol, max_iters):
     for k in range(max_iters + 1):
         prev = torch.cat([z0[None], Z[:-1]])  # (L, B, w): z_{l-1} at the old guess
         y = torch.einsum("lij,lbj->lbi", W, prev)  # W_l z_{l-1}
-        fa, d = _act_and_grad(y if bias is None else y + bias[:, None], activation)
+        fa, d = act_and_grad(y if bias is None else y + bias[:, None], activation)
         f = fa + prev if residual else fa
         rho = float(step_residuals(Z - f, f).amax())  # max_l rho_l; NaN counts as inf, as on the device
         residuals.append(rho)
@@ -100,70 +83,6 @@ def _newton_torch(z0, W, bias, activation, residual, tol, max_iters):
         beff = fa - d * y  # f_l - J_l z_{l-1}
         beff[0] += (J[0] @ z0[..., None])[..., 0]  # z_0 is given: fold J_1 z_0 into the first offset
         Z = linear_recurrence_torch(J, beff, structure="dense")
-    return Z, it, converged, residuals
-
-
-# --------------------------------------------------------------------------------------------- Triton path
-
-
-def _newton_triton(z0, W, bias, activation, residual, tol, max_iters, chunk=None, check_every=CHECK_EVERY):
-    import triton  # lazily: the PyTorch path imports without Triton
-
-    from . import settings
-    from .triton_newton import _newton_carry_kernel, _newton_eval_kernel, _newton_summary_kernel, _newton_update_kernel
-
-    L, (B, w) = W.shape[0], z0.shape
-    dev, ct = z0.device, z0.dtype
-    W = W.contiguous()
-    W_PAD = settings.w_pad(w)
-    warps = settings.dense_warps(W_PAD)
-    chunk = settings.plan_chunk(B, L, w, ct, settings.device_props(dev), chunk)
-    n_chunks = triton.cdiv(L, chunk)
-    Z = z0.expand(L, B, w).contiguous()  # (L, B, w) in the compute dtype, updated in place
-    D, BE = torch.empty_like(Z), torch.empty_like(Z)  # act'(a_l) and the Newton offsets
-    n_sum = max(n_chunks - 1, 1)
-    P = torch.empty(n_sum, B, w, w, dtype=ct, device=dev)
-    S, carry = torch.empty(n_sum, B, w, dtype=ct, device=dev), torch.empty(n_sum, B, w, dtype=ct, device=dev)
-    n_stats = B * n_chunks
-    stats = torch.zeros(n_stats, dtype=ct, device=dev)  # per program: max over its steps of rho_{l,b}
-    # status = (stopped, evaluation it stopped at, rho at evaluation 0, 1, ..): read by the host in one transfer
-    status = torch.zeros(max_iters + 3, dtype=ct, device=dev)
-    acc = settings.acc_dtype(ct)
-    act = ACTIVATIONS.index(activation)
-    block, carry_warps = settings.reduce_settings(n_stats, W_PAD)
-    bias_arg = W if bias is None else bias.contiguous()
-    meta = dict(W_PAD=W_PAD, ACC=acc, num_warps=warps)
-    k_read, reads, host = -1, 0, None
-    for k in range(max_iters + 1):
-        settings.launch(
-            _newton_eval_kernel, (B, n_chunks), z0, W, bias_arg, Z, D, BE, stats, status, L, B, w, chunk, n_chunks,
-            device=dev, TINY=tiny(ct), ACT=act, RESID=residual, HAS_BIAS=bias is not None, **meta,
-        )
-        if n_chunks > 1:
-            settings.launch(
-                _newton_summary_kernel, (B, n_chunks - 1), z0, W, D, BE, P, S, status, L, B, w, chunk, device=dev,
-                RESID=residual, USE_DOT=settings.use_dot(W_PAD), PREC=settings.dot_precision(ct), **meta,
-            )
-        settings.launch(
-            _newton_carry_kernel, (B,), P, S, carry, stats, status, k, n_stats, float(tol), B, w, n_chunks - 1,
-            device=dev, W_PAD=W_PAD, ACC=acc, BLOCK=block, num_warps=carry_warps,
-        )
-        if k < max_iters:
-            settings.launch(
-                _newton_update_kernel, (B, n_chunks), z0, W, D, BE, carry, Z, status, L, B, w, chunk, device=dev,
-                RESID=residual, **meta,
-            )
-        if (k + 1) % check_every == 0 or k == max_iters:  # always true at the last k: host is set below
-            k_read, reads = k, reads + 1
-            host = status.tolist()  # the one device-to-host transfer of this check
-            if host[0]:
-                break
-    stopped = bool(host[0])
-    it = int(host[1]) if stopped else max_iters
-    residuals = [float(r) for r in host[2 : it + 3]]
-    converged = stopped and residuals[-1] != math.inf  # the device stops on convergence or a non-finite residual
-    logger.debug("fused Newton (triton): %d iterations, %d host reads (last at %d), chunks %d",
-                 it, reads, k_read, n_chunks)
     return Z, it, converged, residuals
 
 
@@ -191,8 +110,8 @@ def newton_linear_pointwise(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(z0, torch.Tensor) or z0.dim() < 1 or not z0.is_floating_point():
         raise ValueError("z0 must be a floating tensor of shape (*batch, w)")
     w = z0.shape[-1]
@@ -204,17 +123,19 @@ def newton_linear_pointwise(
         raise ValueError(f"bias must have shape (L, w) = {(L, w)} or be None, got {tuple(bias.shape)}")
     if max_iters < 0:
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
-    ct = compute_dtype(z0.dtype)
+    ct = settings.compute_dtype(z0.dtype)
     batch = z0.shape[:-1]
     z = z0.reshape(-1, w).to(ct).contiguous()  # (B, w)
     Wc = W.to(device=z.device, dtype=ct)
     bc = None if bias is None else bias.to(device=z.device, dtype=ct)
     use_triton = impl == "triton" or (impl == "auto" and z0.is_cuda)
     if use_triton and w > MAX_FUSED_W:
-        logger.debug("fused Newton: w=%d > %d, PyTorch path", w, MAX_FUSED_W)
+        log.debug("fused Newton: w=%d > %d, PyTorch path", w, MAX_FUSED_W)
         use_triton = False
     if use_triton:
-        Z, it, conv, res = _newton_triton(z, Wc, bc, activation, residual, tol, max_iters)
+        from pcr_compile.kernels.triton_newton import fused_newton_launch  # lazily: needs Triton
+
+        Z, it, conv, res = fused_newton_launch(z, Wc, bc, activation, residual, tol, max_iters, tiny(ct))
     else:
         Z, it, conv, res = _newton_torch(z, Wc, bc, activation, residual, tol, max_iters)
     traj = Z.reshape(L, *batch, w).to(z0.dtype)

@@ -1,11 +1,11 @@
-"""The Newton / Picard driver (kernels/newton.py) on hand-written chains, without the compiler."""
+"""The Newton / Picard driver (pcr_compile/solver/newton.py) on hand-written chains, without the compiler."""
 
 import math
 
 import pytest
 import torch
 
-from pcr_compile.kernels import newton
+from pcr_compile.solver import newton
 
 
 def tanh_mlp(L, w, B, gain=0.9, seed=0, dtype=torch.float32):

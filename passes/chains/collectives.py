@@ -10,7 +10,8 @@ collective's name), and Inductor compiles them as usual.
 What a user can do instead: shard outside the chain (wrap the whole chain in one FSDP unit, so its
 parameters are gathered once before it: `fully_shard(model.layers)` rather than per layer), keep the
 chain's small parameters replicated (DDP, or FSDP's `ignored_params`), or split the chain over ranks
-layer-parallel (`pcr_compile.distributed.layer_parallel`).
+layer-parallel (`pcr_compile.distributed.layer_parallel`). (Here, beside the other eligibility rules,
+because ``passes/`` depends on nothing above it.)
 """
 
 from __future__ import annotations

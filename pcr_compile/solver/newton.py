@@ -1,7 +1,7 @@
 """Newton (and quasi-Newton) solves of a chain `z_l = f_l(z_{l-1})`, and of its adjoint, by linear recurrences.
 
 The chain is given as callables over *packed* states: the trajectory is one tensor `Z` of shape
-`(L, B, w)` (L steps, B independent rows, w features; see ``pcr_compile.solve`` for the packing).
+`(L, B, w)` (L steps, B independent rows, w features; see ``call.py`` for the packing).
 
 Forward (DeepPCR, Danieli et al. 2023, Sec. 3): with `Zprev = [z_0, z_1 .. z_{L-1}]` at the current
 guess, one batched call gives `F_l = f_l(Zprev_l)` and an approximation `A_l` of `df_l/dz`; the next
@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import linear_recurrence
+from pcr_compile.kernels import linear_recurrence
+
 from .residual import host_values, step_residuals
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def newton_forward(
     per window length of progress. `impl` selects the linear-recurrence kernels (see `linear_recurrence`).
     `parts` splits the packed features into the carried tensors, each measured against its own size.
 
-    Stopping and acceptance (``kernels/residual.py``, with the derivation): step l is accepted when its
+    Stopping and acceptance (``residual.py``, with the derivation): step l is accepted when its
     step residual `rho_l <= tol`; only accepted leading steps are committed, and the sequential fallback
     starts from the last committed one, so a fallback never continues from a wrong state.
     """
@@ -201,7 +202,7 @@ def adjoint_solve(
     operator); `A` approximates `J` in `structure` form (None for identity / zero); `step_vjp(s, v)`
     returns `J_s^T v` for one step (the sequential fallback).
 
-    Stopping: the same step residual as the forward (``kernels/residual.py``), each step's residual against
+    Stopping: the same step residual as the forward (``residual.py``), each step's residual against
     its evaluated right-hand side `cot_m + J_{m+1}^T lam_{m+1}`; the fallback continues from the verified
     trailing steps only.
     """

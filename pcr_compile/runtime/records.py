@@ -22,7 +22,7 @@ class SolveRecord:
     iterations: int  # linear solves (Newton / Picard / refinement iterations) performed
     # final residual: max over steps l of rho_l = max over rows b of |z_lb - f_l(z_{l-1})_b| / |f_l(z_{l-1})_b|
     # (max norms; each carried tensor against its own size; the adjoint: lam against its right-hand side).
-    # The result is within tol of each step's own size in this sense (kernels/residual.py derives what that
+    # The result is within tol of each step's own size in this sense (solver/residual.py derives what that
     # means for the error against sequential evaluation).
     residual: float
     converged: bool  # the parallel iteration reached the tolerance
@@ -38,6 +38,14 @@ class SolveRecord:
     # reported), and steps evaluated one at a time by a fallback.
     evaluations: int = 0
     sequential_steps: int = 0
+
+
+def emit_solve(chain: str, length: int, direction: str, jacobian: str, stats, seconds: float) -> None:
+    """Record one solve from its statistics (``solver.newton.SolveStats``) in every open collector."""
+    emit(SolveRecord(chain=chain, length=length, iterations=stats.iterations, residual=stats.residual,
+                     converged=stats.converged, fell_back=stats.fell_back, direction=direction, jacobian=jacobian,
+                     prefix=stats.prefix, residuals=tuple(stats.residuals), reason=stats.reason, seconds=seconds,
+                     evaluations=stats.evaluations, sequential_steps=stats.sequential_steps))
 
 
 def emit(record: SolveRecord) -> None:

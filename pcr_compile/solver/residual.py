@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from pcr_compile.kernels import settings
+
 
 def tiny(dtype: torch.dtype) -> float:
     """The floor of a step's scale: the smallest normal number of `dtype` (a row whose `F` is exactly zero
@@ -62,16 +64,18 @@ def step_residuals(r: torch.Tensor, F: torch.Tensor, parts: list[int] | None = N
     return torch.where(torch.isnan(rho), torch.full_like(rho, float("inf")), rho)
 
 
-_HOST_READS = [0]
-
-
 def host_values(t: torch.Tensor) -> list:
-    """`t.tolist()`, counted: every device-to-host read of the solvers goes through here, so that
-    benchmarks can count host syncs on the CPU too (where `.tolist()` dispatches no op to see)."""
-    _HOST_READS[0] += 1
-    return t.tolist()
+    """`t.tolist()`, counted (`kernels.settings.to_host`): every device-to-host read of the solver goes
+    through here, so that benchmarks can count host syncs on the CPU too."""
+    return settings.to_host(t)
 
 
 def host_reads() -> int:
-    """How many reads `host_values` has made in this process."""
-    return _HOST_READS[0]
+    """How many device-to-host reads the solver and the kernels' launchers have made in this process."""
+    return settings.host_read_count()
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating tensor is finite, in one host read."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return not flags or bool(host_values(torch.stack(flags).all()))

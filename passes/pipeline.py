@@ -1,0 +1,76 @@
+"""The graph passes the backend runs before it looks for chains, declared in order, each ``(gm, ctx) -> int``.
+
+Every pass mutates ``gm.graph`` in place and returns how many sites it changed (0: the graph is as it was);
+:func:`run_passes` runs a list of them, logs at debug level what each changed, and recompiles once at the end
+when any changed anything. ``ctx`` carries what the passes share: the chain length the finder looks for, and
+the finder's analysis when the last pass made one that still holds for the graph (so the backend does not
+analyse the graph twice).
+
+1. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
+   end of the graph, out of the blocks;
+2. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
+3. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
+
+After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
+by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch.fx import GraphModule
+
+from .carry import carry_lagged_values
+from .chains import Analysis
+from .functionalize import defer_running_stat_updates, functionalize_inplace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassContext:
+    min_length: int  # the shortest chain the finder reports (Options.min_chain_length)
+    analysis: Analysis | None = None  # the finder's analysis of the graph as it is now, when a pass made one
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    name: str
+    run: Callable[[GraphModule, PassContext], int]
+
+
+def _defer(gm: GraphModule, ctx: PassContext) -> int:
+    return defer_running_stat_updates(gm.graph)
+
+
+def _functionalize(gm: GraphModule, ctx: PassContext) -> int:
+    return functionalize_inplace(gm.graph)
+
+
+def _carry(gm: GraphModule, ctx: PassContext) -> int:
+    carried, analysis = carry_lagged_values(gm.graph, min_length=ctx.min_length)
+    ctx.analysis = None if carried else analysis  # carrying changed the graph the analysis was made on
+    return carried
+
+
+PREPARE: tuple[GraphPass, ...] = (
+    GraphPass("defer_running_stat_updates", _defer),
+    GraphPass("functionalize_inplace", _functionalize),
+    GraphPass("carry_lagged_values", _carry),
+)
+
+
+def run_passes(gm: GraphModule, passes: tuple[GraphPass, ...], ctx: PassContext) -> int:
+    """Run `passes` in order on `gm`; recompile once if any changed the graph. Returns the total changed."""
+    total = 0
+    for p in passes:
+        n = p.run(gm, ctx)
+        if n:
+            log.debug("%s: %d change%s", p.name, n, "s" * (n != 1))
+        total += n
+    if total:
+        gm.recompile()
+    return total

@@ -1,0 +1,45 @@
+"""pcr_compile/options.py: one parse, errors that name the option and what it accepts."""
+
+from __future__ import annotations
+
+import pytest
+
+from pcr_compile.kernels import IMPLS
+from pcr_compile.options import JACOBIANS, KERNELS, MODES, Options
+
+
+def test_defaults_and_round_trip():
+    o = Options.parse(None)
+    assert (o.mode, o.tol, o.max_iters, o.kernels) == ("auto", None, 50, "auto")
+    assert Options.parse(o) is o
+    assert Options.parse(o.as_dict()) == o
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("mode", "fast", "one of ('auto', 'parallel', 'sequential')"),
+    ("jacobian", "full", "one of ('auto', 'dense'"),
+    ("kernels", "cuda", "one of ('auto', 'triton', 'torch')"),
+    ("tol", 0.0, "None or a number in (0, 1)"),
+    ("tol", True, "None or a number in (0, 1)"),
+    ("max_iters", -1, "an int >= 0"),
+    ("min_chain_length", 1, "an int >= 2"),
+    ("window", 2.0, "an int >= 0"),
+    ("strict", 1, "a bool"),
+    ("inductor_mode", "turbo", "None or one of"),
+])
+def test_each_bad_value_is_named_with_what_it_accepts(key, value, says):
+    with pytest.raises(ValueError) as e:
+        Options.parse({key: value})
+    assert f"option {key!r} must be" in str(e.value) and says in str(e.value) and repr(value) in str(e.value)
+
+
+def test_unknown_keys_and_non_dicts_are_errors():
+    with pytest.raises(ValueError, match=r"unknown deeppcr option\(s\) \['tolerance'\]; accepted options"):
+        Options.parse({"tolerance": 1e-6})
+    with pytest.raises(ValueError, match="options must be a dict, got list"):
+        Options.parse([("mode", "parallel")])
+
+
+def test_the_kernels_values_are_the_kernels_packages_own():
+    assert KERNELS is IMPLS and "triton" in KERNELS
+    assert MODES == ("auto", "parallel", "sequential") and "dense" in JACOBIANS
