@@ -188,6 +188,11 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
                              f"'deeppcr', got {mode!r}")
         options = {"inductor_mode": mode}
     opts = Options.parse(options)
+    from .distributed.ddp import compile_under_ddp  # DDP: split the graph keeping chains whole (issue 17)
+
+    routed = compile_under_ddp(gm, example_inputs, opts, lambda g, inputs: deeppcr(g, inputs, options=opts))
+    if routed is not None:
+        return routed
     patches = list_mode_options(opts.inductor_mode) if opts.inductor_mode else None
     try:
         new, plan, names = rewrite(gm, opts)
@@ -197,4 +202,10 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
         log.warning("deeppcr: internal error while rewriting chains; compiling the original graph with Inductor",
                     exc_info=True)
         return compile_fx(gm, example_inputs, config_patches=patches)
-    return compile_fx(new, example_inputs, config_patches=patches)
+    compiled = compile_fx(new, example_inputs, config_patches=patches)
+    if opts.process_group is not None and names:  # issue 17: chains solved across the group's ranks
+        from .distributed.chain_op import resolve, wrap_compiled
+
+        resolve(opts.process_group)  # an unknown name is an error now, not at the first call
+        return wrap_compiled(compiled, opts.process_group)
+    return compiled

@@ -37,6 +37,8 @@ class Options:
     inductor_mode: the Inductor mode that compiles the rest of the graph ("max-autotune", ...; None:
         Inductor's default). `torch.compile(..., backend="deeppcr", mode=M)` sets it too (torch.compile
         takes `mode` or `options`, not both). Graphs holding a chain op are never captured as CUDA graphs.
+    process_group: None, "world" or a name registered with `pcr_compile.distributed.register_process_group`:
+        dense chains are solved layer-parallel across that group's ranks (pcr_compile/distributed/chain_op.py).
     """
 
     mode: str = "auto"
@@ -49,6 +51,7 @@ class Options:
     kernels: str = "auto"
     strict: bool = False
     inductor_mode: str | None = None
+    process_group: str | None = None
 
     @classmethod
     def parse(cls, options: dict | Options | None) -> Options:
@@ -85,6 +88,8 @@ class Options:
                 bad(key, f"an int >= {lo}")
         if not isinstance(self.strict, bool):
             bad("strict", "a bool")
+        if self.process_group is not None and not isinstance(self.process_group, str):
+            bad("process_group", "None, 'world' or a name registered with register_process_group")
         if self.inductor_mode is not None and self.inductor_mode not in inductor_modes():
             bad("inductor_mode", f"None or one of {inductor_modes()}")
 

@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..functionalize import KEPT_META
 from ..fx_utils import COMPUTE_OPS, mutates_in_place
+from .collectives import collective_name, collective_reason
 
 # Higher-order ops whose first argument is a body submodule that the chain may inline: activation
 # checkpointing (`torch.utils.checkpoint`), which only trades memory for recomputation. The chain op keeps
@@ -41,6 +42,9 @@ def ineligibility(n: Node) -> str | None:
     if mutates_in_place(n):
         kept = n.meta.get(KEPT_META)
         return f"in-place op {name} (node {n.name}{'; kept in place: ' + kept if kept else ''})"
+    collective = collective_name(n)  # FSDP's per-layer gathers and other collectives (issue 17)
+    if collective is not None:
+        return f"{collective_reason(collective)} (node {n.name})"
     if n.is_impure():
         return f"op with side effects {name} (node {n.name})"
     body = inlinable_body(n)
