@@ -14,16 +14,12 @@ import torch
 import torch.nn as nn
 
 from pcr_compile.diffusion.plans import (
-    _STEP_KWARGS,
+    SCHEDULERS,
     SamplerPlan,
-    _plan_ddim,
-    _plan_ddpm,
-    _plan_euler,
-    _plan_multistep,
     _scheduler_name,
 )
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps: int, **kwargs: Any) -> SamplingLoop:
@@ -53,7 +49,7 @@ def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
     name = _scheduler_name(scheduler)
-    allowed = _STEP_KWARGS[name]
+    allowed = SCHEDULERS[name].step_kwargs
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise TypeError(f"sampling_loop with {name} got unexpected keyword arguments {unknown}; "
@@ -61,9 +57,8 @@ def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps:
     options = {**allowed, **kwargs}
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
-    plan = {"DDIMScheduler": _plan_ddim, "DDPMScheduler": _plan_ddpm, "EulerDiscreteScheduler": _plan_euler,
-            "DPMSolverMultistepScheduler": _plan_multistep}[name](sched, **options)
-    logger.debug("sampling_loop: %s, %d steps, clip=%s, stochastic=%s", name, len(plan.steps), plan.clip_range,
+    plan = SCHEDULERS[name].plan(sched, **options)
+    log.debug("sampling_loop: %s, %d steps, clip=%s, stochastic=%s", name, len(plan.steps), plan.clip_range,
                  plan.stochastic)
     return SamplingLoop(unet, plan)
 

@@ -19,16 +19,8 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
-
-_STEP_KWARGS = {
-    "DDIMScheduler": {"eta": 0.0, "use_clipped_model_output": False},
-    "DDPMScheduler": {},
-    "EulerDiscreteScheduler": {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0},
-    "DPMSolverMultistepScheduler": {},
-}
 
 
 @dataclass(frozen=True)
@@ -286,3 +278,23 @@ def noise_levels(plan: SamplerPlan) -> tuple[float, ...]:
     positive = [s.sigma for s in plan.steps if s.sigma > 0.0]
     floor = min(positive, default=1.0)
     return tuple(max(s.sigma, floor) for s in plan.steps)
+
+
+@dataclass(frozen=True)
+class SchedulerSupport:
+    """A supported scheduler: the keyword arguments its `step` takes (with diffusers' defaults) and the planner
+    that reads its per-step constants."""
+
+    step_kwargs: dict
+    plan: Any  # (scheduler after set_timesteps, **step_kwargs) -> SamplerPlan
+
+
+# The one registry of supported schedulers (`sampling_loop`, the class check and the docs read it).
+SCHEDULERS = {
+    "DDIMScheduler": SchedulerSupport({"eta": 0.0, "use_clipped_model_output": False}, _plan_ddim),
+    "DDPMScheduler": SchedulerSupport({}, _plan_ddpm),
+    "EulerDiscreteScheduler": SchedulerSupport({"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"),
+                                                "s_noise": 1.0}, _plan_euler),
+    "DPMSolverMultistepScheduler": SchedulerSupport({}, _plan_multistep),
+}
+SUPPORTED_SCHEDULERS = tuple(SCHEDULERS)
