@@ -50,3 +50,31 @@ def graph_fingerprint(graph: torch.fx.Graph) -> list[tuple]:
     meta keys (``gm.code`` is refreshed only by ``recompile()``, so comparing it misses a mutation)."""
     return [(n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs), tuple(u.name for u in n.users),
              tuple(sorted(n.meta))) for n in graph.nodes]
+
+
+def tiny_condition_unet():
+    """A small random `UNet2DConditionModel` (8x8 latents, 2 channels, cross-attention width 8), in eval mode."""
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+def watch_solves(monkeypatch, make_mode, seen: list) -> None:
+    """Run every `solver.run_forward` / `run_backward` call under a fresh dispatch mode `make_mode()`, appending
+    the mode to `seen` after the call (monkeypatched: undone with the test)."""
+    from pcr_compile import solver
+
+    for name in ("run_forward", "run_backward"):
+        real = getattr(solver, name)
+
+        def watched(*a, _real=real, **k):
+            with make_mode() as m:
+                out = _real(*a, **k)
+            seen.append(m)
+            return out
+
+        monkeypatch.setattr(solver, name, watched)

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_condition_unet
 
 from pcr_compile.diffusion import SamplingLoop, sampling_loop
 from pcr_compile.models import MLPDenoiser
@@ -144,11 +145,7 @@ def test_plain_callable_matches_diffusers(case):
 def test_condition_unet_and_unet_kwargs():
     """UNet2DConditionModel: extra keywords (encoder_hidden_states) reach the denoiser at every step."""
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    unet = tiny_condition_unet()
     latents, cond = torch.randn(2, 2, 8, 8), torch.randn(2, 3, 8)
     loop = sampling_loop(unet, diffusers.EulerDiscreteScheduler(), 4)
     with torch.no_grad():

@@ -10,9 +10,9 @@ import collections
 
 import pytest
 import torch
+from helpers import watch_solves
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pcr_compile import solver
 from pcr_compile.backend import capturing_backend
 from pcr_compile.models import DeepMLP
 from pcr_compile.options import Options
@@ -51,20 +51,12 @@ def _training_step_counts(L: int, monkeypatch) -> tuple[collections.Counter, dic
     compiled = torch.compile(model, backend=backend)
     compiled(x).pow(2).mean().backward()  # compile
 
-    solve_ops = collections.Counter()
-    for name in ("run_forward", "run_backward"):
-        fn = getattr(solver, name)
-
-        def counted(*a, _fn=fn, **k):
-            with _CountOps() as c:
-                out = _fn(*a, **k)
-            solve_ops.update(c.counts)
-            return out
-
-        monkeypatch.setattr(solver, name, counted)
+    modes = []
+    watch_solves(monkeypatch, _CountOps, modes)
     model.zero_grad(set_to_none=True)
     compiled(x).pow(2).mean().backward()
     monkeypatch.undo()
+    solve_ops = sum((m.counts for m in modes), collections.Counter())
     [g] = graphs
     graph_ops = collections.Counter()
     for kind in ("forward", "backward"):

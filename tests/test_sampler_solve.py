@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import rel_err
+from helpers import tiny_condition_unet
 
 from pcr_compile.solver import sampler as sampler_solve
 from pcr_compile.solver.residual import sigma_residuals
@@ -157,11 +158,7 @@ def test_condition_unet_kwargs_are_tiled_over_the_steps():
     from pcr_compile.diffusion import parallel_sample, sampling_loop
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    unet = tiny_condition_unet()
     latents, cond = torch.randn(2, 2, 8, 8), torch.randn(2, 3, 8)
     loop = sampling_loop(unet, diffusers.DDIMScheduler(), 6)
     with torch.no_grad():

@@ -5,7 +5,7 @@ tensor itself (no copy, one (L, ...) gradient; never the whole W gathered and sc
 import pytest
 import torch
 import torch.nn as nn
-from helpers import PARALLEL, capture_graphs
+from helpers import PARALLEL, capture_graphs, watch_solves
 
 import pcr_compile
 
@@ -110,22 +110,12 @@ def test_a_training_step_of_the_stacked_form_allocates_nothing_of_size_L_squared
     """Every tensor of the compiled training step, in its graphs and inside the solves, is at most the size of
     what the solve stores (trajectory, dense Jacobians (L, B, w, w), one stacked gradient): gathering or
     scattering the whole W per step would make (L, L, w, w)."""
-    from pcr_compile import solver
-
     L, w, B = 32, 4, 2
     model, x = Stacked(L=L, w=w), torch.randn(B, w)
-    largest = []
-    for name in ("run_forward", "run_backward"):
-        real = getattr(solver, name)
-
-        def watched(*a, _real=real, **k):
-            with _LargestTensor() as m:
-                out = _real(*a, **k)
-            largest.append(m.largest)
-            return out
-
-        monkeypatch.setattr(solver, name, watched)
+    modes = []
+    watch_solves(monkeypatch, _LargestTensor, modes)
     g = capture_graphs(model, (x,), options={**PARALLEL, "jacobian": "dense"})
+    largest = [m.largest for m in modes]
     graph_sizes = [n.meta["val"].numel() for gm in (g["forward"], g["backward"]) for n in gm.graph.nodes
                    if isinstance(n.meta.get("val"), torch.Tensor)]
     bound = 2 * L * B * w * w  # a dense Jacobian, with room for one temporary of its size
