@@ -62,12 +62,14 @@ def _forward(fn: Callable[..., Any], x: torch.Tensor) -> Callable[[], Any]:
     return call
 
 
-def measure(layers: int, width: int, batch: int, timer: Timer) -> list[tuple[str, str, float, float, float, str]]:
-    """(label, mode, median, p20, p80, note) per variant, in ms per call."""
-    from pcr_compile.models import DeepMLP
+def measure(layers: int, width: int, batch: int, timer: Timer,
+            form: str = "modulelist") -> list[tuple[str, str, float, float, float, str]]:
+    """(label, mode, median, p20, p80, note) per variant, in ms per call; `form`: DeepMLP ("modulelist") or
+    StackedMLP ("stacked": the same network with its parameters stacked)."""
+    from pcr_compile.models import DeepMLP, StackedMLP
 
     torch.manual_seed(0)
-    model = DeepMLP(layers=layers, width=width)
+    model = (StackedMLP if form == "stacked" else DeepMLP)(layers=layers, width=width)
     x = torch.randn(batch, width)
     dev = torch.device("cpu")
     out = []
@@ -105,14 +107,17 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per variant")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--form", choices=("modulelist", "stacked"), default="modulelist",
+                    help="DeepMLP (a Sequential of Linear layers) or StackedMLP (one stacked parameter per group)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     env = environment(torch.device("cpu"))
-    res = measure(a.layers, a.width, a.batch, Timer(budget_s=a.budget, min_reps=5, max_reps=2000, warmup=3))
+    res = measure(a.layers, a.width, a.batch, Timer(budget_s=a.budget, min_reps=5, max_reps=2000, warmup=3), a.form)
+    name = "StackedMLP" if a.form == "stacked" else "DeepMLP"
     floor = {m: med for lab, m, med, *_ in res if lab == "cached-output"}
-    params = f"layers={a.layers},width={a.width},batch={a.batch}"
+    params = f"layers={a.layers},width={a.width},batch={a.batch}" + (",form=stacked" if a.form == "stacked" else "")
     rows = []
-    print(header(env, f"DeepMLP({a.layers}, {a.width}) batch {a.batch}, forward under no_grad, ms per call"))
+    print(header(env, f"{name}({a.layers}, {a.width}) batch {a.batch}, forward under no_grad, ms per call"))
     for label, mode, med, p20, p80, note in res:
         base = floor["floor+guard_filter"] if mode.endswith("guard_filter") else floor["floor"]
         ratio = f"{med / base:.2f}x the floor" if label == "deeppcr" and "no-solve" in mode else ""
