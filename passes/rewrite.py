@@ -117,12 +117,14 @@ def lifted_values(match: ChainMatch, device) -> list[torch.Tensor]:
 
 
 def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: float, max_iters: int, jacobian: str,
-                  window: int, kernels: str, save_trajectory: bool, const_prefix: str, adaptive: bool = False) -> Node:
+                  window: int, kernels: str, save_trajectory: bool, const_prefix: str, adaptive: bool = False,
+                  stack=torch.stack) -> Node:
     """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile.
 
     `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.runtime.ops``); every
-    per-step group enters as one `torch.stack` of its nodes, so the graph's autograd differentiates the
-    stack and each layer's gradient is a view of one stacked gradient.
+    per-step group enters as one `stack` of its nodes (`torch.stack`, or the backend's op that does the same
+    out of Inductor's sight), so the graph's autograd differentiates the stack and each layer's gradient is a
+    view of one stacked gradient.
 
     The op returns the last step's states, then (with `save_trajectory`, forced on when the chain has
     exposed values) every step's states stacked `(L, *state)`. Exposed states of earlier steps are read
@@ -147,7 +149,7 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
     stacked = []
     for group in match.per_step:  # one (L, ...) input per group, stacked in the graph: autograd sees the stack
         with graph.inserting_after(anchor):
-            anchor = graph.call_function(torch.stack, (list(group),))
+            anchor = graph.call_function(stack, (list(group),))
         stacked.append(anchor)
     for _, source, start in match.sliced:  # already stacked in the model: passed as it is (a view at most)
         if start == 0 and _rows(source) == L:

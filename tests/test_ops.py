@@ -80,3 +80,17 @@ def test_a_training_step_makes_no_per_step_copies(monkeypatch):
     sizes = [len(a) if isinstance(a, (list, tuple)) else 1 for a in op_s.args]
     assert sizes == [len(a) if isinstance(a, (list, tuple)) else 1 for a in op_l.args]
     assert sizes[1] == 2
+
+
+def test_per_step_groups_are_stacked_by_one_opaque_op_with_view_gradients():
+    """The rewritten graph stacks each ModuleList group with `pcr_compile::stack_steps` (one aten.stack at run
+    time; a plain torch.stack makes Inductor write and compile one copy kernel per layer), and its gradient
+    is the stacked gradient's rows."""
+    from helpers import capture_graphs
+
+    g = capture_graphs(DeepMLP(layers=9, width=3), (torch.randn(2, 3),))
+    dynamo_targets = [n.target for n in g["dynamo"].graph.nodes if n.op == "call_function"]
+    assert dynamo_targets.count(ops.STACK_OP) == 2 and torch.stack not in dynamo_targets
+    xs = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    assert torch.equal(ops.stack_steps(xs), torch.stack(xs))
+    assert torch.autograd.gradcheck(lambda *t: ops.stack_steps(list(t)), xs)

@@ -90,6 +90,28 @@ _TAGS = {"tags": (_UNSAFE,)} if _UNSAFE is not None and "tags" in inspect.signat
     torch.library.custom_op).parameters else {}
 
 
+@torch.library.custom_op(f"{NAMESPACE}::stack_steps", mutates_args=())
+def stack_steps(xs: list[Tensor]) -> Tensor:
+    """`torch.stack(xs)`, opaque to Inductor: one (L, ...) input per per-step group of a chain. As a plain
+    `torch.stack` in the graph, Inductor generates a copy per step (L kernels to write and compile: the first
+    call of a 1024-layer MLP took as long as Inductor's own compile); as an op it is one `aten.stack` call.
+    Its gradient is the stacked gradient's rows: views of one tensor, no copy."""
+    return torch.stack(xs)
+
+
+@stack_steps.register_fake
+def _(xs):
+    return xs[0].new_empty((len(xs), *xs[0].shape))
+
+
+def _stack_backward(ctx, grad):
+    return list(grad.unbind(0))
+
+
+stack_steps.register_autograd(_stack_backward, setup_context=lambda ctx, inputs, output: None)
+STACK_OP = torch.ops.pcr_compile.stack_steps.default
+
+
 def chain_call_args(**kw) -> tuple:
     """The chain op's positional arguments from keywords named as in `CHAIN_ARGS` (the rewrite's call)."""
     return tuple(ChainArgs(**kw))
