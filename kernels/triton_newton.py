@@ -97,6 +97,15 @@ def _i64(x):
 
 
 @triton.jit
+def _block(w, W_PAD: tl.constexpr):
+    """Row and column offsets of a padded ``W_PAD x W_PAD`` block, the row mask and the block mask for ``w``."""
+    offs_r = tl.arange(0, W_PAD)
+    offs_c = tl.arange(0, W_PAD)
+    mask_r = offs_r < w
+    return offs_r, offs_c, mask_r, mask_r[:, None] & (offs_c[None, :] < w)
+
+
+@triton.jit
 def _newton_eval_kernel(
     z0_ptr, W_ptr, bias_ptr, Z_ptr, D_ptr, BE_ptr, stats_ptr, status_ptr, L, B, w, chunk, n_chunks,
     TINY: tl.constexpr, ACT: tl.constexpr, RESID: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -108,11 +117,8 @@ def _newton_eval_kernel(
     bi = tl.program_id(0)
     c = tl.program_id(1)
     if tl.load(status_ptr) == 0:
-        offs_r = tl.arange(0, W_PAD)
-        offs_c = tl.arange(0, W_PAD)
-        mask_r = offs_r < w
+        offs_r, offs_c, mask_r, mask2 = _block(w, W_PAD)
         mask_c = offs_c < w
-        mask2 = mask_r[:, None] & mask_c[None, :]
         z0 = tl.load(z0_ptr + bi * w + offs_c, mask=mask_c, other=0.0).to(ACC)
         rho = tl.zeros([1], dtype=ACC)
         start = c * chunk
@@ -149,10 +155,7 @@ def _newton_summary_kernel(
     bi = tl.program_id(0)
     c = tl.program_id(1)
     if tl.load(status_ptr) == 0:
-        offs_r = tl.arange(0, W_PAD)
-        offs_c = tl.arange(0, W_PAD)
-        mask_r = offs_r < w
-        mask2 = mask_r[:, None] & (offs_c[None, :] < w)
+        offs_r, offs_c, mask_r, mask2 = _block(w, W_PAD)
         eye = tl.where(offs_r[:, None] == offs_c[None, :], 1.0, 0.0).to(ACC)
         first = (offs_r * 0 + c) == 0
         s = tl.load(z0_ptr + bi * w + offs_r, mask=mask_r & first, other=0.0).to(ACC)
@@ -196,10 +199,7 @@ def _newton_carry_kernel(
             tl.store(status_ptr + 1, k.to(ACC))
             tl.store(status_ptr, 1.0)  # every program agrees; the others may skip as soon as they see it
         else:
-            offs_r = tl.arange(0, W_PAD)
-            offs_c = tl.arange(0, W_PAD)
-            mask_r = offs_r < w
-            mask2 = mask_r[:, None] & (offs_c[None, :] < w)
+            offs_r, offs_c, mask_r, mask2 = _block(w, W_PAD)
             z = tl.zeros([W_PAD], dtype=ACC)
             for n in tl.range(0, n_sum):
                 base = _i64(n) * B + bi
@@ -218,10 +218,7 @@ def _newton_update_kernel(
     bi = tl.program_id(0)
     c = tl.program_id(1)
     if tl.load(status_ptr) == 0:
-        offs_r = tl.arange(0, W_PAD)
-        offs_c = tl.arange(0, W_PAD)
-        mask_r = offs_r < w
-        mask2 = mask_r[:, None] & (offs_c[None, :] < w)
+        offs_r, offs_c, mask_r, mask2 = _block(w, W_PAD)
         first = (offs_r * 0 + c) == 0
         z0 = tl.load(z0_ptr + bi * w + offs_r, mask=mask_r & first, other=0.0).to(ACC)
         prev = tl.maximum(c - 1, 0).to(tl.int64) * B + bi

@@ -63,8 +63,14 @@ def test_fx_utils_read_values_leaves_and_bound_arguments():
     lin = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear)
     assert isinstance(node_value(lin), torch.Tensor) and tuple(node_value(lin).shape) == (2, 4)
     assert all(isinstance(x, torch.fx.Node) for x in arg_leaves(lin))
-    relu = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU(inplace=True)))
-    assert bound_arguments(next(iter(relu.graph.nodes))) is None  # a placeholder has none
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    relu = g.call_function(torch.nn.functional.relu, (x, True))
+    bound = bound_arguments(relu)
+    assert bound.arguments == {"input": x, "inplace": True}  # bound to the signature's names
+    assert bound_arguments(g.call_function(torch.nn.functional.layer_norm, (x, (4,)))).arguments["eps"] == 1e-5
+    assert bound_arguments(g.call_function(torch.nn.functional.gelu, (x,))) is None  # a builtin: no signature
+    assert bound_arguments(x) is None  # a placeholder calls nothing
 
 
 def test_mutates_in_place_catches_every_spelling():

@@ -13,10 +13,7 @@ from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser
 from pcr_compile.passes.chains import find_chains
 from pcr_compile.passes.fx_utils import cleanup
 from pcr_compile.passes.rewrite import build_template, lifted_values, rewrite_chain
-
-
-def _call_args(**kw):  # the op's argument order is the op's business: keywords in, one tuple out
-    return tuple(kw.values())
+from pcr_compile.runtime import ops
 
 
 def _fake_op(*args):
@@ -39,27 +36,27 @@ def test_the_template_of_a_layer_stack_is_one_layer():
 def test_a_chain_becomes_one_op_call_with_one_stack_per_group():
     gm = dynamo_graph(DeepMLP(layers=9, width=4), torch.randn(2, 4))
     [m] = find_chains(gm.graph, min_length=8).chains
-    call = rewrite_chain(gm, m, _fake_op, _call_args, tol=1e-6, max_iters=5, jacobian="dense", window=0,
+    call = rewrite_chain(gm, m, _fake_op, ops.chain_call_args, tol=1e-6, max_iters=5, jacobian="dense", window=0,
                          kernels="auto", save_trajectory=False, const_prefix="c")
     cleanup(gm)
-    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
-    assert [n.target for n in ops].count(_fake_op) == 1
-    stacks = [n for n in ops if n.target is torch.stack]
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls].count(_fake_op) == 1
+    stacks = [n for n in calls if n.target is torch.stack]
     assert len(stacks) == 2 and all(len(s.args[0]) == 9 for s in stacks)  # weights, biases: 9 each
-    assert not any(n.target in (torch.tanh, torch._C._nn.linear) for n in ops)  # the chain's nodes are gone
-    states, stacked = call.args[0], call.args[1]
-    assert states[0].op == "placeholder" and stacked == stacks and call.args[5] == 9  # length
+    assert not any(n.target in (torch.tanh, torch._C._nn.linear) for n in calls)  # the chain's nodes are gone
+    a = ops.ChainArgs(*call.args)
+    assert a.states[0].op == "placeholder" and a.stacked == stacks and a.length == 9
 
 
 def test_stacked_parameters_are_passed_as_they_are():
     gm = dynamo_graph(Stacked(L=12, w=5), torch.randn(3, 5))
     [m] = find_chains(gm.graph, min_length=8).chains
-    call = rewrite_chain(gm, m, _fake_op, _call_args, tol=0.0, max_iters=5, jacobian="dense", window=0,
+    call = rewrite_chain(gm, m, _fake_op, ops.chain_call_args, tol=0.0, max_iters=5, jacobian="dense", window=0,
                          kernels="auto", save_trajectory=True, const_prefix="c")
     cleanup(gm)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.stack not in targets and operator.getitem in targets  # no copy; getitem only reads results
-    assert all(s.op in ("placeholder", "get_attr") for s in call.args[1])  # W and b themselves
+    assert all(s.op in ("placeholder", "get_attr") for s in ops.ChainArgs(*call.args).stacked)  # W, b themselves
 
 
 def test_per_step_numbers_are_lifted_into_float64_buffers():
@@ -68,8 +65,8 @@ def test_per_step_numbers_are_lifted_into_float64_buffers():
     values = lifted_values(m, torch.device("cpu"))
     assert values and all(v.shape == (10,) for v in values)
     assert {v.dtype for v in values} <= {torch.float64, torch.int64} and torch.float64 in {v.dtype for v in values}
-    call = rewrite_chain(gm, m, _fake_op, _call_args, tol=0.0, max_iters=5, jacobian="identity", window=0,
+    call = rewrite_chain(gm, m, _fake_op, ops.chain_call_args, tol=0.0, max_iters=5, jacobian="identity", window=0,
                          kernels="auto", save_trajectory=False, const_prefix="pcr_const")
-    consts = call.args[2]
+    consts = ops.ChainArgs(*call.args).consts
     assert len(consts) == len(m.lifted) + len(m.folded) and all(c.op == "get_attr" for c in consts)
     assert all(torch.equal(getattr(gm, c.target), v) for c, v in zip(consts, values))

@@ -39,15 +39,6 @@ def collective_name(node: Node) -> str | None:
     return None
 
 
-def first_collective(block) -> str | None:
-    """The first collective called in a step's nodes, or None."""
-    for n in block:
-        name = collective_name(n)
-        if name is not None:
-            return name
-    return None
-
-
 def collective_reason(name: str) -> str:
     return (f"step calls the collective {name} (parameters gathered per layer, e.g. FSDP): a chain solve would "
             "issue it a data-dependent number of times; shard outside the chain or keep its parameters replicated")

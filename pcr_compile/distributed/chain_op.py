@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.func import vjp
 
+from pcr_compile.solver import routes
+
 from . import layer_parallel as lp
 
 _GROUPS: dict = {}
@@ -145,3 +147,6 @@ def backward_over_ranks(spec, call, Zprev, Z, cot, diff_stacked, diff_inv, tol: 
     dZ[0] = g_z0
     lp._RECORDS.append(ex)
     return (dZ, *grads), _stats(ex)
+
+
+routes.register("layer-parallel", forward_over_ranks, backward_over_ranks)

@@ -120,9 +120,10 @@ def chain_call_args(**kw) -> tuple:
 def _like(template: Tensor, value: Tensor) -> Tensor:
     """`value` in the layout of `torch.empty_like(template)` (the layout the fake kernels promise; Inductor
     checks strides): a copy only where the layouts differ."""
-    if value.stride() == torch.empty_like(template).stride():
-        return value
-    return torch.empty_like(template).copy_(value)
+    if value.stride() == template.stride() and template.is_contiguous():
+        return value  # the usual case, decided without allocating: empty_like keeps a contiguous layout
+    like = torch.empty_like(template)
+    return value if value.stride() == like.stride() else like.copy_(value)
 
 
 def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:

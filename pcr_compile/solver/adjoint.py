@@ -12,7 +12,7 @@ from torch.func import vjp
 
 from pcr_compile.runtime.records import emit_solve
 
-from . import auto_switch, newton
+from . import auto_switch, newton, routes
 from .call import ChainCall, ChainSpec, _functorch_ready
 from .residual import all_finite
 
@@ -104,12 +104,11 @@ def _run_backward(spec, trajs, states, stacked, consts, invariants, grads, lengt
     primals = [Zprev, *(call.stacked[i] for i in diff_stacked), *(call.invariants[i] for i in diff_inv)]
     # The approximate Jacobian only preconditions the refinement; the exact VJPs make the answer exact.
     structure = call.structure_for(jacobian if jacobian in ("dense", "diagonal", "identity", "zero") else "identity")
-    from pcr_compile.distributed.chain_op import backward_over_ranks  # option process_group (issue 17)
-
-    over = backward_over_ranks(spec, call, Zprev, Z, cot, diff_stacked, diff_inv, tol, max_iters)
-    if over is not None:
-        emit_solve(spec.name, length, "backward", "layer-parallel", over[1], time.perf_counter() - t0)
-        return _gradients(call, over[0], diff_stacked, diff_inv)
+    for name, route in routes.BACKWARD:  # layer-parallel, say
+        over = route(spec, call, Zprev, Z, cot, diff_stacked, diff_inv, tol, max_iters)
+        if over is not None:
+            emit_solve(spec.name, length, "backward", name, over[1], time.perf_counter() - t0)
+            return _gradients(call, over[0], diff_stacked, diff_inv)
     learned = auto_switch.learned(spec, "backward", call.states) if adaptive else None
     if learned:
         out = _sequential_adjoint(call, Zprev, cot, diff_stacked, diff_inv)

@@ -10,7 +10,7 @@ import torch
 
 from pcr_compile.runtime.records import emit_solve
 
-from . import auto_switch, fused, newton, sampler
+from . import auto_switch, fused, newton, routes, sampler
 from .call import ChainCall, ChainSpec, _functorch_ready
 from .residual import all_finite
 
@@ -53,12 +53,11 @@ def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_ite
     z0 = lay.pack(call.states, lead=0, dtype=call.solve_dtype)
     tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
     structure = call.structure_for(jacobian)
-    from pcr_compile.distributed.chain_op import forward_over_ranks  # option process_group (issue 17)
-
-    over = forward_over_ranks(spec, call, z0, structure, tol, max_iters) if jacobian != "sequential" else None
-    if over is not None:
-        emit_solve(spec.name, length, "forward", "layer-parallel", over[1], time.perf_counter() - t0)
-        return lay.unpack(over[0] if keep_trajectory else over[0][-1:], lead=1)
+    for name, route in routes.FORWARD if jacobian != "sequential" else ():  # layer-parallel, say
+        over = route(spec, call, z0, structure, tol, max_iters)
+        if over is not None:
+            emit_solve(spec.name, length, "forward", name, over[1], time.perf_counter() - t0)
+            return lay.unpack(over[0] if keep_trajectory else over[0][-1:], lead=1)
     learned = auto_switch.learned(spec, "forward", call.states) if adaptive else None
     if learned:
         Z = call.sequential(z0, keep_trajectory)

@@ -97,11 +97,6 @@ def host_values(t: torch.Tensor) -> list:
     return settings.to_host(t)
 
 
-def host_reads() -> int:
-    """How many device-to-host reads the solver and the kernels' launchers have made in this process."""
-    return settings.host_read_count()
-
-
 def all_finite(tensors) -> bool:
     """Whether every floating tensor is finite, in one host read."""
     flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
