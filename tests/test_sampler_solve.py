@@ -34,16 +34,60 @@ def chain(coef: float, L: int):
     return z0, evaluate, torch.stack(ref)
 
 
+@pytest.mark.parametrize("jacobian", ["identity", "scalar", "auto"])
 @pytest.mark.parametrize("accel", ["picard", "anderson", "auto"])
 @pytest.mark.parametrize("coef,L", [(0.5, 13), (3.0, 29), (-6.0, 37)])
-def test_never_deeper_than_sequential_and_exact(accel, coef, L):
+def test_never_deeper_than_sequential_and_exact(accel, coef, L, jacobian):
     z0, evaluate, ref = chain(coef, L)
     Z, st = sampler_solve.sampler_forward(z0, L, evaluate, tol=1e-12, accel=accel, max_iters=L,
-                                          solve_dtype=torch.float64)
+                                          solve_dtype=torch.float64, jacobian=jacobian, stacked_rows=True)
     assert rel_err(Z, ref) < 1e-9
     assert st.depth <= L and st.evaluations <= L
-    assert st.step_evaluations <= st.evaluations * L + st.sequential_steps
-    assert st.step_evaluations <= L * (L + 1) // 2 + L  # windows shrink as steps are committed
+    lanes = 2 if jacobian == "auto" else 1  # the race evaluates both candidates' rows
+    assert st.step_evaluations <= lanes * st.evaluations * L + st.sequential_steps
+    assert st.step_evaluations <= lanes * (L * (L + 1) // 2) + L  # windows shrink as steps are committed
+    assert st.chosen in st.candidates and len(st.candidates) == lanes
+
+
+def contracting_chain(L: int = 40):
+    """z_l = 0.3 z_{l-1} + sin(l) + 0.05 tanh(z_{l-1}): each step's Jacobian is close to 0.3 I, far from the
+    identity Picard assumes, so scalar Newton (secant slope ~0.3) converges in a few rounds, Picard in ~L."""
+
+    def evaluate(start, Zprev):
+        l = torch.arange(start, start + Zprev.shape[0], dtype=Zprev.dtype).view(-1, 1, 1)
+        return 0.3 * Zprev + torch.sin(l) + 0.05 * torch.tanh(Zprev)
+
+    z0 = torch.linspace(-2, 2, 16, dtype=torch.float64).reshape(2, 8)
+    ref, z = [], z0
+    for l in range(L):
+        z = evaluate(l, z.unsqueeze(0))[0]
+        ref.append(z)
+    return z0, evaluate, torch.stack(ref)
+
+
+def test_scalar_newton_converges_where_picard_crawls():
+    L = 40
+    z0, evaluate, ref = contracting_chain(L)
+    solve = dict(tol=1e-10, max_iters=L, solve_dtype=torch.float64, stacked_rows=True)
+    Z, sc = sampler_solve.sampler_forward(z0, L, evaluate, accel="picard", jacobian="scalar", **solve)
+    _, pic = sampler_solve.sampler_forward(z0, L, evaluate, accel="auto", jacobian="identity", **solve)
+    assert rel_err(Z, ref) < 1e-9 and sc.converged
+    assert sc.evaluations <= 8 and pic.evaluations >= 3 * sc.evaluations
+    # a prior equal to the true linear part: the first Newton round is already (nearly) exact
+    _, primed = sampler_solve.sampler_forward(z0, L, evaluate, accel="picard", jacobian="scalar",
+                                              gain=torch.full((L,), 0.3, dtype=torch.float64), **solve)
+    assert primed.evaluations <= sc.evaluations
+
+
+def test_auto_races_and_keeps_the_faster_candidate_on_a_constructed_chain():
+    L = 40
+    z0, evaluate, ref = contracting_chain(L)
+    Z, st = sampler_solve.sampler_forward(z0, L, evaluate, tol=1e-10, max_iters=L, solve_dtype=torch.float64,
+                                          jacobian="auto", stacked_rows=True)
+    assert st.candidates == ["identity/auto", "scalar/picard"] and st.chosen == "scalar/picard"
+    assert rel_err(Z, ref) < 1e-9 and st.depth <= 8
+    # the first round's guesses are the same for both candidates: evaluated once
+    assert st.step_evaluations < 2 * L * st.evaluations
 
 
 def test_divergence_is_detected_before_max_iters():
@@ -75,6 +119,12 @@ def test_bad_arguments_name_the_argument():
         sampler_solve.sampler_forward(z0, 4, evaluate, tol=1e-6, rule="loose")
     with pytest.raises(ValueError, match="sigma"):
         sampler_solve.sampler_forward(z0, 4, evaluate, tol=1e-6, rule="sigma")
+    with pytest.raises(ValueError, match="jacobian"):
+        sampler_solve.sampler_forward(z0, 4, evaluate, tol=1e-6, jacobian="dense")
+    with pytest.raises(ValueError, match="stacked_rows"):
+        sampler_solve.sampler_forward(z0, 4, evaluate, tol=1e-6, jacobian="auto")
+    with pytest.raises(ValueError, match="gain"):
+        sampler_solve.sampler_forward(z0, 4, evaluate, tol=1e-6, jacobian="scalar", gain=torch.ones(3))
 
 
 diffusers = pytest.importorskip("diffusers", reason="the fixture is a diffusers UNet2DModel")
@@ -99,8 +149,9 @@ SCHEDULERS = {
 }
 
 
+@pytest.mark.parametrize("jacobian", ["auto", "scalar", "identity"])  # "auto": the default
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_fixture_samplers_never_deeper_than_sequential(unet, name):
+def test_fixture_samplers_never_deeper_than_sequential(unet, name, jacobian):
     from pcr_compile.diffusion import sampling_loop
     from pcr_compile.diffusion.parallel import parallel_sample
 
@@ -109,10 +160,39 @@ def test_fixture_samplers_never_deeper_than_sequential(unet, name):
     latents = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * loop.init_noise_sigma
     with torch.no_grad():
         ref = loop(latents, generator=torch.Generator().manual_seed(1))
-    y, st = parallel_sample(loop, latents, generator=torch.Generator().manual_seed(1))  # default options
+    kw = {} if jacobian == "auto" else {"jacobian": jacobian}  # otherwise default options
+    y, st = parallel_sample(loop, latents, generator=torch.Generator().manual_seed(1), **kw)
     assert rel_err(y, ref) < 1e-4
     assert st.depth <= steps
-    assert st.step_evaluations <= steps * (steps + 1) // 2
+    assert st.step_evaluations <= (2 if jacobian == "auto" else 1) * steps * (steps + 1) // 2
+
+
+@pytest.mark.parametrize("name,steps,tol,faster", [("ddim-clip", 50, 1e-4, "scalar"), ("dpm", 50, 1e-4, "identity")])
+def test_auto_keeps_the_candidate_that_is_faster_on_the_fixture(unet, name, steps, tol, faster):
+    """Two measured cases with opposite answers (benchmarks/RESULTS.md): clipped DDIM-50, where scalar Newton
+    takes 16 rounds and Picard + Anderson 20, and DPM-Solver++-50, 29 against 24."""
+    from pcr_compile.diffusion import sampling_loop
+    from pcr_compile.diffusion.parallel import parallel_sample
+
+    loop = sampling_loop(unet, SCHEDULERS[name](), steps)
+    latents = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = loop(latents)
+    single = {j: parallel_sample(loop, latents, tol=tol, jacobian=j, accel="picard" if j == "scalar" else "auto")[1]
+              for j in ("identity", "scalar")}
+    assert single[faster].depth < min(st.depth for st in single.values() if st is not single[faster])
+    y, st = parallel_sample(loop, latents, tol=tol)  # jacobian="auto"
+    assert st.chosen.startswith(faster)
+    assert st.depth <= single[faster].depth + 1
+    assert rel_err(y, ref) < 1e-2
+
+
+def test_parallel_sample_rejects_a_bad_jacobian(unet):
+    from pcr_compile.diffusion import parallel_sample, sampling_loop
+
+    loop = sampling_loop(unet, SCHEDULERS["ddim"](), 4)
+    with pytest.raises(ValueError, match="jacobian"):
+        parallel_sample(loop, torch.randn(1, 1, 16, 16), jacobian="dense")
 
 
 def test_sigma_rule_takes_fewer_rounds_at_a_bounded_error(unet):
@@ -165,3 +245,25 @@ def test_condition_unet_kwargs_are_tiled_over_the_steps():
         ref = loop(latents, encoder_hidden_states=cond)
     y, st = parallel_sample(loop, latents, encoder_hidden_states=cond)
     assert rel_err(y, ref) < 1e-4 and st.depth <= 6
+
+
+def test_x0_gain_is_the_step_derivative_with_the_clean_sample_fixed():
+    """DDIM (eps, v or sample prediction, clipped or not): sqrt(1 - a') / sqrt(1 - a); Euler: sigma' / sigma."""
+    import math
+
+    from pcr_compile.diffusion import sampling_loop
+
+    for kw in ({"clip_sample": False}, {}, {"clip_sample": False, "prediction_type": "v_prediction"},
+               {"clip_sample": False, "prediction_type": "sample"}):
+        sched = diffusers.DDIMScheduler(**kw)
+        plan = sampling_loop(lambda x, t: x, sched, 10).plan
+        ac, final = sched.alphas_cumprod.double(), float(sched.final_alpha_cumprod)
+        for st in plan.steps:
+            prev = st.timestep - 100
+            a, a_prev = float(ac[st.timestep]), float(ac[prev]) if prev >= 0 else final
+            assert st.x0_gain == pytest.approx(math.sqrt(1 - a_prev) / math.sqrt(1 - a), abs=1e-12), kw
+    sched = diffusers.EulerDiscreteScheduler()
+    plan = sampling_loop(lambda x, t: x, sched, 10).plan
+    sched.set_timesteps(10)
+    sig = [float(s) for s in sched.sigmas]
+    assert [st.x0_gain for st in plan.steps] == pytest.approx([b / a for a, b in zip(sig, sig[1:])])

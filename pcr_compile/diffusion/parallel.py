@@ -54,18 +54,24 @@ class BatchedSteps:
         return torch.cat([flat] + [torch.zeros_like(flat)] * self.K, dim=-1)
 
     def __call__(self, start: int, Zprev: torch.Tensor) -> torch.Tensor:
-        """F for steps start .. start + n from Zprev (n, B, (1 + K) D), in the latents' dtype."""
+        """F for steps start .. start + n from Zprev (n, r B, (1 + K) D), in the latents' dtype: r copies of the
+        batch side by side (r candidate iterates, `jacobian="auto"`) share the noise and the unet kwargs."""
         plan, n, B = self.plan, Zprev.shape[0], self.B
-        Zp = Zprev.to(self.dtype).reshape(n, B, 1 + self.K, self.D)
-        x = Zp[:, :, 0].reshape(n, *self.shape)  # (n, B, ...)
-        hist = [Zp[:, :, 1 + k].reshape(n, *self.shape) for k in range(self.K)]
-        view = (n,) + (1,) * len(self.shape)
+        rows = Zprev.shape[1]
+        if rows % B:
+            raise ValueError(f"BatchedSteps: {rows} rows is not a multiple of the batch {B}")
+        r = rows // B
+        shape = (rows, *self.shape[1:])
+        Zp = Zprev.to(self.dtype).reshape(n, rows, 1 + self.K, self.D)
+        x = Zp[:, :, 0].reshape(n, *shape)  # (n, rows, ...)
+        hist = [Zp[:, :, 1 + k].reshape(n, *shape) for k in range(self.K)]
+        view = (n,) + (1,) * len(shape)
         c = {k: v[start: start + n].reshape(view) for k, v in self.c.items()}
         xin = x * c["in_scale"] if plan.scales_input else x
-        t = self.t[start: start + n].repeat_interleave(B)
-        kwargs = {k: (v.repeat(n, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() and
+        t = self.t[start: start + n].repeat_interleave(rows)
+        kwargs = {k: (v.repeat(n * r, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() and
                       v.shape[0] == B else v) for k, v in self.kwargs.items()}
-        m = self.loop._denoise(xin.reshape(n * B, *self.shape[1:]), t, kwargs).reshape(n, *self.shape)
+        m = self.loop._denoise(xin.reshape(n * rows, *shape[1:]), t, kwargs).reshape(n, *shape)
         terms = []  # the eager loop's terms, in its order (SamplingLoop.forward)
         if plan.uses_x:
             terms.append(x * c["x_coef"])
@@ -75,20 +81,21 @@ class BatchedSteps:
             x0 = (x * c["x0_x_coef"] + m * c["x0_m_coef"]).clamp(-plan.clip_range, plan.clip_range)
             terms.append(x0 * c["clip_coef"])
         if plan.stochastic:
-            terms.append(self.noise[start: start + n] * c["noise_coef"])
+            noise = self.noise[start: start + n]
+            terms.append((noise.repeat(1, r, *([1] * (noise.dim() - 2))) if r > 1 else noise) * c["noise_coef"])
         terms += [h * self.hist[start: start + n, k].reshape(view) for k, h in enumerate(hist)]
         out = terms[0]
         for term in terms[1:]:
             out = out + term
         new_hist = [x * c["hist_x_coef"] + m * c["hist_m_coef"]] + hist[:-1] if self.K else []
-        parts = [p.reshape(n, B, self.D) for p in [out, *new_hist]]
+        parts = [p.reshape(n, rows, self.D) for p in [out, *new_hist]]
         return torch.cat(parts, dim=-1)
 
 
 def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any = None,
                     noise: torch.Tensor | None = None, tol: float | None = None, rule: str = "exact",
                     accel: str = "auto", history: int = sampler_solve.DEFAULT_HISTORY, window: int = 0,
-                    max_iters: int | None = None, on_round=None, **unet_kwargs: Any
+                    max_iters: int | None = None, on_round=None, jacobian: str = "auto", **unet_kwargs: Any
                     ) -> tuple[torch.Tensor, SamplerStats]:
     """`loop(latents, generator=..., noise=..., **unet_kwargs)` by the parallel sampler solve.
 
@@ -101,14 +108,20 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
         rule: "exact" (each step's defect against its own size, ``pcr_compile/solver/residual.py``) or "sigma" (against
             the scheduler's noise level at that step, as ParaDiGMS).
         accel: "auto" (triangular Anderson with a measured safeguard), "anderson", or "picard".
+        jacobian: the linearisation of each step in the update: "identity" (Picard, mixed by `accel`),
+            "scalar" (Newton with each step's scalar Jacobian, measured by secants along the updates and
+            started from the scheduler's `x0_gain`; no Anderson mixing unless accel="anderson"), or "auto" (the
+            default: both run side by side in one batched call for the first rounds, then the one whose step
+            residuals fell further is kept; ``pcr_compile/solver/sampler.py``).
         history: Anderson's history length. window: steps per round (0: all).
         max_iters: most rounds before finishing sequentially (None: the number of steps).
         on_round: `on_round(committed_steps, steps)` after each round (a progress bar).
 
     Returns:
         `(sample, stats)`: the final sample in the latents' dtype and the solve's `SamplerStats` (`evaluations`:
-        rounds, i.e. batched denoiser calls; `sequential_steps`: steps of a sequential finish; `depth`; and
-        `step_evaluations`, the denoiser work in steps).
+        rounds, i.e. batched denoiser calls; `sequential_steps`: steps of a sequential finish; `depth`;
+        `step_evaluations`, the denoiser work in steps, both candidates' rows counted while jacobian="auto"
+        races them; `chosen`, the candidate kept).
     """
     if not isinstance(loop, SamplingLoop):
         raise TypeError(f"loop must be a SamplingLoop (from sampling_loop), got {type(loop).__name__}")
@@ -116,6 +129,8 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
         raise ValueError(f"rule must be one of {sampler_solve.RULES}, got {rule!r}")
     if accel not in sampler_solve.ACCELERATIONS:
         raise ValueError(f"accel must be one of {sampler_solve.ACCELERATIONS}, got {accel!r}")
+    if jacobian not in sampler_solve.JACOBIANS:
+        raise ValueError(f"jacobian must be one of {sampler_solve.JACOBIANS}, got {jacobian!r}")
     for key, v, lo in (("history", history, 0), ("window", window, 0), ("max_iters", max_iters, 0)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise ValueError(f"{key} must be an int >= {lo}, got {v!r}")
@@ -135,9 +150,11 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
     if tol is None:
         tol = DEFAULT_SIGMA_TOL if rule == "sigma" else default_tol(latents.dtype)
     sigma = torch.tensor(noise_levels(plan), dtype=solve_dtype, device=latents.device)
+    gain = torch.tensor([st.x0_gain for st in plan.steps], dtype=solve_dtype, device=latents.device)
     with torch.no_grad():
         Z, stats = sampler_solve.sampler_forward(
             steps.pack(latents), L, steps, tol=tol, rule=rule, sigma=sigma, accel=accel, history=history,
             max_iters=L if max_iters is None else max_iters, window=window, solve_dtype=solve_dtype,
-            parts=[steps.D] * (1 + steps.K), integrating=[True] + [False] * steps.K, on_round=on_round)
+            parts=[steps.D] * (1 + steps.K), integrating=[True] + [False] * steps.K, on_round=on_round,
+            jacobian=jacobian, gain=gain, stacked_rows=True)
     return Z[-1, :, : steps.D].to(latents.dtype).reshape(latents.shape), stats

@@ -86,5 +86,5 @@ class ParallelPipeline:
 
 def parallel_pipeline(pipe: Any, **solver_options: Any) -> ParallelPipeline:
     """Wrap a diffusers `DDIMPipeline` / `DDPMPipeline`; `solver_options` go to `parallel_sample` (tol, rule,
-    accel, history, window, max_iters)."""
+    accel, jacobian, history, window, max_iters)."""
     return ParallelPipeline(pipe, **solver_options)

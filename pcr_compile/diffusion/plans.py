@@ -49,6 +49,10 @@ class StepCoefficients:
     hist_m_coef: float = 0.0
     # the noise level the step's output still carries (module docstring): the scale of rule="sigma"
     sigma: float = 0.0
+    # d x' / d x with the predicted clean sample (and any stored predictions) held fixed: the scalar Jacobian
+    # the sampler solve's jacobian="scalar" starts from (for DDIM sqrt(1 - a') / sqrt(1 - a), the ratio of
+    # the noise levels); its measured secants replace it from the second round on
+    x0_gain: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,12 @@ def _x0_eps_coefs(pred: str, a: float) -> tuple[float, float, float, float]:
     return 0.0, 1.0, 1.0 / sb, -sa / sb  # "sample"
 
 
+def _x0_gain(x_coef: float, m_coef: float, px: float, pm: float) -> float:
+    """d x' / d x of `x' = x_coef x + m_coef m (+ terms of x0 only)` along the model outputs that keep the
+    predicted clean sample `x0 = px x + pm m` fixed (dm / dx = -px / pm; pm == 0: m does not enter x0)."""
+    return x_coef - m_coef * px / pm if pm != 0.0 else x_coef
+
+
 def _int_timesteps(sched: Any) -> list[int]:
     return [int(t) for t in sched.timesteps.tolist()]
 
@@ -140,7 +150,7 @@ def _plan_ddim(sched: Any, eta: float, use_clipped_model_output: bool) -> Sample
         else:
             c = StepCoefficients(t, x_coef=d * ex, m_coef=d * em, clip_coef=math.sqrt(a_prev), x0_x_coef=px,
                                  x0_m_coef=pm)
-        c = dataclasses.replace(c, sigma=math.sqrt(max(variance, 0.0)))
+        c = dataclasses.replace(c, sigma=math.sqrt(max(variance, 0.0)), x0_gain=_x0_gain(c.x_coef, c.m_coef, px, pm))
         steps.append(_with_noise(c, std, eta > 0))
     return SamplerPlan("DDIMScheduler", tuple(steps), sched.timesteps.dtype, float(sched.init_noise_sigma), False, clip)
 
@@ -167,7 +177,8 @@ def _plan_ddpm(sched: Any) -> SamplerPlan:
             c = StepCoefficients(t, x_coef=x_w + x0_w * px, m_coef=x0_w * pm)
         else:
             c = StepCoefficients(t, x_coef=x_w, clip_coef=x0_w, x0_x_coef=px, x0_m_coef=pm)
-        c = dataclasses.replace(c, sigma=math.sqrt((1.0 - a_prev) / (1.0 - a) * beta))
+        c = dataclasses.replace(c, sigma=math.sqrt((1.0 - a_prev) / (1.0 - a) * beta),
+                                x0_gain=_x0_gain(c.x_coef, c.m_coef, px, pm))
         steps.append(_with_noise(c, std, t > 0))
     return SamplerPlan("DDPMScheduler", tuple(steps), sched.timesteps.dtype, float(sched.init_noise_sigma), False, clip)
 
@@ -182,16 +193,17 @@ def _plan_euler(sched: Any, s_churn: float, s_tmin: float, s_tmax: float, s_nois
         sigma_hat = sigma * (gamma + 1)
         dt = sigma_next - sigma_hat
         # x_hat = x + churn * noise;  x_prev = x_hat + dt * (x_hat - x0) / sigma_hat = a x_hat + b m
-        if pred == "epsilon":
-            a, b = 1.0, dt
-        elif pred == "v_prediction":
+        if pred == "epsilon":  # x0 = x - sigma_hat m
+            a, b, px, pm = 1.0, dt, 1.0, -sigma_hat
+        elif pred == "v_prediction":  # x0 = x / s2 - sigma m / sqrt(s2)
             s2 = sigma**2 + 1.0
             a, b = 1.0 + dt * (1.0 - 1.0 / s2) / sigma_hat, dt * sigma / (math.sqrt(s2) * sigma_hat)
+            px, pm = 1.0 / s2, -sigma / math.sqrt(s2)
         else:  # x0 = m
-            a, b = 1.0 + dt / sigma_hat, -dt / sigma_hat
+            a, b, px, pm = 1.0 + dt / sigma_hat, -dt / sigma_hat, 0.0, 1.0
         churn = s_noise * math.sqrt(max(sigma_hat**2 - sigma**2, 0.0))
         c = StepCoefficients(float(t), in_scale=1.0 / math.sqrt(sigma**2 + 1.0), x_coef=a, m_coef=b,
-                             sigma=_ancestral_std(sigma_hat, sigma_next))
+                             sigma=_ancestral_std(sigma_hat, sigma_next), x0_gain=_x0_gain(a, b, px, pm))
         steps.append(_with_noise(c, a * churn, gamma > 0))
     return SamplerPlan("EulerDiscreteScheduler", tuple(steps), sched.timesteps.dtype,
                        float(sched.init_noise_sigma), True, None)
@@ -253,7 +265,7 @@ def _plan_multistep(sched: Any) -> SamplerPlan:
             p, q = PQ[i]
             sg, sg_next = sigmas[i], sigmas[i + 1]  # variance exploding; the state is scaled by alpha_next
             steps.append(StepCoefficients(t, x_coef=a + c[0] * p, m_coef=c[0] * q, hist_coefs=tuple(c[1:]),
-                                          hist_x_coef=p, hist_m_coef=q,
+                                          hist_x_coef=p, hist_m_coef=q, x0_gain=a,
                                           sigma=_ancestral_std(sg, sg_next) / math.sqrt(1.0 + sg_next**2)))
         else:
             return SamplerPlan(name, tuple(steps), ts.dtype, float(sched.init_noise_sigma), False, None,
