@@ -6,10 +6,12 @@ reference), sequentially in float32 (the loop as diffusers runs it), and by `par
 under each solver setting. Reported per solve: rounds (batched denoiser calls), steps of a sequential
 finish, the depth (their sum: never above the step count), denoiser work in steps (`step_evaluations`,
 and its ratio to sequential's L), and the final sample's error `||x - ref|| / ||ref||` against both
-sequential results. The float32 floor is the sequential float32 loop's own error against float64.
+sequential results. The float32 floor is the sequential float32 loop's own error against float64. "kept":
+which candidate `jacobian="auto"` kept after its race (scalar Newton or identity, i.e. Picard + Anderson).
 Iteration counts do not depend on the device; no timings here.
 
     python -m benchmarks.sampler_rounds [--quick] [--schedulers ddim,ddpm] [--steps 25,50] [--out FILE.md]
+    python -m benchmarks.sampler_rounds --oracle      # dense-Jacobian Newton on DDIM 50 / 100 (a bound)
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ import torch
 
 STEPS = (25, 50, 100)
 SCHEDULERS = ("ddim", "ddim-clip", "ddpm", "euler", "dpm")
-# (accel, rule, tol): the defaults (exact rule at float32's 1e-6), and the noise-level rule at two tolerances
-SETTINGS = (("picard", "exact", None), ("auto", "exact", None), ("auto", "exact", 1e-4), ("auto", "exact", 1e-3),
-            ("auto", "sigma", 1e-2), ("auto", "sigma", 1e-3))
+# (accel, jacobian, rule, tol): plain Picard, Picard + Anderson (the default before jacobian="auto"), scalar
+# Newton, the defaults (jacobian="auto", exact rule at float32's 1e-6) and looser tolerances, Picard + Anderson
+# at 1e-4 beside them, and the noise-level rule at two tolerances
+SETTINGS = (("picard", "identity", "exact", None), ("auto", "identity", "exact", None),
+            ("picard", "scalar", "exact", None), ("auto", "auto", "exact", None),
+            ("auto", "auto", "exact", 1e-5), ("auto", "auto", "exact", 3e-5), ("auto", "auto", "exact", 1e-4),
+            ("auto", "identity", "exact", 1e-4), ("auto", "auto", "exact", 1e-3),
+            ("auto", "auto", "sigma", 1e-2), ("auto", "auto", "sigma", 1e-3))
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,8 @@ class Row:
     scheduler: str
     steps: int
     accel: str
+    jacobian: str
+    chosen: str
     rule: str
     tol: float
     rounds: int
@@ -84,20 +93,85 @@ def measure(schedulers=SCHEDULERS, steps=STEPS, settings=SETTINGS, batch: int = 
                 ref = loop64(latents.double(), noise=None if noise is None else noise.double())
                 seq = loop(latents, noise=noise)
             floor = _rel(seq, ref)
-            for accel, rule, tol in settings:
-                y, st = parallel_sample(loop, latents, noise=noise, accel=accel, rule=rule, tol=tol)
-                rows.append(Row(name, n, accel, rule, tol if tol is not None else 1e-6, st.evaluations,
+            for accel, jacobian, rule, tol in settings:
+                y, st = parallel_sample(loop, latents, noise=noise, accel=accel, jacobian=jacobian, rule=rule, tol=tol)
+                rows.append(Row(name, n, accel, jacobian, st.chosen, rule, tol if tol is not None else 1e-6,
+                                st.evaluations,
                                 st.sequential_steps, st.depth, st.step_evaluations, _rel(y, ref), _rel(y, seq),
                                 floor, st.reason))
     return rows
 
 
+def dense_newton_oracle(steps: int = 100, tols=(1e-6, 1e-4, 1e-3), batch: int = 2, seed: int = 0) -> list[str]:
+    """Rounds of Newton with the *exact* per-step Jacobians of the converged trajectory (DDIM, clip off), a
+    bound on what any Jacobian approximation (scalar, diagonal) of the sampler solve can reach on the fixture.
+
+    The Jacobians `d f_l / d z_{l-1}` `(L, B, w, w)` are taken once at the sequential float32 trajectory by
+    forward-mode AD (`torch.func.jvp`, all steps batched, one basis vector at a time); each round then solves
+    `delta_l = g_l + J_l delta_{l-1}` densely, with the sampler solve's prefix acceptance and exact-step commit.
+    """
+    from torch.func import jvp, vmap
+
+    from benchmarks.fixtures.blob_unet import load_blob_unet
+    from pcr_compile.diffusion import sampling_loop
+    from pcr_compile.diffusion.parallel import BatchedSteps
+    from pcr_compile.kernels import linear_recurrence
+    from pcr_compile.solver.residual import step_residuals
+
+    unet = load_blob_unet()
+    unet64 = copy.deepcopy(unet).double()
+    sched = make_scheduler("ddim")
+    loop, loop64 = sampling_loop(unet, sched, steps), sampling_loop(unet64, sched, steps)
+    latents = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    f = BatchedSteps(loop, latents, None, {})
+    z0, L = f.pack(latents), steps
+    with torch.no_grad():
+        ref64 = loop64(latents.double())
+        traj, z = [], z0
+        for l in range(L):
+            z = f(l, z.unsqueeze(0))[0]
+            traj.append(z)
+        Zp = torch.cat([z0.unsqueeze(0), torch.stack(traj)[:-1]])
+        w = z0.shape[-1]
+        J = torch.zeros(L, batch, w, w)
+        for b in range(batch):
+            for i in range(0, w, 16):
+                k = min(16, w - i)
+                V = torch.zeros(k, *Zp.shape)
+                V[torch.arange(k), :, b, i + torch.arange(k)] = 1.0
+                cols = vmap(lambda v: jvp(lambda Z: f(0, Z), (Zp,), (v,))[1])(V)  # (k, L, B, w)
+                J[:, b, :, i: i + k] = cols[:, :, b, :].permute(1, 2, 0)
+    out = []
+    for tol in tols:
+        with torch.no_grad():
+            s, z_prev, Zw, rounds, Z = 0, z0, z0.unsqueeze(0).expand(L, *z0.shape).clone(), 0, torch.empty(L, *z0.shape)
+            while s < L:
+                n = L - s
+                F = f(s, torch.cat([z_prev.unsqueeze(0), Zw[:-1]]))
+                rounds += 1
+                g = F - Zw
+                rho = step_residuals(g, F).tolist()
+                p = next((i for i, r in enumerate(rho) if not r <= tol), n)
+                Z[s: s + p] = Zw[:p]
+                if p == n:
+                    break
+                Z[s + p] = z_prev = F[p]
+                g[:p] = 0
+                Zw = (Zw + linear_recurrence(J[s: s + n], g, structure="dense"))[p + 1:]
+                s += p + 1
+        err = _rel(Z[-1].reshape(latents.shape), ref64)
+        out.append(f"| ddim | {steps} | dense Newton (exact Jacobians at the solution) | exact | {tol:g} | {rounds} "
+                   f"| {err:.1e} |")
+    return out
+
+
 def markdown(rows: list[Row]) -> str:
-    head = ("| scheduler | steps | accel | rule | tol | rounds | seq. finish | depth | denoiser work (x L) "
-            "| err vs fp64 | err vs fp32 | fp32 floor |")
-    out = [head, "|" + "---|" * 12]
+    head = ("| scheduler | steps | jacobian / accel | kept | rule | tol | rounds | seq. finish | depth "
+            "| denoiser work (x L) | err vs fp64 | err vs fp32 | fp32 floor |")
+    out = [head, "|" + "---|" * 13]
     for r in rows:
-        out.append(f"| {r.scheduler} | {r.steps} | {r.accel} | {r.rule} | {r.tol:g} | {r.rounds} | "
+        kept = r.chosen.split("/")[0] if r.jacobian == "auto" else ""
+        out.append(f"| {r.scheduler} | {r.steps} | {r.jacobian} / {r.accel} | {kept} | {r.rule} | {r.tol:g} | {r.rounds} | "
                    f"{r.sequential_steps} | {r.depth} | {r.step_evaluations} ({r.step_evaluations / r.steps:.1f}) | "
                    f"{r.err_fp64:.1e} | {r.err_fp32:.1e} | {r.floor:.1e} |")
     return "\n".join(out) + "\n"
@@ -106,17 +180,25 @@ def markdown(rows: list[Row]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sampler_rounds", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="25 steps, DDIM only, two settings")
+    p.add_argument("--oracle", action="store_true",
+                   help="instead: Newton with the exact (dense) Jacobians of the converged trajectory, DDIM 50 / "
+                        "100 steps, clip off (forward-mode AD over every step; minutes)")
     p.add_argument("--schedulers", default=",".join(SCHEDULERS))
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     p.add_argument("--out", help="also write the markdown table here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    if a.quick:
-        rows = measure(("ddim",), (25,), SETTINGS[1:5:3])
+    if a.oracle:
+        text = ("| scheduler | steps | update | rule | tol | rounds | err vs fp64 |\n|---|---|---|---|---|---|---|\n"
+                + "\n".join(line for n in (50, 100) for line in dense_newton_oracle(n)) + "\n")
     else:
-        rows = measure(tuple(a.schedulers.split(",")), tuple(int(s) for s in a.steps.split(",")))
-    text = markdown(rows) + f"\n({time.time() - t0:.0f} s)\n"
+        if a.quick:
+            rows = measure(("ddim",), (25,), SETTINGS[1:4:2])
+        else:
+            rows = measure(tuple(a.schedulers.split(",")), tuple(int(s) for s in a.steps.split(",")))
+        text = markdown(rows)
+    text += f"\n({time.time() - t0:.0f} s)\n"
     print(text)
     if a.out:
         with open(a.out, "w") as f:
