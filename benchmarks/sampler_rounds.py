@@ -171,8 +171,9 @@ def markdown(rows: list[Row]) -> str:
     out = [head, "|" + "---|" * 13]
     for r in rows:
         kept = r.chosen.split("/")[0] if r.jacobian == "auto" else ""
-        out.append(f"| {r.scheduler} | {r.steps} | {r.jacobian} / {r.accel} | {kept} | {r.rule} | {r.tol:g} | {r.rounds} | "
-                   f"{r.sequential_steps} | {r.depth} | {r.step_evaluations} ({r.step_evaluations / r.steps:.1f}) | "
+        out.append(f"| {r.scheduler} | {r.steps} | {r.jacobian} / {r.accel} | {kept} | {r.rule} | {r.tol:g} | "
+                   f"{r.rounds} | {r.sequential_steps} | {r.depth} | "
+                   f"{r.step_evaluations} ({r.step_evaluations / r.steps:.1f}) | "
                    f"{r.err_fp64:.1e} | {r.err_fp32:.1e} | {r.floor:.1e} |")
     return "\n".join(out) + "\n"
 

@@ -90,7 +90,7 @@ DEFAULT_HISTORY = 4
 DIVERGED = 1e4  # a residual this many times the best so far is divergence
 GAIN_RANGE = (0.0, 1.5)  # measured scalar Jacobians are clamped to this range
 RACE_ROUNDS = 8  # jacobian="auto": rounds both candidates run side by side before one is kept
-RACE_WINDOW = 3  # ... and the last rounds whose residual levels decide  # jacobian="auto": rounds both candidates run side by side before one is kept
+RACE_WINDOW = 3  # ... and the last rounds whose residual levels decide
 
 
 @dataclass
