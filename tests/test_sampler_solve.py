@@ -49,6 +49,18 @@ def test_never_deeper_than_sequential_and_exact(accel, coef, L, jacobian):
     assert st.chosen in st.candidates and len(st.candidates) == lanes
 
 
+@pytest.mark.parametrize("jacobian", ["identity", "scalar", "auto"])
+@pytest.mark.parametrize("window", [5, 8])
+def test_sliding_window_keeps_the_guarantees(window, jacobian):
+    L = 29
+    z0, evaluate, ref = chain(3.0, L)
+    Z, st = sampler_solve.sampler_forward(z0, L, evaluate, tol=1e-12, max_iters=1000, solve_dtype=torch.float64,
+                                          window=window, jacobian=jacobian, stacked_rows=True)
+    assert rel_err(Z, ref) < 1e-9
+    assert st.depth <= L
+    assert st.step_evaluations <= (2 if jacobian == "auto" else 1) * window * st.evaluations + st.sequential_steps
+
+
 def contracting_chain(L: int = 40):
     """z_l = 0.3 z_{l-1} + sin(l) + 0.05 tanh(z_{l-1}): each step's Jacobian is close to 0.3 I, far from the
     identity Picard assumes, so scalar Newton (secant slope ~0.3) converges in a few rounds, Picard in ~L."""
