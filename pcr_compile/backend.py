@@ -30,6 +30,11 @@ from .solver import ChainSpec
 
 log = logging.getLogger(__name__)
 
+if torch.distributed.is_available():  # DDP: Dynamo's default split deferred to deeppcr (distributed/ddp.py)
+    from .distributed.ddp import install_ddp_hook
+
+    install_ddp_hook()
+
 
 @dataclass(frozen=True)
 class PlannedChain:
