@@ -127,6 +127,15 @@ def _like(template: Tensor, value: Tensor) -> Tensor:
     return value if value.stride() == like.stride() else like.copy_(value)
 
 
+def _final(state: Tensor, traj: Tensor) -> Tensor:
+    """The last step of `traj` as a new tensor laid out as `torch.empty_like(state)` (the fake kernel's
+    promise) in `state`'s dtype: a copy, so the output does not keep the (L, ...) trajectory alive."""
+    last = traj[-1]
+    if last.dtype == state.dtype and state.is_contiguous() and last.is_contiguous():
+        return last.clone()
+    return torch.empty_like(state).copy_(last)
+
+
 def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:
     """Custom ops may not return aliases of their inputs or of each other. Storages are compared directly:
     inside compiled graphs view tracking is off, so `tensor._base` cannot be trusted. (The lists hold a few
@@ -174,9 +183,9 @@ def _define(name: str):
         trajs = solver.run_forward(_SPECS[name], a.states, a.stacked, a.consts, a.invariants, a.length, a.tol,
                                   a.max_iters, a.jacobian, a.window, keep_trajectory=a.save_trajectory,
                                   impl=a.kernels, syms=a.syms, adaptive=a.adaptive)
-        finals = [torch.empty_like(s).copy_(t[-1]) for s, t in zip(a.states, trajs)]  # one state each, not L
-        if not a.save_trajectory:
-            trajs = [t.new_empty((0,)) for t in trajs]
+        finals = [_final(s, t) for s, t in zip(a.states, trajs)]  # one state each, not L
+        if not a.save_trajectory:  # every output is allocated here: none can alias an input
+            return finals + [t.new_empty((0,)) for t in trajs]
         return _fresh(finals + trajs, [a.states, a.stacked, a.consts, a.invariants])
 
     _IMPLS[name] = run
