@@ -275,7 +275,8 @@ def _is_deeppcr(compile_fn) -> bool:
         seen.add(id(fn))
         if fn is deeppcr or getattr(fn, "__func__", None) is deeppcr:
             return True
-        todo.extend(getattr(fn, a, None) for a in ("_torchdynamo_orig_backend", "compiler_fn", "__wrapped__", "func"))
+        todo.extend(getattr(fn, a, None) for a in ("_torchdynamo_orig_backend", "_torchdynamo_orig_callable",
+                                                    "compiler_fn", "__wrapped__", "func"))
     return False
 
 
