@@ -217,6 +217,31 @@ def count_rows(row: RowMaker, phase: str, provider: Provider, wl: Workload, call
             row(metric_name("gpu_est", phase), "ms", est, status="model", note=ASSUMPTIONS)]
 
 
+def overhead_rows(row: RowMaker, wl: Workload, call: Callable[[], Any], device: torch.device,
+                  cfg: Config) -> list[dict[str, str]]:
+    """Host work per forward call: the compiled call with the solve's device work removed
+    (`overhead.solve_work_removed`: the solver returns its first result again) against the floor any
+    torch.compile backend pays (the workload compiled with a backend returning a cached output).
+    Runs last in the phase: the floor's compile resets Dynamo."""
+    from .overhead import solve_work_removed
+    from .providers import cached_output_backend
+
+    with solve_work_removed() as stored:
+        call()
+        host = time_call(call, device, cfg)
+    name, floor_name = metric_name("host_overhead", "forward"), metric_name("host_floor", "forward")
+    if not stored:
+        return [row(name, "ms", status="none", note="no chain was solved: no solve to remove")]
+    torch._dynamo.reset()
+    floor_call = forward_call(torch.compile(wl.fn, backend=cached_output_backend), wl)
+    floor_call()
+    floor = time_call(floor_call, device, cfg)
+    torch._dynamo.reset()
+    return [row(name, "ms", *host, note=f"solver returns a stored result: host work only; {host[0] / floor[0]:.2f}x "
+                                        "the floor" if floor[0] else "solver returns a stored result"),
+            row(floor_name, "ms", *floor, note="torch.compile with a backend returning a stored output")]
+
+
 def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref: Reference, cfg: Config,
                   env: Env, device: torch.device) -> list[dict[str, str]]:
     """All metrics of one provider in one phase; an exception ends the phase with an error row."""
@@ -262,6 +287,9 @@ def measure_phase(case: Case, wl: Workload, provider: Provider, phase: str, ref:
                 if cfg.count:
                     step = metric_name("launches", phase)
                     rows += count_rows(row, phase, provider, wl, call, device)
+                if cfg.count and provider.name == "deeppcr" and phase == "forward":
+                    step = metric_name("host_overhead", phase)
+                    rows += overhead_rows(row, wl, call, device, cfg)
         except Exception as e:  # noqa: BLE001 -- a failing provider must not end the run
             log.debug("%s %s %s failed at %s", case.model, case.parameters, provider.label, step, exc_info=True)
             rows.append(row(step, "", status="error", note=err_text(e)))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .output import environment, header, make_row, write_csv
-from .providers import cached_output_backend
+from .providers import cached_output_backend, fresh_output_backend
 from .timing import Timer, time_call
 
 GUARD_FILTER = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -86,6 +86,8 @@ def measure(layers: int, width: int, batch: int, timer: Timer,
     run("cached-output", "floor+guard_filter", torch.compile(model, backend=cached_output_backend,
                                                              options=dict(GUARD_FILTER)),
         "the same with skip_guard_on_all_nn_modules_unsafe")
+    run("fresh-output", "floor+fresh_output", torch.compile(model, backend=fresh_output_backend),
+        "the floor's backend returning newly allocated outputs each call (as any computing backend does)")
     par = {"mode": "parallel"}
     run("deeppcr", "parallel", torch.compile(model, backend="deeppcr", options=dict(par)), "the real solve")
     with solve_work_removed() as stored:

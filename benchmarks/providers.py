@@ -106,3 +106,17 @@ def cached_output_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable[
         return stored[0]
 
     return call
+
+
+def fresh_output_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable[..., Any]:
+    """Like `cached_output_backend`, but every call returns newly allocated outputs (`empty_like` of the
+    stored ones), as any backend that computes does: the floor plus the cost of a fresh output."""
+    stored: list[Any] = []
+
+    def call(*args):
+        if not stored:
+            with torch.no_grad():
+                stored.append(gm(*args))
+        return type(stored[0])(torch.empty_like(t) if isinstance(t, torch.Tensor) else t for t in stored[0])
+
+    return call

@@ -89,6 +89,9 @@ def tables(rows: Sequence[dict[str, str]], fmt: str = "github") -> str:
             for metric, fmt_one in (("launches", "{:.0f}"), ("syncs", "{:.0f}"), ("gpu_est", "{:.3g}")):
                 got = [val(dev, model, params, label, metric_name(metric, ph)) for ph in phases]
                 line.append("/".join("-" if v is None else fmt_one.format(v) for v in got))
+            host = val(dev, model, params, label, metric_name("host_overhead", "forward"))
+            floor = val(dev, model, params, label, metric_name("host_floor", "forward"))
+            line.append(f"{_g(host)} ({host / floor:.1f}x)" if host and floor else "-")
             line.append("; ".join(status) if status else ("ok, warned" if warn else "ok"))
             table.append(line)
         head = ["parameters", "provider", "fwd ms", "fwd vs eager", "fwd vs inductor"]
@@ -97,7 +100,7 @@ def tables(rows: Sequence[dict[str, str]], fmt: str = "github") -> str:
         suffix = " fwd/train" if has_train else " fwd"
         head += ["compile s" + suffix, "peak MiB" + suffix, "iters" + (" fwd/adjoint" if has_train else " fwd"),
                  "max rel err" + (" out/grad" if has_train else " out"), "launches" + suffix, "syncs" + suffix,
-                 "GPU est. ms (MODEL)" + suffix, "status"]
+                 "GPU est. ms (MODEL)" + suffix, "host ms fwd (x floor)", "status"]
         text = f"### {model} ({dev})\n\n" + tabulate(table, headers=head, tablefmt=fmt, disable_numparse=True)
         if any(val(dev, model, p, lab, metric_name("gpu_est", ph)) is not None for p, lab in entries for ph in PHASES):
             text += f"\n\nGPU est.: {ASSUMPTIONS}."

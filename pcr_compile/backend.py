@@ -30,6 +30,11 @@ from .solver import ChainSpec
 
 log = logging.getLogger(__name__)
 
+if torch.distributed.is_available():  # DDP: Dynamo's default split deferred to deeppcr (distributed/ddp.py)
+    from .distributed.ddp import install_ddp_hook
+
+    install_ddp_hook()
+
 
 @dataclass(frozen=True)
 class PlannedChain:
@@ -147,6 +152,21 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
     return cleanup(new), plan, names
 
 
+def solves_only(gm: GraphModule) -> bool:
+    """Whether every computation in `gm` is a deeppcr op (chain ops, their stacks) or an index of their
+    outputs: then there is nothing for Inductor to compile."""
+    import operator
+
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        if n.op != "call_function":
+            return False
+        if n.target is not operator.getitem and getattr(n.target, "namespace", None) != ops.NAMESPACE:
+            return False
+    return True
+
+
 def capturing_backend(options: Options, sink: list[dict]):
     """A backend that rewrites like deeppcr and records, per graph, the rewritten Dynamo graph, the plan, the
     chain ops and the AOTAutograd forward and backward graphs (run uncompiled); for inspection and tests."""
@@ -202,7 +222,18 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
         log.warning("deeppcr: internal error while rewriting chains; compiling the original graph with Inductor",
                     exc_info=True)
         return compile_fx(gm, example_inputs, config_patches=patches)
-    compiled = compile_fx(new, example_inputs, config_patches=patches)
+    if names and opts.inductor_mode is None and solves_only(new):
+        # Nothing but chain ops (and their stacks): Inductor would add only its wrapper (a size/stride check
+        # per input on every call) and AOTAutograd a trace of ops whose autograd is already theirs.
+        log.info("deeppcr: the graph is its chain ops alone; run as it is, without AOTAutograd and Inductor")
+        if not torch.is_grad_enabled():  # Dynamo guards grad mode: this graph never runs with autograd on
+            for n in new.graph.nodes:
+                if n.op == "call_function" and ops.no_grad_impl(n.target) is not None:
+                    n.target = ops.no_grad_impl(n.target)
+            new.recompile()
+        compiled = new.forward
+    else:
+        compiled = compile_fx(new, example_inputs, config_patches=patches)
     if opts.process_group is not None and names:  # issue 17: chains solved across the group's ranks
         from .distributed.chain_op import resolve, wrap_compiled
 

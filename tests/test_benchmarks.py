@@ -75,6 +75,12 @@ def test_cli_tiny_grid_writes_csv_table_and_plots(tmp_path, capsys):
     pcr = [r for r in rows if r["provider"] == "deeppcr"]
     assert pcr and all(r["mode"] == "parallel" for r in pcr)
     assert any(r["metric"] == "forward" or r["status"] == "error" for r in pcr)
+    # Host work per call with the solve removed, against the cached-output floor (deeppcr's forward only).
+    host, floor = by[("deeppcr", "host_overhead_forward")], by[("deeppcr", "host_floor_forward")]
+    assert host["status"] == "ok" and host["unit"] == "ms" and "the floor" in host["note"], host
+    assert 0 < float(floor["median"]) and 0 < float(host["median"]), (host, floor)
+    assert ("eager", "host_overhead_forward") not in by
+    assert "host ms fwd (x floor)" in printed
 
     pngs = list((out / "plots").glob("*.png"))
     assert any(p.name.startswith("deep_mlp_forward_speedup") for p in pngs)

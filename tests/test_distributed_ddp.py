@@ -2,7 +2,9 @@
 
 Two gloo ranks on loopback, each on its own data; a 12-layer width-128 float64 MLP (1.6 MB of parameters)
 under 1 MB buckets, which Dynamo's DDP optimizer cuts into pieces of 8 and 4 layers (the second under
-`min_chain_length`, so left sequential)."""
+`min_chain_length`, so left sequential). With the default `optimize_ddp = True` the backend's hook hands it
+the whole graph and the chain stays one op; with the hook off (`PCR_COMPILE_DDP_HOOK=0`) the pieces are
+what reaches the backend."""
 
 import copy
 
@@ -17,8 +19,12 @@ LAYERS, WIDTH, BATCH = 12, 128, 4
 OPTS = {"mode": "parallel", "strict": True}
 
 
-def _ddp_worker(rank: int, world: int, optimize_ddp) -> None:
+def _ddp_worker(rank: int, world: int, optimize_ddp, hook: bool, cap_mb: float) -> None:
+    import os
+
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["PCR_COMPILE_DDP_HOOK"] = "1" if hook else "0"  # read when the backend is first imported
 
     import pcr_compile
     from pcr_compile.distributed import clear_ddp_reports, ddp_reports
@@ -27,8 +33,8 @@ def _ddp_worker(rank: int, world: int, optimize_ddp) -> None:
     torch._dynamo.config.optimize_ddp = optimize_ddp
     torch.manual_seed(0)
     base = DeepMLP(LAYERS, WIDTH, gain=0.8).double()
-    eager = DDP(copy.deepcopy(base), bucket_cap_mb=1)
-    model = DDP(copy.deepcopy(base), bucket_cap_mb=1)
+    eager = DDP(copy.deepcopy(base), bucket_cap_mb=cap_mb)
+    model = DDP(copy.deepcopy(base), bucket_cap_mb=cap_mb)
     fast = torch.compile(model, backend="deeppcr", options=OPTS)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
     opt_f = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -40,7 +46,8 @@ def _ddp_worker(rank: int, world: int, optimize_ddp) -> None:
             fast(x).square().sum().backward()
         eager(x).square().sum().backward()
         forward = [s for s in solves if s.direction == "forward"]
-        if optimize_ddp is False:
+        whole = optimize_ddp is False or hook
+        if whole:
             assert len(forward) == 1 and forward[0].length == LAYERS, [s.length for s in forward]
         else:
             assert [s.length for s in forward] == [8], [s.length for s in forward]  # the 4-layer piece: too short
@@ -52,17 +59,48 @@ def _ddp_worker(rank: int, world: int, optimize_ddp) -> None:
     dist.all_gather(gathered, flat)
     assert all(torch.equal(gathered[0], t) for t in gathered), "ranks' parameters differ after 3 steps"
     reports = ddp_reports()
-    if optimize_ddp is False:
+    if whole:
         assert reports and reports[0].mode == "merged" and reports[0].cuts, reports
-        assert len(reports[0].buckets) > 1 and len(reports[0].merged) < len(reports[0].buckets), reports
+        assert len(reports[0].buckets) >= (6 if cap_mb < 1 else 2), reports  # 131 kB a layer
+        assert len(reports[0].merged) < len(reports[0].buckets), reports
     else:
         assert reports and all(r.mode == "pieces" and "optimize_ddp = False" in r.note for r in reports), reports
 
 
-@pytest.mark.parametrize("optimize_ddp", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["chain-aware", "dynamo-split"])
-def test_ddp_two_ranks(optimize_ddp):
-    run_ranks(_ddp_worker, 2, optimize_ddp)
+@pytest.mark.parametrize("optimize_ddp,hook,cap_mb", [(True, True, 0.25), (False, True, 1),
+                                                      pytest.param(True, False, 1, marks=pytest.mark.slow)],
+                         ids=["default-many-buckets", "optimize_ddp-off", "hook-off"])
+def test_ddp_two_ranks(optimize_ddp, hook, cap_mb):
+    run_ranks(_ddp_worker, 2, optimize_ddp, hook, cap_mb)
+
+
+def test_ddp_hook_defers_only_for_deeppcr():
+    """Installed by importing the backend; torch's own split for any other backend, the whole graph for ours."""
+    import torch._dynamo.backends.distributed as dist_backend
+
+    import pcr_compile.backend  # noqa: F401  (installs the hook)
+    from pcr_compile.distributed.ddp import DeferringDDPOptimizer, _is_deeppcr
+
+    assert dist_backend.DDPOptimizer is DeferringDDPOptimizer
+    seen = []
+
+    def other(gm, inputs):
+        seen.append(len([n for n in gm.graph.nodes if n.target is torch._C._nn.linear]))
+        return gm.forward
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    graphs = []
+    torch.compile(model, backend=lambda gm, inputs: graphs.append((gm, inputs)) or gm.forward)(torch.randn(2, 256))
+    gm, inputs = graphs[0]
+    DeferringDDPOptimizer(bucket_bytes_cap=300_000, backend_compile_fn=other,
+                          first_bucket_cap=300_000).compile_fn(gm, inputs)
+    assert seen and max(seen) < 4, seen  # torch's split: pieces of the 4 layers
+    from torch._dynamo.repro.after_dynamo import wrap_backend_debug
+
+    # What Dynamo hands the DDP optimizer for torch.compile(..., backend="deeppcr", options=...)
+    wrapped = wrap_backend_debug(torch._TorchCompileWrapper("deeppcr", None, {"mode": "parallel"}, None), "deeppcr")
+    assert _is_deeppcr(wrapped)
+    assert not _is_deeppcr(other)
 
 
 def test_explain_ddp_reports_the_cut_and_the_merge():

@@ -27,6 +27,16 @@ def test_cached_output_backend_runs_the_graph_once():
     assert second.data_ptr() == first.data_ptr() and torch.equal(second, first)
 
 
+def test_fresh_output_backend_allocates_each_call():
+    model = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    fn = torch.compile(model, backend=providers.fresh_output_backend)
+    with torch.no_grad():
+        first, second = fn(x), fn(x)
+    assert first.shape == second.shape == (2, 3) and first.dtype == second.dtype
+    assert first.data_ptr() != second.data_ptr()
+
+
 def test_solve_work_removed_returns_the_first_result_and_restores():
     torch.manual_seed(0)
     model = DeepMLP(layers=9, width=4)

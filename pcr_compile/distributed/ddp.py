@@ -16,9 +16,15 @@ protect. The backend therefore does DDP's split itself, chain-aware:
   then splits and compiles the pieces exactly as DDP's optimizer does (`ChainAwareDDPOptimizer`). Buckets
   outside the chains keep their boundaries (and their all-reduce overlap); a chain's parameters join one
   bucket, whose all-reduce starts when the chain's adjoint has produced them all.
-- With the default `optimize_ddp = True`, Dynamo splits before any backend is called and no backend can
-  undo it: the pieces are compiled as they come (their gradients are still exact) and every piece is
-  reported (`ddp_reports()`, log, trace artifact) with the advice to set `optimize_ddp = False`.
+- With the default `optimize_ddp = True`, Dynamo builds its DDP optimizer for the frame and compiles through
+  it before any backend sees the graph. Importing the backend installs `DeferringDDPOptimizer` in place of
+  torch's class (`install_ddp_hook`): for a deeppcr compile its `compile_fn` hands the whole graph to the
+  backend, which then does the chain-aware split above; for any other backend it is torch's own class,
+  unchanged. `PCR_COMPILE_DDP_HOOK=0` in the environment leaves torch's class alone, and a torch whose
+  Dynamo no longer imports the class from `torch._dynamo.backends.distributed` at each frame simply does
+  not see the hook: then, as when a split reaches the backend by any other route, the pieces are compiled
+  as they come (their gradients are still exact) and every piece is reported (`ddp_reports()`, log,
+  trace artifact) with the advice to set `optimize_ddp = False`.
 
 Trade-off: the merged bucket is as large as the chain's parameters, so its all-reduce is one large message
 issued after the chain's backward rather than several overlapping its layers' backward. Every other
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -184,7 +191,7 @@ class _Probed(Exception):
 def explain_ddp(model, *example_inputs, bucket_cap_mb: float = 25.0, options: dict | None = None,
                 **example_kwargs) -> list[DDPSplitReport]:
     """What DDP's graph split would do to each Dynamo graph of `model` (the module DDP would wrap) under
-    `bucket_cap_mb`, and the buckets deeppcr compiles instead (`torch._dynamo.config.optimize_ddp = False`);
+    `bucket_cap_mb`, and the buckets deeppcr compiles instead (what it does under DDP);
     no process group needed, nothing compiled. Resets Dynamo's caches, as `pcr_compile.explain`."""
     from pcr_compile.options import Options
 
@@ -235,9 +242,10 @@ def compile_under_ddp(gm, example_inputs, options, compile_piece: Callable):
             mode="pieces", bucket_cap_bytes=int(ddp.bucket_bytes_cap),
             note="Dynamo's DDP optimizer split this graph at gradient-bucket boundaries before deeppcr saw it: "
                  "a chain crossing a boundary is solved piecewise (exact, more chain ops). Set "
-                 "torch._dynamo.config.optimize_ddp = False to let deeppcr split the graph keeping chains whole."))
+                 "torch._dynamo.config.optimize_ddp = False (or leave the backend's DDP hook on: PCR_COMPILE_DDP_HOOK "
+                 "unset) to let deeppcr split the graph keeping chains whole."))
         return None
-    if get_optimize_ddp_mode() != "no_optimization":
+    if get_optimize_ddp_mode() not in ("no_optimization", "ddp_optimizer"):  # python_reducer: compiled autograd
         return None
     spans = chain_spans(gm, options)
     cap = int(ddp.bucket_bytes_cap)
@@ -248,3 +256,56 @@ def compile_under_ddp(gm, example_inputs, options, compile_piece: Callable):
     if opt.report is not None:
         _emit(opt.report)
     return compiled
+
+
+# -- the default `optimize_ddp = True`: let deeppcr see the whole graph ---------------------------------------
+
+_TORCH_DDP_OPTIMIZER = DDPOptimizer
+
+
+def _is_deeppcr(compile_fn) -> bool:
+    """Whether Dynamo's backend callable (WrapBackendDebug -> torch.compile's wrapper -> backend) is deeppcr."""
+    from pcr_compile.backend import deeppcr
+
+    seen, todo = set(), [compile_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if fn is deeppcr or getattr(fn, "__func__", None) is deeppcr:
+            return True
+        todo.extend(getattr(fn, a, None) for a in ("_torchdynamo_orig_backend", "_torchdynamo_orig_callable",
+                                                    "compiler_fn", "__wrapped__", "func"))
+    return False
+
+
+class DeferringDDPOptimizer(_TORCH_DDP_OPTIMIZER):
+    """Torch's DDP optimizer, except that a deeppcr compile gets the whole graph (see the module docstring).
+
+    For deeppcr, a bucket cap under DDP's 1 MB first bucket is accepted (torch's class asserts first bucket <=
+    cap, so `bucket_cap_mb < 1` fails to compile with any backend); the split then uses the cap for both."""
+
+    def __init__(self, bucket_bytes_cap, backend_compile_fn, first_bucket_cap=None):
+        if first_bucket_cap is None and torch.distributed.is_available() and _is_deeppcr(backend_compile_fn):
+            first_bucket_cap = min(bucket_bytes_cap, torch.distributed._DEFAULT_FIRST_BUCKET_BYTES)
+        super().__init__(bucket_bytes_cap, backend_compile_fn, first_bucket_cap)
+
+    def compile_fn(self, gm, example_inputs, **compiler_configs):
+        if _is_deeppcr(self.backend_compile_fn):
+            log.debug("deeppcr: Dynamo's DDP split deferred to the backend (chain-aware buckets)")
+            return self.backend_compile_fn(gm, example_inputs, **compiler_configs)
+        return super().compile_fn(gm, example_inputs, **compiler_configs)
+
+
+def install_ddp_hook() -> bool:
+    """Put `DeferringDDPOptimizer` where Dynamo's frame conversion imports its DDP optimizer from (idempotent).
+
+    Returns whether the hook is installed. `PCR_COMPILE_DDP_HOOK=0` opts out."""
+    import torch._dynamo.backends.distributed as dist_backend
+
+    if os.environ.get("PCR_COMPILE_DDP_HOOK", "1") == "0":
+        return False
+    if dist_backend.DDPOptimizer is _TORCH_DDP_OPTIMIZER:
+        dist_backend.DDPOptimizer = DeferringDDPOptimizer
+    return issubclass(dist_backend.DDPOptimizer, DeferringDDPOptimizer)

@@ -83,6 +83,7 @@ SCHEMA_KEY = hashlib.sha1((CHAIN_SCHEMA + ADJOINT_SCHEMA).encode()).hexdigest()[
 
 _SPECS: dict[str, ChainSpec] = {}
 _OPS: dict[str, object] = {}
+_IMPLS: dict[str, object] = {}  # each chain op's implementation, undecorated (`no_grad_impl`)
 _lock = threading.Lock()
 # Inductor keeps graphs holding ops with this tag out of CUDA graphs; older torch has no tag (and no kwarg).
 _UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
@@ -126,6 +127,15 @@ def _like(template: Tensor, value: Tensor) -> Tensor:
     return value if value.stride() == like.stride() else like.copy_(value)
 
 
+def _final(state: Tensor, traj: Tensor) -> Tensor:
+    """The last step of `traj` as a new tensor laid out as `torch.empty_like(state)` (the fake kernel's
+    promise) in `state`'s dtype: a copy, so the output does not keep the (L, ...) trajectory alive."""
+    last = traj[-1]
+    if last.dtype == state.dtype and state.is_contiguous() and last.is_contiguous():
+        return last.clone()
+    return torch.empty_like(state).copy_(last)
+
+
 def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:
     """Custom ops may not return aliases of their inputs or of each other. Storages are compared directly:
     inside compiled graphs view tracking is off, so `tensor._base` cannot be trusted. (The lists hold a few
@@ -142,6 +152,18 @@ def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:
     return out
 
 
+def no_grad_impl(target):
+    """The plain Python implementation of one of this module's ops, for a graph that runs with grad mode off
+    and outside AOTAutograd (the backend's solves-only route): the same function the op calls, without the
+    custom op's dispatch, autograd wrapper and output-alias checks (about 20 us a call, more for the stack of
+    a long per-step list). None for anything else."""
+    if target is STACK_OP:
+        return torch.stack
+    if getattr(target, "namespace", None) == NAMESPACE:
+        return _IMPLS.get(target._schema.name.split("::", 1)[1])
+    return None
+
+
 def get_chain_op(spec: ChainSpec):
     """The `OpOverload` for this chain template, created (once per process) on first use."""
     with _lock:
@@ -156,16 +178,18 @@ def get_chain_op(spec: ChainSpec):
 def _define(name: str):
     qual = f"{NAMESPACE}::{name}"
 
-    @torch.library.custom_op(qual, mutates_args=(), schema=CHAIN_SCHEMA, **_TAGS)
-    def chain(*args) -> list[Tensor]:
+    def run(*args) -> list[Tensor]:
         a = ChainArgs(*args)
         trajs = solver.run_forward(_SPECS[name], a.states, a.stacked, a.consts, a.invariants, a.length, a.tol,
                                   a.max_iters, a.jacobian, a.window, keep_trajectory=a.save_trajectory,
                                   impl=a.kernels, syms=a.syms, adaptive=a.adaptive)
-        finals = [torch.empty_like(s).copy_(t[-1]) for s, t in zip(a.states, trajs)]  # one state each, not L
-        if not a.save_trajectory:
-            trajs = [t.new_empty((0,)) for t in trajs]
+        finals = [_final(s, t) for s, t in zip(a.states, trajs)]  # one state each, not L
+        if not a.save_trajectory:  # every output is allocated here: none can alias an input
+            return finals + [t.new_empty((0,)) for t in trajs]
         return _fresh(finals + trajs, [a.states, a.stacked, a.consts, a.invariants])
+
+    _IMPLS[name] = run
+    chain = torch.library.custom_op(qual, mutates_args=(), schema=CHAIN_SCHEMA, **_TAGS)(run)
 
     @chain.register_fake
     def _(*args):
