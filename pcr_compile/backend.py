@@ -142,7 +142,8 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
         rewrite_chain(new, pc.match, op, ops.chain_call_args, tol=options.tol or 0.0, max_iters=options.max_iters,
                       jacobian=pc.decision.jacobian, window=options.window,
                       kernels=options.kernels, save_trajectory=_needs_grad(pc.match),
-                      const_prefix=f"_pcr_chain{i}_const", adaptive=options.mode == "auto", stack=ops.STACK_OP)
+                      const_prefix=f"_pcr_chain{i}_const", adaptive=options.mode == "auto", stack=ops.STACK_OP,
+                      stack_groups=ops.STACK_GROUPS_OP)
         names.append(f"{ops.NAMESPACE}::{spec.name}")
         log.info("deeppcr: chain of %d steps (%d nodes each) -> %s [%s]", pc.match.length,
                  pc.match.nodes_per_step, spec.name, pc.decision.jacobian)

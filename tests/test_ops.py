@@ -83,14 +83,27 @@ def test_a_training_step_makes_no_per_step_copies(monkeypatch):
 
 
 def test_per_step_groups_are_stacked_by_one_opaque_op_with_view_gradients():
-    """The rewritten graph stacks each ModuleList group with `pcr_compile::stack_steps` (one aten.stack at run
-    time; a plain torch.stack makes Inductor write and compile one copy kernel per layer), and its gradient
-    is the stacked gradient's rows."""
+    """The rewritten graph stacks all of a chain's ModuleList groups with one `pcr_compile::stack_groups` call
+    (one aten.stack per group at run time; a plain torch.stack makes Inductor write and compile one copy kernel
+    per layer, and one op call per group pays one dispatch per group), and its gradient is the rows of the
+    stacked gradients."""
     from helpers import capture_graphs
 
     g = capture_graphs(DeepMLP(layers=9, width=3), (torch.randn(2, 3),))
     dynamo_targets = [n.target for n in g["dynamo"].graph.nodes if n.op == "call_function"]
-    assert dynamo_targets.count(ops.STACK_OP) == 2 and torch.stack not in dynamo_targets
+    assert dynamo_targets.count(ops.STACK_GROUPS_OP) == 1, dynamo_targets
+    assert torch.stack not in dynamo_targets and ops.STACK_OP not in dynamo_targets
     xs = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(4)]
     assert torch.equal(ops.stack_steps(xs), torch.stack(xs))
     assert torch.autograd.gradcheck(lambda *t: ops.stack_steps(list(t)), xs)
+    ys = [torch.randn(2, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    a, b = ops.stack_groups(xs + ys, [4, 3])
+    assert torch.equal(a, torch.stack(xs)) and torch.equal(b, torch.stack(ys))
+    assert torch.autograd.gradcheck(lambda *t: ops.stack_groups(list(t), [4, 3]), xs + ys)
+    # A group whose stack is unused gets no gradient or zeros, the other its rows.
+    a, b = ops.stack_groups(xs + ys, [4, 3])
+    a.sum().backward()
+    assert all(y.grad is None or not y.grad.any() for y in ys), [y.grad for y in ys]
+    assert all(torch.equal(x.grad, torch.ones(3, 2, dtype=x.dtype)) for x in xs), [x.grad for x in xs]
+    with pytest.raises(ValueError, match="sizes"):
+        ops.stack_groups(xs, [2, 3])

@@ -113,6 +113,49 @@ stack_steps.register_autograd(_stack_backward, setup_context=lambda ctx, inputs,
 STACK_OP = torch.ops.pcr_compile.stack_steps.default
 
 
+def _stack_groups(xs: list[Tensor], sizes: list[int]) -> list[Tensor]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(torch.stack(xs[at:at + n]))
+        at += n
+    return out
+
+
+@torch.library.custom_op(f"{NAMESPACE}::stack_groups", mutates_args=())
+def stack_groups(xs: list[Tensor], sizes: list[int]) -> list[Tensor]:
+    """Every per-step group of a chain stacked in one op call: `xs` is the groups' tensors one group after the
+    other, `sizes[k]` the length of group k; output k is `torch.stack` of group k. One call for all groups
+    (a block with many parameters has many groups, and each custom-op call costs its dispatch), opaque to
+    Inductor as `stack_steps` is. Its gradient is the rows of each stacked gradient: views, no copy."""
+    if sum(sizes) != len(xs):
+        raise ValueError(f"stack_groups: sizes {list(sizes)} do not add up to the {len(xs)} tensors given")
+    return _stack_groups(xs, sizes)
+
+
+@stack_groups.register_fake
+def _(xs, sizes):
+    out, at = [], 0
+    for n in sizes:
+        out.append(xs[at].new_empty((n, *xs[at].shape)))
+        at += n
+    return out
+
+
+def _stack_groups_setup(ctx, inputs, output):
+    ctx.sizes = list(inputs[1])
+
+
+def _stack_groups_backward(ctx, grads):
+    rows = []
+    for n, g in zip(ctx.sizes, grads):
+        rows.extend([None] * n if g is None else g.unbind(0))
+    return rows, None
+
+
+stack_groups.register_autograd(_stack_groups_backward, setup_context=_stack_groups_setup)
+STACK_GROUPS_OP = torch.ops.pcr_compile.stack_groups.default
+
+
 def chain_call_args(**kw) -> tuple:
     """The chain op's positional arguments from keywords named as in `CHAIN_ARGS` (the rewrite's call)."""
     return tuple(ChainArgs(**kw))
@@ -159,6 +202,8 @@ def no_grad_impl(target):
     a long per-step list). None for anything else."""
     if target is STACK_OP:
         return torch.stack
+    if target is STACK_GROUPS_OP:
+        return _stack_groups
     if getattr(target, "namespace", None) == NAMESPACE:
         return _IMPLS.get(target._schema.name.split("::", 1)[1])
     return None
