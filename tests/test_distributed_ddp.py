@@ -115,3 +115,30 @@ def test_explain_ddp_reports_the_cut_and_the_merge():
     # At the default 25 MB the first bucket (the last layers) is still DDP's 1 MB first bucket: one cut.
     (wide,) = explain_ddp(model, x, bucket_cap_mb=25, options=OPTS)
     assert len(wide.buckets) == 2 and len(wide.merged) == 1, wide
+
+
+def _other_backend_worker(rank: int, world: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import pcr_compile.backend  # noqa: F401  (installs the hook)
+    from pcr_compile.models import DeepMLP
+
+    torch.manual_seed(0)
+    base = DeepMLP(LAYERS, WIDTH, gain=0.8).double()
+    eager, model = DDP(copy.deepcopy(base), bucket_cap_mb=1), DDP(copy.deepcopy(base), bucket_cap_mb=1)
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(BATCH, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    torch.compile(model, backend=counting)(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    assert len(graphs) == 2, len(graphs)  # torch's own split at the 1 MB bucket boundary, as without the hook
+    for pe, pf in zip(eager.parameters(), model.parameters()):
+        torch.testing.assert_close(pf.grad, pe.grad)
+
+
+def test_ddp_hook_leaves_other_backends_split_as_torch_does():
+    run_ranks(_other_backend_worker, 2)
