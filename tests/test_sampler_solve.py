@@ -27,11 +27,16 @@ def chain(coef: float, L: int):
         return coef * torch.tanh(Zprev) + shift
 
     z0 = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
+    return z0, evaluate, sequential(z0, evaluate, L)
+
+
+def sequential(z0, evaluate, L: int) -> torch.Tensor:
+    """The chain's trajectory (L, ...) step by step: the reference."""
     ref, z = [], z0
     for l in range(L):
         z = evaluate(l, z.unsqueeze(0))[0]
         ref.append(z)
-    return z0, evaluate, torch.stack(ref)
+    return torch.stack(ref)
 
 
 @pytest.mark.parametrize("jacobian", ["identity", "scalar", "auto"])
@@ -70,11 +75,7 @@ def contracting_chain(L: int = 40):
         return 0.3 * Zprev + torch.sin(l) + 0.05 * torch.tanh(Zprev)
 
     z0 = torch.linspace(-2, 2, 16, dtype=torch.float64).reshape(2, 8)
-    ref, z = [], z0
-    for l in range(L):
-        z = evaluate(l, z.unsqueeze(0))[0]
-        ref.append(z)
-    return z0, evaluate, torch.stack(ref)
+    return z0, evaluate, sequential(z0, evaluate, L)
 
 
 def test_scalar_newton_converges_where_picard_crawls():
