@@ -107,3 +107,7 @@ def test_per_step_groups_are_stacked_by_one_opaque_op_with_view_gradients():
     assert all(torch.equal(x.grad, torch.ones(3, 2, dtype=x.dtype)) for x in xs), [x.grad for x in xs]
     with pytest.raises(ValueError, match="sizes"):
         ops.stack_groups(xs, [2, 3])
+    # A group of tensors that need no gradient (buffers) stays non-differentiable beside one that does.
+    frozen = [torch.randn(2, dtype=torch.float64) for _ in range(3)]
+    a, b = ops.stack_groups(xs + frozen, [4, 3])
+    assert a.requires_grad and not b.requires_grad

@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import threading
 from collections import namedtuple
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -78,8 +79,10 @@ def _schema(args) -> str:
 
 
 CHAIN_SCHEMA, ADJOINT_SCHEMA = _schema(CHAIN_ARGS), _schema(ADJOINT_ARGS)
-# Hashed into every op name (backend.chain_spec): derived from the schemas, never bumped by hand.
-SCHEMA_KEY = hashlib.sha1((CHAIN_SCHEMA + ADJOINT_SCHEMA).encode()).hexdigest()[:12]
+# Hashed into every op name (backend.chain_spec): derived from the schemas and from this module's own source
+# (the ops' autograd wiring decides what a traced backward graph holds, and AOTAutograd's on-disk cache keys
+# graphs by op name, not by the Python behind the op), never bumped by hand.
+SCHEMA_KEY = hashlib.sha1((CHAIN_SCHEMA + ADJOINT_SCHEMA).encode() + Path(__file__).read_bytes()).hexdigest()[:12]
 
 _SPECS: dict[str, ChainSpec] = {}
 _OPS: dict[str, object] = {}
@@ -142,7 +145,18 @@ def _(xs, sizes):
 
 
 def _stack_groups_setup(ctx, inputs, output):
-    ctx.sizes = list(inputs[1])
+    xs, sizes = inputs
+    ctx.sizes = list(sizes)
+    # One op for all groups: autograd would mark every output as requiring grad when any input does. A group
+    # of buffers (BatchNorm's running statistics) must stay non-differentiable, as its own stack would be
+    # (the chain's VJP may not take gradients with respect to it).
+    frozen, at = [], 0
+    for k, n in enumerate(ctx.sizes):
+        if not any(x.requires_grad for x in xs[at:at + n]):
+            frozen.append(output[k])
+        at += n
+    if frozen:
+        ctx.mark_non_differentiable(*frozen)
 
 
 def _stack_groups_backward(ctx, grads):
