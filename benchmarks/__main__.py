@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-train", action="store_true", help="forward only")
     r.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     r.add_argument("--no-count", action="store_true",
-                   help="skip counting kernel launches and host syncs (and the GPU estimate computed from them)")
+                   help="skip counting kernel launches and host syncs (and the GPU estimate computed from "
+                        "them), and deeppcr's host-overhead rows")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--no-warm-up", action="store_true", help="skip compiling a two-layer model first")

@@ -94,29 +94,24 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def cached_output_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable[..., Any]:
+def cached_output_backend(gm: torch.fx.GraphModule, example_inputs, fresh: bool = False) -> Callable[..., Any]:
     """A torch.compile backend that runs `gm` once and returns that stored output on every call: what is
-    left of a compiled call is Dynamo's own cost (guards, frame evaluation, argument handling)."""
+    left of a compiled call is Dynamo's own cost (guards, frame evaluation, argument handling). `fresh`:
+    return newly allocated outputs (`empty_like` of the stored ones) instead, as any backend that computes
+    does (`fresh_output_backend`)."""
     stored: list[Any] = []
 
     def call(*args):
         if not stored:
             with torch.no_grad():
                 stored.append(gm(*args))
+        if fresh:
+            return type(stored[0])(torch.empty_like(t) if isinstance(t, torch.Tensor) else t for t in stored[0])
         return stored[0]
 
     return call
 
 
 def fresh_output_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable[..., Any]:
-    """Like `cached_output_backend`, but every call returns newly allocated outputs (`empty_like` of the
-    stored ones), as any backend that computes does: the floor plus the cost of a fresh output."""
-    stored: list[Any] = []
-
-    def call(*args):
-        if not stored:
-            with torch.no_grad():
-                stored.append(gm(*args))
-        return type(stored[0])(torch.empty_like(t) if isinstance(t, torch.Tensor) else t for t in stored[0])
-
-    return call
+    """`cached_output_backend` returning fresh outputs: the floor plus the cost of a new output."""
+    return cached_output_backend(gm, example_inputs, fresh=True)

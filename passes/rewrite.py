@@ -116,16 +116,29 @@ def lifted_values(match: ChainMatch, device) -> list[torch.Tensor]:
     return out
 
 
+def groups(xs: list, sizes: list[int]):
+    """`xs` cut into consecutive groups of `sizes[k]` items (the flat form of `rewrite_chain`'s group stack)."""
+    at = 0
+    for n in sizes:
+        yield xs[at:at + n]
+        at += n
+
+
+def stack_each(xs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """`torch.stack` of each group of `xs` (`groups`): `rewrite_chain`'s default group stack (the backend
+    passes its op that does the same out of Inductor's sight, ``pcr_compile.runtime.ops.stack_groups``)."""
+    return [torch.stack(group) for group in groups(xs, sizes)]
+
+
 def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: float, max_iters: int, jacobian: str,
                   window: int, kernels: str, save_trajectory: bool, const_prefix: str, adaptive: bool = False,
-                  stack=torch.stack, stack_groups=None) -> Node:
+                  stack_groups=stack_each) -> Node:
     """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile.
 
-    `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.runtime.ops``); every
-    per-step group enters as one `stack` of its nodes (`torch.stack`, or the backend's op that does the same
-    out of Inductor's sight), so the graph's autograd differentiates the stack and each layer's gradient is a
-    view of one stacked gradient. With `stack_groups` (`stack_groups(flat, sizes) -> [stacked group, ...]`)
-    all groups are stacked by one call instead.
+    `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.runtime.ops``); the
+    per-step groups enter stacked, all of them by one `stack_groups(flat, sizes) -> [stacked group, ...]` call
+    in the graph, so the graph's autograd differentiates the stack and each layer's gradient is a view of one
+    stacked gradient.
 
     The op returns the last step's states, then (with `save_trajectory`, forced on when the chain has
     exposed values) every step's states stacked `(L, *state)`. Exposed states of earlier steps are read
@@ -148,18 +161,13 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
             anchor = graph.get_attr(name)
         const_nodes.append(anchor)
     stacked = []
-    if match.per_step and stack_groups is not None:  # every group by one call, then one output each
+    if match.per_step:  # every group by one call, then one (L, ...) input per group
         flat = [n for group in match.per_step for n in group]
         with graph.inserting_after(anchor):
             anchor = multi = graph.call_function(stack_groups, (flat, [len(g) for g in match.per_step]))
         for k in range(len(match.per_step)):
             with graph.inserting_after(anchor):
                 anchor = graph.call_function(operator.getitem, (multi, k))
-            stacked.append(anchor)
-    else:
-        for group in match.per_step:  # one (L, ...) input per group, stacked in the graph: autograd sees the stack
-            with graph.inserting_after(anchor):
-                anchor = graph.call_function(stack, (list(group),))
             stacked.append(anchor)
     for _, source, start in match.sliced:  # already stacked in the model: passed as it is (a view at most)
         if start == 0 and _rows(source) == L:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -142,7 +143,7 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
         rewrite_chain(new, pc.match, op, ops.chain_call_args, tol=options.tol or 0.0, max_iters=options.max_iters,
                       jacobian=pc.decision.jacobian, window=options.window,
                       kernels=options.kernels, save_trajectory=_needs_grad(pc.match),
-                      const_prefix=f"_pcr_chain{i}_const", adaptive=options.mode == "auto", stack=ops.STACK_OP,
+                      const_prefix=f"_pcr_chain{i}_const", adaptive=options.mode == "auto",
                       stack_groups=ops.STACK_GROUPS_OP)
         names.append(f"{ops.NAMESPACE}::{spec.name}")
         log.info("deeppcr: chain of %d steps (%d nodes each) -> %s [%s]", pc.match.length,
@@ -156,8 +157,6 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
 def solves_only(gm: GraphModule) -> bool:
     """Whether every computation in `gm` is a deeppcr op (chain ops, their stacks) or an index of their
     outputs: then there is nothing for Inductor to compile."""
-    import operator
-
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
@@ -229,8 +228,9 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
         log.info("deeppcr: the graph is its chain ops alone; run as it is, without AOTAutograd and Inductor")
         if not torch.is_grad_enabled():  # Dynamo guards grad mode: this graph never runs with autograd on
             for n in new.graph.nodes:
-                if n.op == "call_function" and ops.no_grad_impl(n.target) is not None:
-                    n.target = ops.no_grad_impl(n.target)
+                impl = ops.no_grad_impl(n.target) if n.op == "call_function" else None
+                if impl is not None:
+                    n.target = impl
             new.recompile()
         compiled = new.forward
     else:

@@ -12,7 +12,7 @@ from test_stacked_params import Stacked
 from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser
 from pcr_compile.passes.chains import find_chains
 from pcr_compile.passes.fx_utils import cleanup
-from pcr_compile.passes.rewrite import build_template, lifted_values, rewrite_chain
+from pcr_compile.passes.rewrite import build_template, lifted_values, rewrite_chain, stack_each
 from pcr_compile.runtime import ops
 
 
@@ -41,11 +41,12 @@ def test_a_chain_becomes_one_op_call_with_one_stack_per_group():
     cleanup(gm)
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert [n.target for n in calls].count(_fake_op) == 1
-    stacks = [n for n in calls if n.target is torch.stack]
-    assert len(stacks) == 2 and all(len(s.args[0]) == 9 for s in stacks)  # weights, biases: 9 each
+    [stack] = [n for n in calls if n.target is stack_each]  # every group by one call
+    assert len(stack.args[0]) == 18 and stack.args[1] == [9, 9]  # weights, biases: 9 each
     assert not any(n.target in (torch.tanh, torch._C._nn.linear) for n in calls)  # the chain's nodes are gone
     a = ops.ChainArgs(*call.args)
-    assert a.states[0].op == "placeholder" and a.stacked == stacks and a.length == 9
+    assert a.states[0].op == "placeholder" and a.length == 9
+    assert [(s.target, s.args) for s in a.stacked] == [(operator.getitem, (stack, 0)), (operator.getitem, (stack, 1))]
 
 
 def test_stacked_parameters_are_passed_as_they_are():
@@ -55,7 +56,8 @@ def test_stacked_parameters_are_passed_as_they_are():
                          kernels="auto", save_trajectory=True, const_prefix="c")
     cleanup(gm)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert torch.stack not in targets and operator.getitem in targets  # no copy; getitem only reads results
+    assert torch.stack not in targets and stack_each not in targets  # no copy
+    assert operator.getitem in targets  # getitem only reads results
     assert all(s.op in ("placeholder", "get_attr") for s in ops.ChainArgs(*call.args).stacked)  # W, b themselves
 
 

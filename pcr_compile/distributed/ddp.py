@@ -287,12 +287,13 @@ class DeferringDDPOptimizer(_TORCH_DDP_OPTIMIZER):
     cap, so `bucket_cap_mb < 1` fails to compile with any backend); the split then uses the cap for both."""
 
     def __init__(self, bucket_bytes_cap, backend_compile_fn, first_bucket_cap=None):
-        if first_bucket_cap is None and torch.distributed.is_available() and _is_deeppcr(backend_compile_fn):
+        self.defers = _is_deeppcr(backend_compile_fn)
+        if first_bucket_cap is None and self.defers:
             first_bucket_cap = min(bucket_bytes_cap, torch.distributed._DEFAULT_FIRST_BUCKET_BYTES)
         super().__init__(bucket_bytes_cap, backend_compile_fn, first_bucket_cap)
 
     def compile_fn(self, gm, example_inputs, **compiler_configs):
-        if _is_deeppcr(self.backend_compile_fn):
+        if self.defers:
             log.debug("deeppcr: Dynamo's DDP split deferred to the backend (chain-aware buckets)")
             return self.backend_compile_fn(gm, example_inputs, **compiler_configs)
         return super().compile_fn(gm, example_inputs, **compiler_configs)

@@ -5,9 +5,14 @@ is its autograd formula, so AOTAutograd places the chain op in the forward graph
 backward graph, and Inductor compiles around both. The arguments of both ops are defined once, below
 (`CHAIN_ARGS`, `ADJOINT_ARGS`): the schemas, the fake kernels, the autograd wiring and the call in the
 rewritten graph (`passes/rewrite.py`, through :func:`chain_call_args`) are all built from those lists, and
-a hash of the two schemas is part of every op's name (so a cached compiled graph never calls an op whose
-arguments have changed since). No argument list grows with the chain's length: per-step inputs arrive
-stacked, one `(L, ...)` tensor per group, and their gradients leave the same way.
+a hash of the two schemas and of this module's source is part of every op's name (so a cached compiled
+graph never calls an op whose arguments or autograd wiring have changed since). No argument list grows with
+the chain's length: per-step inputs arrive stacked, one `(L, ...)` tensor per group (all groups stacked by
+one `pcr_compile::stack_groups` call in the rewritten graph), and their gradients leave the same way.
+
+A graph that is its chain ops alone runs outside AOTAutograd (``backend.solves_only``): then the ops'
+registered autograd is the backward, and with grad mode off the graph calls their implementations directly
+(`no_grad_impl`).
 
 The chain op returns the last step's states, then (with `save_trajectory`) every step's states stacked
 `(L, *state)`, for the backward and for graphs that read earlier steps' values; those take cotangents
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor
 
 from pcr_compile import solver
+from pcr_compile.passes.rewrite import groups, stack_each
 from pcr_compile.solver import ChainSpec
 
 NAMESPACE = "pcr_compile"
@@ -94,54 +100,22 @@ _TAGS = {"tags": (_UNSAFE,)} if _UNSAFE is not None and "tags" in inspect.signat
     torch.library.custom_op).parameters else {}
 
 
-@torch.library.custom_op(f"{NAMESPACE}::stack_steps", mutates_args=())
-def stack_steps(xs: list[Tensor]) -> Tensor:
-    """`torch.stack(xs)`, opaque to Inductor: one (L, ...) input per per-step group of a chain. As a plain
-    `torch.stack` in the graph, Inductor generates a copy per step (L kernels to write and compile: the first
-    call of a 1024-layer MLP took as long as Inductor's own compile); as an op it is one `aten.stack` call.
-    Its gradient is the stacked gradient's rows: views of one tensor, no copy."""
-    return torch.stack(xs)
-
-
-@stack_steps.register_fake
-def _(xs):
-    return xs[0].new_empty((len(xs), *xs[0].shape))
-
-
-def _stack_backward(ctx, grad):
-    return list(grad.unbind(0))
-
-
-stack_steps.register_autograd(_stack_backward, setup_context=lambda ctx, inputs, output: None)
-STACK_OP = torch.ops.pcr_compile.stack_steps.default
-
-
-def _stack_groups(xs: list[Tensor], sizes: list[int]) -> list[Tensor]:
-    out, at = [], 0
-    for n in sizes:
-        out.append(torch.stack(xs[at:at + n]))
-        at += n
-    return out
-
-
 @torch.library.custom_op(f"{NAMESPACE}::stack_groups", mutates_args=())
 def stack_groups(xs: list[Tensor], sizes: list[int]) -> list[Tensor]:
     """Every per-step group of a chain stacked in one op call: `xs` is the groups' tensors one group after the
-    other, `sizes[k]` the length of group k; output k is `torch.stack` of group k. One call for all groups
-    (a block with many parameters has many groups, and each custom-op call costs its dispatch), opaque to
-    Inductor as `stack_steps` is. Its gradient is the rows of each stacked gradient: views, no copy."""
+    other, `sizes[k]` the length of group k; output k is `torch.stack` of group k. Opaque to Inductor: as plain
+    `torch.stack`s in the graph, Inductor generates a copy kernel per step (L kernels to write and compile: the
+    first call of a 1024-layer MLP took as long as Inductor's own compile). One call for all groups: a block
+    with many parameters has many groups, and each custom-op call costs its dispatch. Its gradient is the rows
+    of each stacked gradient: views, no copy."""
     if sum(sizes) != len(xs):
         raise ValueError(f"stack_groups: sizes {list(sizes)} do not add up to the {len(xs)} tensors given")
-    return _stack_groups(xs, sizes)
+    return stack_each(xs, sizes)
 
 
 @stack_groups.register_fake
 def _(xs, sizes):
-    out, at = [], 0
-    for n in sizes:
-        out.append(xs[at].new_empty((n, *xs[at].shape)))
-        at += n
-    return out
+    return [group[0].new_empty((len(group), *group[0].shape)) for group in groups(xs, sizes)]
 
 
 def _stack_groups_setup(ctx, inputs, output):
@@ -150,11 +124,7 @@ def _stack_groups_setup(ctx, inputs, output):
     # One op for all groups: autograd would mark every output as requiring grad when any input does. A group
     # of buffers (BatchNorm's running statistics) must stay non-differentiable, as its own stack would be
     # (the chain's VJP may not take gradients with respect to it).
-    frozen, at = [], 0
-    for k, n in enumerate(ctx.sizes):
-        if not any(x.requires_grad for x in xs[at:at + n]):
-            frozen.append(output[k])
-        at += n
+    frozen = [out for out, group in zip(output, groups(xs, sizes)) if not any(x.requires_grad for x in group)]
     if frozen:
         ctx.mark_non_differentiable(*frozen)
 
@@ -212,12 +182,10 @@ def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:
 def no_grad_impl(target):
     """The plain Python implementation of one of this module's ops, for a graph that runs with grad mode off
     and outside AOTAutograd (the backend's solves-only route): the same function the op calls, without the
-    custom op's dispatch, autograd wrapper and output-alias checks (about 20 us a call, more for the stack of
-    a long per-step list). None for anything else."""
-    if target is STACK_OP:
-        return torch.stack
+    custom op's dispatch, autograd wrapper and output-alias checks (about 20 us a call). None for anything
+    else."""
     if target is STACK_GROUPS_OP:
-        return _stack_groups
+        return stack_each
     if getattr(target, "namespace", None) == NAMESPACE:
         return _IMPLS.get(target._schema.name.split("::", 1)[1])
     return None

@@ -200,6 +200,11 @@ def _update(lane: _Lane, g: torch.Tensor, s: int, n: int, q: int, res: float, hi
     return rest
 
 
+def _mean_log(values) -> float:
+    """The mean log of residuals (0 for none); the solve's measure of progress."""
+    return sum(math.log(max(x, 1e-300)) for x in values) / max(len(values), 1)
+
+
 def _race_winner(lanes) -> int:
     """The candidate with the lowest mean, over the last `RACE_WINDOW` rounds, of its mean log step residual
     over the window (the first on ties)."""
@@ -309,13 +314,12 @@ def sampler_forward(
             res = max(rho[p:], default=0.0)
             # progress: the mean log residual of the unaccepted steps (the max is not monotone under Picard: the
             # suffix's residuals grow while the front converges)
-            level = (sum(math.log(max(x, 1e-300)) for x in rho[p:]) / max(n - p, 1) if math.isfinite(res)
-                     else math.inf)
+            level = _mean_log(rho[p:]) if math.isfinite(res) else math.inf
             scored.append((p, res, level))
         w = min(range(len(lanes)), key=lambda i: (-scored[i][0], scored[i][2]))  # the leading candidate
         if len(lanes) > 1:  # the race's measure: each candidate's mean log step residual over the whole window
             for lane, r in zip(lanes, rho_all):
-                lane.levels.append(sum(math.log(max(x, 1e-300)) for x in r) / len(r))
+                lane.levels.append(_mean_log(r))
         p, res, level = scored[w]
         rho = rho_all[w]
         stats.residuals.append(max(rho, default=0.0))
