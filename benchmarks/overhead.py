@@ -42,7 +42,7 @@ def solve_work_removed() -> Iterator[dict]:
     stored: dict[tuple, Any] = {}
 
     def stored_result(spec, states, per_step, consts, invariants, length, *args, **kwargs):
-        key = (spec.name, length, kwargs.get("keep_trajectory", True), tuple(tuple(s.shape) for s in states))
+        key = (spec.name, length, kwargs.get("keep_trajectory", True), *[s.shape for s in states])
         if key not in stored:
             stored[key] = real(spec, states, per_step, consts, invariants, length, *args, **kwargs)
         return stored[key]

@@ -157,10 +157,13 @@ def _like(template: Tensor, value: Tensor) -> Tensor:
 def _final(state: Tensor, traj: Tensor) -> Tensor:
     """The last step of `traj` as a new tensor laid out as `torch.empty_like(state)` (the fake kernel's
     promise) in `state`'s dtype: a copy, so the output does not keep the (L, ...) trajectory alive."""
-    last = traj[-1]
-    if last.dtype == state.dtype and state.is_contiguous() and last.is_contiguous():
-        return last.clone()
-    return torch.empty_like(state).copy_(last)
+    if traj.dtype == state.dtype and state.is_contiguous():
+        if traj.shape[0] == 1 and traj.is_contiguous():  # the last step alone (no trajectory kept): one clone
+            return traj.clone().squeeze(0)
+        last = traj[-1]
+        if last.is_contiguous():
+            return last.clone()
+    return torch.empty_like(state).copy_(traj[-1])
 
 
 def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:
@@ -205,15 +208,21 @@ def get_chain_op(spec: ChainSpec):
 def _define(name: str):
     qual = f"{NAMESPACE}::{name}"
 
-    def run(*args) -> list[Tensor]:
-        a = ChainArgs(*args)
-        trajs = solver.run_forward(_SPECS[name], a.states, a.stacked, a.consts, a.invariants, a.length, a.tol,
-                                  a.max_iters, a.jacobian, a.window, keep_trajectory=a.save_trajectory,
-                                  impl=a.kernels, syms=a.syms, adaptive=a.adaptive)
-        finals = [_final(s, t) for s, t in zip(a.states, trajs)]  # one state each, not L
-        if not a.save_trajectory:  # every output is allocated here: none can alias an input
-            return finals + [t.new_empty((0,)) for t in trajs]
-        return _fresh(finals + trajs, [a.states, a.stacked, a.consts, a.invariants])
+    spec = _SPECS[name]
+
+    def run(states, stacked, consts, invariants, syms, length, tol, max_iters, jacobian, window, kernels,
+            save_trajectory, adaptive) -> list[Tensor]:  # CHAIN_ARGS, in order (checked below)
+        trajs = solver.run_forward(spec, states, stacked, consts, invariants, length, tol, max_iters, jacobian,
+                                   window, keep_trajectory=save_trajectory, impl=kernels, syms=syms,
+                                   adaptive=adaptive)
+        finals = [_final(s, t) for s, t in zip(states, trajs)]  # one state each, not L
+        if not save_trajectory:  # the finals alone, each allocated here: none can alias an input
+            return finals
+        return _fresh(finals + trajs, [states, stacked, consts, invariants])
+
+    # The implementation's parameters are CHAIN_ARGS spelled out (a namedtuple per call costs more than the
+    # rest of this wrapper); this keeps the two from drifting apart.
+    assert tuple(inspect.signature(run).parameters) == ChainArgs._fields, "run() must take CHAIN_ARGS in order"
 
     _IMPLS[name] = run
     chain = torch.library.custom_op(qual, mutates_args=(), schema=CHAIN_SCHEMA, **_TAGS)(run)
@@ -222,11 +231,9 @@ def _define(name: str):
     def _(*args):
         a = ChainArgs(*args)
         finals = [torch.empty_like(s) for s in a.states]
-        if a.save_trajectory:
-            trajs = [s.new_empty((a.length, *s.shape)) for s in a.states]
-        else:
-            trajs = [s.new_empty((0,)) for s in a.states]
-        return finals + trajs
+        if not a.save_trajectory:
+            return finals
+        return finals + [s.new_empty((a.length, *s.shape)) for s in a.states]
 
     @torch.library.custom_op(qual + "_adjoint", mutates_args=(), schema=ADJOINT_SCHEMA, **_TAGS)
     def adjoint(*args) -> list[Tensor]:
