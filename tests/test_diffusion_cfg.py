@@ -298,6 +298,8 @@ def test_parallel_denoise_errors(unet64):
     for exc, match, kw in cases:
         with pytest.raises(exc, match=match):
             parallel_denoise(unet64, sched, num_inference_steps=4, **kw)
+    with pytest.raises(ValueError, match="pass latents"):
+        parallel_denoise(lambda x, t, **kw: x, sched, None, pos, neg, num_inference_steps=4)
 
 
 def test_parallel_pipeline_points_stable_diffusion_to_parallel_denoise():

@@ -7,9 +7,10 @@ one timestep each (diffusers' UNets take a `(batch,)` timestep tensor), every pe
 tensor in the latents' dtype, applied in the eager loop's order, so a step evaluated in a batch rounds as
 the same step evaluated alone. With classifier-free guidance the one call has `2 n B` samples: `cat([X, X])` of
 the `n B` batched ones, the conditioning's negative and positive halves each tiled `n` times to line up
-(``pcr_compile/diffusion/guidance.py`` `expand_conditioning`); the solve's state stays the `B` guided latents. No `torch.compile` is involved (a CPU compile of a UNet sampler takes
-minutes); the solver is ``pcr_compile.solver.sampler`` (never more rounds than steps, Anderson / Picard,
-the exact or the noise-level stopping rule).
+(``pcr_compile/diffusion/guidance.py`` `expand_conditioning`); the solve's state stays the `B` guided latents.
+No `torch.compile` is involved (a CPU compile of a UNet sampler takes minutes); the solver is
+``pcr_compile.solver.sampler`` (never more rounds than steps, Anderson / Picard, the exact or the noise-level
+stopping rule).
 """
 
 from __future__ import annotations

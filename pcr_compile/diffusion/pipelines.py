@@ -186,6 +186,9 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
     if latents is None:
         from diffusers.utils.torch_utils import randn_tensor
 
+        if config is None or not hasattr(config, "sample_size") or not hasattr(config, "in_channels"):
+            raise ValueError("latents=None draws them from unet.config (in_channels, sample_size); this unet has "
+                             "no such config: pass latents")
         size = config.sample_size
         size = (size,) * 2 if isinstance(size, int) else tuple(size)
         latents = randn_tensor((B, config.in_channels, *size), generator=generator, device=prompt_embeds.device,
