@@ -38,6 +38,15 @@ Its coefficients are read off the scheduler: `step` is linear in the sample and 
 on basis vectors gives every sample in terms of them, and each step is solved for the fewest previous
 predictions that reproduce it (see `_plan_multistep`).
 
+Classifier-free guidance (`sampling_loop(..., guidance_scale=7.5, guidance_rescale=...)`, Stable Diffusion's
+loop, ``pcr_compile/diffusion/guidance.py``) puts the guidance into the denoiser part of every step:
+
+    m    = uncond + g * (text - uncond),  (uncond, text) = unet(cat([xin, xin]), t, ...).chunk(2)
+         (then diffusers' rescale_noise_cfg when guidance_rescale > 0)
+
+with `encoder_hidden_states = cat([negative_prompt_embeds, prompt_embeds])`; `parallel_denoise` runs the
+pipeline's denoising loop from prompt embeddings.
+
 Stochastic samplers (DDPM, DDIM with eta > 0, Euler with churn) pre-draw all per-step noise before the first
 step, one `randn_tensor(latents.shape, generator=...)` per step that diffusers' `step` would draw, in the same
 order, so the same `torch.Generator` seed gives the same samples as diffusers. Steps that draw nothing get zeros.
@@ -52,10 +61,11 @@ Diffusion Models" (ParaDiGMS, arXiv 2305.16317), the Picard iteration this loop 
 diffusers is optional: nothing here imports it at module import time.
 """
 
+from pcr_compile.diffusion.guidance import Guidance
 from pcr_compile.diffusion.loop import SamplingLoop, sampling_loop
 from pcr_compile.diffusion.parallel import parallel_sample
-from pcr_compile.diffusion.pipelines import ParallelPipeline, parallel_pipeline
+from pcr_compile.diffusion.pipelines import ParallelPipeline, parallel_denoise, parallel_pipeline
 from pcr_compile.diffusion.plans import SUPPORTED_SCHEDULERS, SamplerPlan, StepCoefficients, noise_levels
 
-__all__ = ["SUPPORTED_SCHEDULERS", "ParallelPipeline", "SamplerPlan", "SamplingLoop", "StepCoefficients",
-           "noise_levels", "parallel_pipeline", "parallel_sample", "sampling_loop"]
+__all__ = ["SUPPORTED_SCHEDULERS", "Guidance", "ParallelPipeline", "SamplerPlan", "SamplingLoop", "StepCoefficients",
+           "noise_levels", "parallel_denoise", "parallel_pipeline", "parallel_sample", "sampling_loop"]

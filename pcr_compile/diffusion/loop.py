@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pcr_compile.diffusion.guidance import Guidance, check_conditioning, guided, make_guidance
 from pcr_compile.diffusion.plans import (
     SCHEDULERS,
     SamplerPlan,
@@ -22,7 +23,8 @@ from pcr_compile.diffusion.plans import (
 log = logging.getLogger(__name__)
 
 
-def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps: int, **kwargs: Any) -> SamplingLoop:
+def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps: int, *,
+                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0, **kwargs: Any) -> SamplingLoop:
     """Return a `SamplingLoop` module running `scheduler`'s sampler over `unet` without graph breaks.
 
     Args:
@@ -33,6 +35,12 @@ def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps:
         scheduler: a diffusers `DDIMScheduler`, `DDPMScheduler` or `EulerDiscreteScheduler`. It is not
             modified: a deep copy gets `set_timesteps(num_inference_steps)`.
         num_inference_steps: the number of sampler steps, a positive int.
+        guidance_scale: classifier-free guidance as Stable Diffusion pipelines run it
+            (``pcr_compile/diffusion/guidance.py``): above 1 each step calls `unet` once on `cat([x, x])` and
+            returns `uncond + guidance_scale * (text - uncond)` of the two halves, so `encoder_hidden_states` must
+            be `cat([negative_prompt_embeds, prompt_embeds])` (2 x the latents' batch). At most 1 (the default),
+            or a UNet with `config.time_cond_proj_dim` set: no guidance, as diffusers' `do_classifier_free_guidance`.
+        guidance_rescale: diffusers' `guidance_rescale` (`rescale_noise_cfg`), applied when > 0 under guidance.
         **kwargs: the extra arguments of the scheduler's `step`, fixed for the whole loop: `eta` and
             `use_clipped_model_output` (DDIM); `s_churn`, `s_tmin`, `s_tmax`, `s_noise` (Euler).
 
@@ -48,6 +56,7 @@ def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps:
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+    guidance = make_guidance(guidance_scale, guidance_rescale, unet)
     name = _scheduler_name(scheduler)
     allowed = SCHEDULERS[name].step_kwargs
     unknown = sorted(set(kwargs) - set(allowed))
@@ -58,9 +67,9 @@ def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps:
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
     plan = SCHEDULERS[name].plan(sched, **options)
-    log.debug("sampling_loop: %s, %d steps, clip=%s, stochastic=%s", name, len(plan.steps), plan.clip_range,
-                 plan.stochastic)
-    return SamplingLoop(unet, plan)
+    log.debug("sampling_loop: %s, %d steps, clip=%s, stochastic=%s, guidance=%s", name, len(plan.steps),
+              plan.clip_range, plan.stochastic, guidance)
+    return SamplingLoop(unet, plan, guidance)
 
 
 class SamplingLoop(nn.Module):
@@ -72,13 +81,15 @@ class SamplingLoop(nn.Module):
     the global RNG) exactly as diffusers' `step` would draw it. The draws run outside any compiled graph (they
     enter it as inputs), so compiled and eager loops draw the same noise. Deterministic samplers ignore
     `generator` and reject `noise`. Every other keyword goes to `unet` at every step (e.g.
-    `encoder_hidden_states`).
+    `encoder_hidden_states`). With `guidance` (classifier-free guidance, `sampling_loop(guidance_scale=...)`)
+    the unet sees the doubled batch `cat([x, x])` and its keywords are the pipeline's doubled conditioning.
     """
 
-    def __init__(self, unet: Callable[..., Any], plan: SamplerPlan):
+    def __init__(self, unet: Callable[..., Any], plan: SamplerPlan, guidance: Guidance | None = None):
         super().__init__()
         self.unet = unet  # registered as a submodule when it is an nn.Module
         self.plan = plan
+        self.guidance = guidance
 
     @property
     def init_noise_sigma(self) -> float:
@@ -98,6 +109,12 @@ class SamplingLoop(nn.Module):
                             for s in self.plan.steps])
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, unet_kwargs: dict[str, Any]) -> torch.Tensor:
+        """The model output the scheduler's step takes for `x` (N, ...): guided when the loop has guidance."""
+        if self.guidance is None:
+            return self._unet_output(x, t, unet_kwargs)
+        return guided(lambda xx, tt: self._unet_output(xx, tt, unet_kwargs), x, t, self.guidance)
+
+    def _unet_output(self, x: torch.Tensor, t: torch.Tensor, unet_kwargs: dict[str, Any]) -> torch.Tensor:
         out = self.unet(x, t, **unet_kwargs)
         if isinstance(out, torch.Tensor):
             return out
@@ -119,6 +136,7 @@ class SamplingLoop(nn.Module):
                                  f"got {tuple(noise.shape)}")
         elif noise is not None:
             raise ValueError(f"{plan.scheduler} with these settings is deterministic; it takes no noise")
+        check_conditioning(unet_kwargs, latents.shape[0], self.guidance)
         x = latents
         # Multistep samplers carry the last `history` model outputs (zeros before the first step).
         hist = [torch.zeros_like(latents) for _ in range(plan.history)]

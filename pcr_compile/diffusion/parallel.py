@@ -5,9 +5,12 @@ sample and, for multistep samplers, the last `history` data predictions, packed 
 A round evaluates `n` steps at once by folding the steps into the denoiser's batch: `n * B` samples with
 one timestep each (diffusers' UNets take a `(batch,)` timestep tensor), every per-step constant as an `(n,)`
 tensor in the latents' dtype, applied in the eager loop's order, so a step evaluated in a batch rounds as
-the same step evaluated alone. No `torch.compile` is involved (a CPU compile of a UNet sampler takes
-minutes); the solver is ``pcr_compile.solver.sampler`` (never more rounds than steps, Anderson / Picard,
-the exact or the noise-level stopping rule).
+the same step evaluated alone. With classifier-free guidance the one call has `2 n B` samples: `cat([X, X])` of
+the `n B` batched ones, the conditioning's negative and positive halves each tiled `n` times to line up
+(``pcr_compile/diffusion/guidance.py`` `expand_conditioning`); the solve's state stays the `B` guided latents.
+No `torch.compile` is involved (a CPU compile of a UNet sampler takes minutes); the solver is
+``pcr_compile.solver.sampler`` (never more rounds than steps, Anderson / Picard, the exact or the noise-level
+stopping rule).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pcr_compile.diffusion.guidance import check_conditioning, expand_conditioning
 from pcr_compile.diffusion.loop import SamplingLoop
 from pcr_compile.diffusion.plans import noise_levels
 from pcr_compile.solver import sampler as sampler_solve
@@ -69,8 +73,7 @@ class BatchedSteps:
         c = {k: v[start: start + n].reshape(view) for k, v in self.c.items()}
         xin = x * c["in_scale"] if plan.scales_input else x
         t = self.t[start: start + n].repeat_interleave(rows)
-        kwargs = {k: (v.repeat(n * r, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() and
-                      v.shape[0] == B else v) for k, v in self.kwargs.items()}
+        kwargs = expand_conditioning(self.kwargs, B, n * r, self.loop.guidance)  # guidance: doubled in _denoise
         m = self.loop._denoise(xin.reshape(n * rows, *shape[1:]), t, kwargs).reshape(n, *shape)
         terms = []  # the eager loop's terms, in its order (SamplingLoop.forward)
         if plan.uses_x:
@@ -103,6 +106,8 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
         loop: a `SamplingLoop` (from `sampling_loop`) whose denoiser takes a `(batch,)` timestep tensor.
         latents: the initial sample, already scaled by `loop.init_noise_sigma`.
         generator, noise: the stochastic samplers' noise, exactly as `SamplingLoop.forward` takes it.
+        **unet_kwargs: the unet's keywords, as `SamplingLoop.forward` takes them; with guidance,
+            `encoder_hidden_states=cat([negative_prompt_embeds, prompt_embeds])` (2 x the latents' batch).
         tol: the stopping tolerance; None: the dtype's default for rule="exact" (float32 1e-6, as the
             backend), `DEFAULT_SIGMA_TOL` for rule="sigma".
         rule: "exact" (each step's defect against its own size, ``pcr_compile/solver/residual.py``) or "sigma" (against
@@ -145,6 +150,7 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
             raise ValueError(f"noise must have shape {(L, *latents.shape)}, got {tuple(noise.shape)}")
     elif noise is not None:
         raise ValueError(f"{plan.scheduler} with these settings is deterministic; it takes no noise")
+    check_conditioning(unet_kwargs, latents.shape[0], loop.guidance)
     steps = BatchedSteps(loop, latents, noise, unet_kwargs)
     solve_dtype = torch.float64 if latents.dtype == torch.float64 else torch.float32
     if tol is None:

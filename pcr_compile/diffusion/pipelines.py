@@ -1,4 +1,5 @@
-"""diffusers pipelines, sampled by the parallel solve: `parallel_pipeline(DDIMPipeline | DDPMPipeline)`.
+"""diffusers pipelines, sampled by the parallel solve: `parallel_pipeline(DDIMPipeline | DDPMPipeline)`, and
+the Stable Diffusion denoising loop with classifier-free guidance: `parallel_denoise`.
 
 `parallel_pipeline(pipe)(batch_size=..., num_inference_steps=..., generator=...)` takes the arguments of the
 wrapped pipeline's `__call__` and returns what it returns (an `ImagePipelineOutput`, or a tuple with
@@ -7,6 +8,14 @@ diffusers' order), so the images equal the sequential pipeline's within the solv
 runs through `sampling_loop` + `parallel_sample`; the progress bar (the pipeline's own `progress_bar`, so
 `pipe.set_progress_bar_config` applies) advances once per round, its total the number of steps (the most
 rounds a solve takes). The stats of the last call are in `.last_stats`.
+
+`parallel_denoise(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale=7.5, ...)` is
+step 7 of `StableDiffusionPipeline.__call__` (the denoising loop over a `UNet2DConditionModel`, with guidance and
+`guidance_rescale`; ``pcr_compile/diffusion/guidance.py``), from the latents that `prepare_latents` makes, to the
+latents the pipeline returns with `output_type="latent"`. It takes prompt embeddings, not prompts: the text
+encoder (and so `StableDiffusionPipeline` itself) needs `transformers`. `parallel_pipeline` does not wrap
+Stable Diffusion pipelines: for one, `pipe.encode_prompt` gives the embeddings, `parallel_denoise(pipe.unet,
+pipe.scheduler, ...)` the latents, and `pipe.vae.decode` the image.
 """
 
 from __future__ import annotations
@@ -17,8 +26,18 @@ import torch
 
 from pcr_compile.diffusion.loop import sampling_loop
 from pcr_compile.diffusion.parallel import parallel_sample
+from pcr_compile.diffusion.plans import SCHEDULERS, _scheduler_name
+from pcr_compile.solver.sampler import SamplerStats
 
 PIPELINES = ("DDIMPipeline", "DDPMPipeline")
+# the keyword arguments of parallel_sample that configure the solve (everything else would reach the unet)
+SOLVER_OPTIONS = ("tol", "rule", "accel", "history", "window", "max_iters", "jacobian")
+
+
+def _check_solver_options(options: dict[str, Any], who: str) -> None:
+    unknown = sorted(set(options) - set(SOLVER_OPTIONS))
+    if unknown:
+        raise TypeError(f"{who} got unexpected solver options {unknown}; it takes {list(SOLVER_OPTIONS)}")
 
 
 class ParallelPipeline:
@@ -27,7 +46,11 @@ class ParallelPipeline:
     def __init__(self, pipe: Any, **solver_options: Any):
         name = type(pipe).__name__
         if name not in PIPELINES or not type(pipe).__module__.startswith("diffusers."):
-            raise NotImplementedError(f"parallel_pipeline supports {', '.join(PIPELINES)}, got {name}")
+            hint = ("; for a Stable Diffusion pipeline run its denoising loop with pcr_compile.diffusion."
+                    "parallel_denoise(pipe.unet, pipe.scheduler, latents, prompt_embeds, negative_prompt_embeds)"
+                    if "StableDiffusion" in name else "")
+            raise NotImplementedError(f"parallel_pipeline supports {', '.join(PIPELINES)}, got {name}{hint}")
+        _check_solver_options(solver_options, "parallel_pipeline")
         self.pipe, self.options, self.last_stats = pipe, dict(solver_options), None
 
     def __getattr__(self, item: str) -> Any:  # unet, scheduler, progress_bar, ... of the wrapped pipeline
@@ -88,3 +111,96 @@ def parallel_pipeline(pipe: Any, **solver_options: Any) -> ParallelPipeline:
     """Wrap a diffusers `DDIMPipeline` / `DDPMPipeline`; `solver_options` go to `parallel_sample` (tol, rule,
     accel, jacobian, history, window, max_iters)."""
     return ParallelPipeline(pipe, **solver_options)
+
+
+@torch.no_grad()
+def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, prompt_embeds: torch.Tensor,
+                     negative_prompt_embeds: torch.Tensor | None = None, *, guidance_scale: float = 7.5,
+                     guidance_rescale: float = 0.0, num_inference_steps: int = 50, generator: Any = None,
+                     eta: float = 0.0, cross_attention_kwargs: dict[str, Any] | None = None,
+                     added_cond_kwargs: dict[str, Any] | None = None, on_round=None, **solver_options: Any
+                     ) -> tuple[torch.Tensor, SamplerStats]:
+    """`StableDiffusionPipeline.__call__`'s denoising loop (classifier-free guidance included) by the parallel solve.
+
+    Equal, within the solve's tolerance, to `pipe(prompt_embeds=prompt_embeds,
+    negative_prompt_embeds=negative_prompt_embeds, latents=latents, guidance_scale=..., guidance_rescale=...,
+    num_inference_steps=..., eta=..., generator=..., output_type="latent").images` of a pipeline with this
+    `unet` and `scheduler` (one image per prompt; default height and width when `latents` is None).
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel` (or a callable `unet(x, t, encoder_hidden_states=...)`, as for
+            `sampling_loop`). A UNet with `config.time_cond_proj_dim` (a guidance embedding, LCM) is not supported.
+        scheduler: a scheduler `sampling_loop` supports (DDIM, DDPM, Euler, DPM-Solver multistep); not modified.
+        latents: the initial noise `(B, C, H, W)` as the pipeline's `latents=` takes it (before the scheduler's
+            `init_noise_sigma`, applied here), or None: drawn as `prepare_latents` does, `randn_tensor((B,
+            in_channels, sample_size, sample_size), generator)` in `prompt_embeds`' dtype on its device.
+        prompt_embeds: the text embeddings `(B, seq, dim)`, as `pipe.encode_prompt` returns them.
+        negative_prompt_embeds: the unconditional embeddings, the same shape; required when guidance is on
+            (diffusers encodes the empty prompt there, which needs the text encoder).
+        guidance_scale, guidance_rescale: as in the pipeline; guidance is on when `guidance_scale > 1`.
+        num_inference_steps: the number of sampler steps.
+        generator: a `torch.Generator` or a list of B, for the initial latents and any per-step noise.
+        eta: DDIM's eta (passed only to schedulers whose `step` takes it, as `prepare_extra_step_kwargs`).
+        cross_attention_kwargs, added_cond_kwargs: passed to the unet at every step, as the pipeline does.
+        on_round: `on_round(committed_steps, steps)` after each round.
+        **solver_options: `parallel_sample`'s options: tol, rule, accel, history, window, max_iters, jacobian.
+
+    Returns:
+        `(latents, stats)`: the denoised latents (decode them with `pipe.vae`) and the solve's `SamplerStats`.
+
+    Raises:
+        TypeError: `prompt_embeds` / `negative_prompt_embeds` / `latents` is not a tensor, or an unknown solver option.
+        ValueError: shapes that do not match (naming the argument), or guidance without `negative_prompt_embeds`.
+        NotImplementedError: a guidance-embedding UNet, or what `sampling_loop` does not support.
+    """
+    _check_solver_options(solver_options, "parallel_denoise")
+    if not isinstance(prompt_embeds, torch.Tensor):
+        raise TypeError(f"prompt_embeds must be a tensor (batch, seq, dim), got {type(prompt_embeds).__name__}")
+    if prompt_embeds.dim() != 3:
+        raise ValueError(f"prompt_embeds must be (batch, seq, dim), got shape {tuple(prompt_embeds.shape)}")
+    config = getattr(unet, "config", None)
+    if getattr(config, "time_cond_proj_dim", None) is not None:
+        raise NotImplementedError("parallel_denoise does not support a UNet with time_cond_proj_dim (a guidance "
+                                  "embedding, as LCM): pass its timestep_cond to sampling_loop's loop instead")
+    name = _scheduler_name(scheduler)
+    step_kwargs = {"eta": eta} if "eta" in SCHEDULERS[name].step_kwargs else {}
+    loop = sampling_loop(unet, scheduler, num_inference_steps, guidance_scale=guidance_scale,
+                         guidance_rescale=guidance_rescale, **step_kwargs)
+    B = prompt_embeds.shape[0]
+    if loop.guidance is not None:
+        if negative_prompt_embeds is None:
+            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds (the pipeline "
+                             "encodes the negative or empty prompt with its text encoder; pass the embeddings)")
+        if not isinstance(negative_prompt_embeds, torch.Tensor):
+            raise TypeError("negative_prompt_embeds must be a tensor, got "
+                            f"{type(negative_prompt_embeds).__name__}")
+        if negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(f"negative_prompt_embeds must have prompt_embeds' shape {tuple(prompt_embeds.shape)}, "
+                             f"got {tuple(negative_prompt_embeds.shape)}")
+        negative = negative_prompt_embeds.to(dtype=prompt_embeds.dtype, device=prompt_embeds.device)
+        encoder_hidden_states = torch.cat([negative, prompt_embeds])  # (2B, seq, dim): unconditional half first
+    else:
+        encoder_hidden_states = prompt_embeds
+    if isinstance(generator, list) and len(generator) != B:
+        raise ValueError(f"got a list of {len(generator)} generators for a batch of {B} prompt embeddings")
+    if latents is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if config is None or not hasattr(config, "sample_size") or not hasattr(config, "in_channels"):
+            raise ValueError("latents=None draws them from unet.config (in_channels, sample_size); this unet has "
+                             "no such config: pass latents")
+        size = config.sample_size
+        size = (size,) * 2 if isinstance(size, int) else tuple(size)
+        latents = randn_tensor((B, config.in_channels, *size), generator=generator, device=prompt_embeds.device,
+                               dtype=prompt_embeds.dtype)
+    elif not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a tensor or None, got {type(latents).__name__}")
+    elif latents.shape[0] != B:
+        raise ValueError(f"latents has batch {latents.shape[0]} but prompt_embeds has batch {B}")
+    unet_kwargs: dict[str, Any] = {"encoder_hidden_states": encoder_hidden_states}
+    if cross_attention_kwargs is not None:
+        unet_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
+    if added_cond_kwargs is not None:
+        unet_kwargs["added_cond_kwargs"] = added_cond_kwargs
+    return parallel_sample(loop, latents * loop.init_noise_sigma, generator=generator, on_round=on_round,
+                           **solver_options, **unet_kwargs)
