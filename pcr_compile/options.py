@@ -9,6 +9,7 @@ from .kernels import IMPLS
 MODES = ("auto", "parallel", "sequential")
 JACOBIANS = ("auto", "dense", "diagonal", "identity", "zero")
 KERNELS = IMPLS  # the kernels option takes the kernels package's impl values
+SAMPLER_JACOBIANS = ("auto", "scalar", "identity")  # pcr_compile.solver.sampler.JACOBIANS, the default first
 
 
 def inductor_modes() -> tuple[str, ...]:
@@ -31,6 +32,11 @@ class Options:
     min_chain_length: shorter repeats are left alone.
     jacobian: "auto" (by block structure and state size), "dense", "diagonal", "identity", "zero".
     window: steps evaluated per batched call by sampler solves (0: the whole chain).
+    sampler_jacobian: the update of a sampler chain solved matrix-free (jacobian "identity": a large state, or
+        forced; pcr_compile/solver/sampler.py, full window): "auto" (the default, as `parallel_sample`: scalar
+        Newton and Picard + Anderson raced side by side for the first rounds, then the one whose step
+        residuals fell further kept), "scalar" (Newton with each step's secant-measured scalar Jacobian),
+        "identity" (Picard with triangular Anderson mixing).
     dense_budget: largest dense Jacobian (elements, L * B * w * w) "auto" may materialise.
     kernels: linear-recurrence kernels: "auto" (Triton on CUDA, PyTorch otherwise), "triton", "torch".
     strict: re-raise internal errors instead of falling back to Inductor on the original graph.
@@ -47,6 +53,7 @@ class Options:
     min_chain_length: int = 8
     jacobian: str = "auto"
     window: int = 0
+    sampler_jacobian: str = "auto"
     dense_budget: int = 1 << 26
     kernels: str = "auto"
     strict: bool = False
@@ -77,6 +84,8 @@ class Options:
             bad("mode", f"one of {MODES}")
         if self.jacobian not in JACOBIANS:
             bad("jacobian", f"one of {JACOBIANS}")
+        if self.sampler_jacobian not in SAMPLER_JACOBIANS:
+            bad("sampler_jacobian", f"one of {SAMPLER_JACOBIANS}")
         if self.kernels not in KERNELS:
             bad("kernels", f"one of {KERNELS}")
         if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))

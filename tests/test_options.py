@@ -11,6 +11,7 @@ from pcr_compile.options import JACOBIANS, KERNELS, MODES, Options
 def test_defaults_and_round_trip():
     o = Options.parse(None)
     assert (o.mode, o.tol, o.max_iters, o.kernels) == ("auto", None, 50, "auto")
+    assert o.sampler_jacobian == "auto"  # as parallel_sample's jacobian
     assert Options.parse(o) is o
     assert Options.parse(o.as_dict()) == o
 
@@ -19,6 +20,8 @@ def test_defaults_and_round_trip():
     ("mode", "fast", "one of ('auto', 'parallel', 'sequential')"),
     ("jacobian", "full", "one of ('auto', 'dense'"),
     ("kernels", "cuda", "one of ('auto', 'triton', 'torch')"),
+    ("sampler_jacobian", "dense", "one of ('auto', 'scalar', 'identity')"),
+    ("sampler_jacobian", None, "one of ('auto', 'scalar', 'identity')"),
     ("tol", 0.0, "None or a number in (0, 1)"),
     ("tol", True, "None or a number in (0, 1)"),
     ("max_iters", -1, "an int >= 0"),
@@ -43,3 +46,12 @@ def test_unknown_keys_and_non_dicts_are_errors():
 def test_the_kernels_values_are_the_kernels_packages_own():
     assert KERNELS is IMPLS and "triton" in KERNELS
     assert MODES == ("auto", "parallel", "sequential") and "dense" in JACOBIANS
+
+
+def test_sampler_jacobian_accepts_the_sampler_solves_updates():
+    from pcr_compile.options import SAMPLER_JACOBIANS
+    from pcr_compile.solver.sampler import JACOBIANS as SOLVER_JACOBIANS
+
+    assert set(SAMPLER_JACOBIANS) == set(SOLVER_JACOBIANS)
+    for value in SAMPLER_JACOBIANS:
+        assert Options.parse({"sampler_jacobian": value}).sampler_jacobian == value
