@@ -132,7 +132,7 @@ def stack_each(xs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
 
 def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: float, max_iters: int, jacobian: str,
                   window: int, kernels: str, save_trajectory: bool, const_prefix: str, adaptive: bool = False,
-                  stack_groups=stack_each) -> Node:
+                  stack_groups=stack_each, sampler_jacobian: str = "auto") -> Node:
     """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile.
 
     `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.runtime.ops``); the
@@ -180,7 +180,8 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
         call = graph.call_function(op, call_args(
             states=list(match.initial), stacked=stacked, consts=const_nodes, invariants=list(match.invariants),
             syms=list(match.sym_invariants), length=L, tol=float(tol), max_iters=int(max_iters), jacobian=jacobian,
-            window=int(window), kernels=kernels, save_trajectory=save_trajectory, adaptive=bool(adaptive)))
+            window=int(window), sampler_jacobian=sampler_jacobian, kernels=kernels, save_trajectory=save_trajectory,
+            adaptive=bool(adaptive)))
     chain_nodes = [n for blk in match.blocks for n in blk]
     inside = set(chain_nodes)
     created: set[Node] = {call}

@@ -141,7 +141,7 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
     for i, (pc, spec) in enumerate(zip(chosen, specs)):
         op = ops.get_chain_op(spec)
         rewrite_chain(new, pc.match, op, ops.chain_call_args, tol=options.tol or 0.0, max_iters=options.max_iters,
-                      jacobian=pc.decision.jacobian, window=options.window,
+                      jacobian=pc.decision.jacobian, window=options.window, sampler_jacobian=options.sampler_jacobian,
                       kernels=options.kernels, save_trajectory=_needs_grad(pc.match),
                       const_prefix=f"_pcr_chain{i}_const", adaptive=options.mode == "auto",
                       stack_groups=ops.STACK_GROUPS_OP)

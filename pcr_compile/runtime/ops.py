@@ -55,6 +55,7 @@ CHAIN_ARGS = (
     ("max_iters", "int"),
     ("jacobian", "str"),
     ("window", "int"),
+    ("sampler_jacobian", "str"),  # a sampler chain's update: "auto" | "scalar" | "identity" (solver/sampler.py)
     ("kernels", "str"),
     ("save_trajectory", "bool"),
     ("adaptive", "bool"),  # mode="auto": switch to sequential after a solve that did not pay (solver/auto_switch.py)
@@ -210,11 +211,11 @@ def _define(name: str):
 
     spec = _SPECS[name]
 
-    def run(states, stacked, consts, invariants, syms, length, tol, max_iters, jacobian, window, kernels,
-            save_trajectory, adaptive) -> list[Tensor]:  # CHAIN_ARGS, in order (checked below)
+    def run(states, stacked, consts, invariants, syms, length, tol, max_iters, jacobian, window, sampler_jacobian,
+            kernels, save_trajectory, adaptive) -> list[Tensor]:  # CHAIN_ARGS, in order (checked below)
         trajs = solver.run_forward(spec, states, stacked, consts, invariants, length, tol, max_iters, jacobian,
                                    window, keep_trajectory=save_trajectory, impl=kernels, syms=syms,
-                                   adaptive=adaptive)
+                                   adaptive=adaptive, sampler_jacobian=sampler_jacobian)
         finals = [_final(s, t) for s, t in zip(states, trajs)]  # one state each, not L
         if not save_trajectory:  # the finals alone, each allocated here: none can alias an input
             return finals

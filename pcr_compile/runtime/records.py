@@ -38,6 +38,11 @@ class SolveRecord:
     # reported), and steps evaluated one at a time by a fallback.
     evaluations: int = 0
     sequential_steps: int = 0
+    # Sampler solves (solver/sampler.py): the update whose iterates were kept, "jacobian/accel" ("scalar/picard",
+    # "identity/auto"; with sampler_jacobian="auto" the race's winner), and the denoiser work in single steps
+    # (a round over n steps counts n, both candidates' rows while they race; sequential sampling: `length`).
+    chosen: str = ""
+    step_evaluations: int = 0
 
 
 def emit_solve(chain: str, length: int, direction: str, jacobian: str, stats, seconds: float) -> None:
@@ -45,7 +50,8 @@ def emit_solve(chain: str, length: int, direction: str, jacobian: str, stats, se
     emit(SolveRecord(chain=chain, length=length, iterations=stats.iterations, residual=stats.residual,
                      converged=stats.converged, fell_back=stats.fell_back, direction=direction, jacobian=jacobian,
                      prefix=stats.prefix, residuals=tuple(stats.residuals), reason=stats.reason, seconds=seconds,
-                     evaluations=stats.evaluations, sequential_steps=stats.sequential_steps))
+                     evaluations=stats.evaluations, sequential_steps=stats.sequential_steps,
+                     chosen=getattr(stats, "chosen", ""), step_evaluations=getattr(stats, "step_evaluations", 0)))
 
 
 def emit(record: SolveRecord) -> None:

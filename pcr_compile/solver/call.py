@@ -102,16 +102,22 @@ class ChainCall:
         return tuple(self.spec.template(*args))
 
     # --- evaluation of all steps at once ---------------------------------------------------------
-    def batched(self, Zprev: torch.Tensor, stacked=None, invariants=None, start: int = 0) -> torch.Tensor:
-        """F = [f_l(Zprev_l)] for steps start .. start + len(Zprev), packed (n, B, w) in solve dtype."""
+    def batched(self, Zprev: torch.Tensor, stacked=None, invariants=None, start: int = 0, copies: int = 1
+                ) -> torch.Tensor:
+        """F = [f_l(Zprev_l)] for steps start .. start + len(Zprev), packed (n, B, w) in solve dtype. With
+        `copies` = k, `Zprev` is `(k n, B, w)`: k guesses for the same n steps one after the other, evaluated in
+        one call as k n steps (each step's per-step inputs repeated k times; the template is vmapped over
+        steps, so the copies cannot interact, whatever the template does across its batch rows)."""
         stacked = self.stacked if stacked is None else stacked
         invariants = self.invariants if invariants is None else invariants
-        n = Zprev.shape[0]
+        n = Zprev.shape[0] // copies
         if start or n != self.L:
             stacked = [t[start: start + n] for t in stacked]
             consts = [t[start: start + n] for t in self.consts]
         else:
             consts = self.consts
+        if copies > 1:
+            stacked, consts = ([torch.cat([t] * copies) for t in ts] for ts in (stacked, consts))
         prev = self.layout.unpack(Zprev, lead=1)
         out = self._batched(*prev, *stacked, *consts, *invariants, *self.syms)
         return self.layout.pack(list(out), lead=1, dtype=self.solve_dtype)

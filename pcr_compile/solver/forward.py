@@ -19,13 +19,17 @@ log = logging.getLogger(__name__)
 
 def run_forward(spec: ChainSpec, states, stacked, consts, invariants, length: int, tol: float, max_iters: int,
                 jacobian: str, window: int = 0, keep_trajectory: bool = True, impl: str = "auto",
-                syms=(), adaptive: bool = False) -> list[torch.Tensor]:
+                syms=(), adaptive: bool = False, sampler_jacobian: str = "auto") -> list[torch.Tensor]:
     """Solve the chain; returns the trajectories `(L, *state_shape)`, one per state, in the states' dtypes
     (only the last step, `(1, *state_shape)`, when `keep_trajectory` is False). `adaptive` (mode="auto"):
-    a solve that does not pay switches later calls with the same shapes to sequential evaluation."""
+    a solve that does not pay switches later calls with the same shapes to sequential evaluation.
+    `sampler_jacobian`: the update of a sampler chain solved by the sampler solve (structure "identity", full
+    window, float32 / float64): "auto" (scalar Newton and Picard + Anderson raced), "scalar" or "identity"."""
+    if sampler_jacobian not in sampler.JACOBIANS:
+        raise ValueError(f"sampler_jacobian must be one of {sampler.JACOBIANS}, got {sampler_jacobian!r}")
     with _functorch_ready():
         return _run_forward(spec, states, stacked, consts, invariants, length, tol, max_iters, jacobian, window,
-                            keep_trajectory, impl, syms, adaptive)
+                            keep_trajectory, impl, syms, adaptive, sampler_jacobian)
 
 
 def _fused(call: ChainCall, z0: torch.Tensor, jacobian: str, tol: float, max_iters: int, window: int, impl: str):
@@ -45,8 +49,46 @@ def _fused(call: ChainCall, z0: torch.Tensor, jacobian: str, tol: float, max_ite
     return res.traj.to(call.solve_dtype), stats
 
 
+def _sampler(call: ChainCall, z0: torch.Tensor, length: int, tol: float, max_iters: int, jacobian: str):
+    """The sampler solve (sampler.py) over the template's batched steps, with update `jacobian`.
+
+    jacobian="auto" races two candidates and hands both guesses over at once, side by side as rows
+    `(n, 2B, w)`. They are evaluated as `2n` steps of the usual batched call (`ChainCall.batched`'s `copies`),
+    not as `2B` rows: the traced template's batch size may be specialised, and its rows may interact (batch
+    statistics), whereas the template is vmapped over steps, so the copies are independent by construction. A
+    stacked call that fails (memory, say) is retried as one call per candidate from then on, and those calls
+    are counted in `evaluations`; a failure of a single call is the caller's (a sequential answer)."""
+    B = z0.shape[0]
+    split = [False]  # evaluate the candidates one call each (the stacked call failed once)
+    extra = [0]  # batched calls beyond one per round
+
+    def evaluate(s: int, Zp: torch.Tensor) -> torch.Tensor:
+        k = Zp.shape[1] // B  # candidates side by side
+        if k == 1:
+            return call.batched(Zp, start=s)
+        parts = Zp.split(B, dim=1)
+        if not split[0]:
+            try:
+                F = call.batched(torch.cat(parts), start=s, copies=k)  # (k n, B, w)
+                return torch.cat(F.split(Zp.shape[0]), dim=1)
+            except Exception as e:  # noqa: BLE001 - retried below one candidate at a time; that one may raise
+                log.warning("deeppcr: %s: the race's stacked call failed (%s: %s); one call per candidate from now",
+                            call.spec.name, type(e).__name__, e)
+                split[0] = True
+        extra[0] += k - 1
+        return torch.cat([call.batched(p, start=s) for p in parts], dim=1)
+
+    # "scalar" as the race runs it: without Anderson mixing (the "scalar / picard" rows of RESULTS.md)
+    accel = "picard" if jacobian == "scalar" else "auto"
+    Z, stats = sampler.sampler_forward(z0, length, evaluate, tol=tol, max_iters=min(max_iters, length),
+                                       solve_dtype=call.solve_dtype, parts=call.layout.sizes, jacobian=jacobian,
+                                       accel=accel, stacked_rows=True)
+    stats.evaluations += extra[0]
+    return Z, stats
+
+
 def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_iters, jacobian, window,
-                 keep_trajectory, impl, syms, adaptive=False):
+                 keep_trajectory, impl, syms, adaptive=False, sampler_jacobian="auto"):
     t0 = time.perf_counter()
     call = ChainCall(spec, states, stacked, consts, invariants, length, syms)
     lay = call.layout
@@ -77,10 +119,8 @@ def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_ite
                     Z, stats = fused
                     Z = Z if keep_trajectory else Z[-1:]
                 elif spec.kind == "sampler" and structure == "identity" and not window and call.round_dtype is None:
-                    # Samplers under Picard: the never-deeper-than-sequential sampler solve (sampler.py)
-                    Z, stats = sampler.sampler_forward(
-                        z0, length, lambda s, Zp: call.evaluate(s, Zp, False, structure)[0], tol=tol,
-                        max_iters=min(max_iters, length), solve_dtype=call.solve_dtype, parts=lay.sizes)
+                    # Matrix-free samplers: the never-deeper-than-sequential sampler solve (sampler.py)
+                    Z, stats = _sampler(call, z0, length, tol, max_iters, sampler_jacobian)
                     Z = Z if keep_trajectory else Z[-1:]
                 else:
                     Z, stats = newton.newton_forward(
