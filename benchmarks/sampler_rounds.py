@@ -12,6 +12,12 @@ Iteration counts do not depend on the device; no timings here.
 
     python -m benchmarks.sampler_rounds [--quick] [--schedulers ddim,ddpm] [--steps 25,50] [--out FILE.md]
     python -m benchmarks.sampler_rounds --oracle      # dense-Jacobian Newton on DDIM 50 / 100 (a bound)
+    python -m benchmarks.sampler_rounds --compiled [--schedulers ddim,ddim-clip] [--steps 50,100]
+
+`--compiled`: the same loops through `torch.compile(loop, backend="deeppcr", options={"mode": "parallel",
+"sampler_jacobian": ...})` instead of `parallel_sample`, once per `sampler_jacobian` (each a compile of the
+unrolled loop: ~40 s at 50 steps on this CPU), counts read from `pcr_compile.record_solves()`. The compiled
+chain has no scheduler to read `x0_gain` from, so its scalar Newton starts from gains of one.
 """
 
 from __future__ import annotations
@@ -165,6 +171,44 @@ def dense_newton_oracle(steps: int = 100, tols=(1e-6, 1e-4, 1e-3), batch: int = 
     return out
 
 
+COMPILED_SETTINGS = ("identity", "scalar", "auto")  # sampler_jacobian; "identity": the compiled path before 2026-12-03
+
+
+def measure_compiled(schedulers=("ddim", "ddim-clip"), steps=(50, 100), settings=COMPILED_SETTINGS, batch: int = 2,
+                     seed: int = 0) -> list[Row]:
+    """`measure`'s rows for the compiled path: default tol (the dtype's, 1e-6), exact rule, full window."""
+    import pcr_compile
+    from benchmarks.fixtures.blob_unet import load_blob_unet
+    from pcr_compile.diffusion import sampling_loop
+
+    unet = load_blob_unet()
+    unet64 = copy.deepcopy(unet).double()
+    rows = []
+    for name in schedulers:
+        for n in steps:
+            sched = make_scheduler(name)
+            loop, loop64 = sampling_loop(unet, sched, n), sampling_loop(unet64, sched, n)
+            latents = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+            latents = latents * loop.init_noise_sigma
+            if loop.plan.stochastic:
+                raise ValueError(f"--compiled measures deterministic samplers only, not {name!r}")
+            with torch.no_grad():
+                ref, seq = loop64(latents.double()), loop(latents)
+            floor = _rel(seq, ref)
+            for jac in settings:
+                torch._dynamo.reset()
+                compiled = torch.compile(loop, backend="deeppcr",
+                                         options={"mode": "parallel", "strict": True, "sampler_jacobian": jac})
+                with torch.no_grad(), pcr_compile.record_solves() as solves:
+                    y = compiled(latents)
+                [st] = solves
+                accel = "picard" if jac == "scalar" else "auto"
+                rows.append(Row(name, n, accel, jac, st.chosen, "exact", 1e-6, st.evaluations, st.sequential_steps,
+                                st.evaluations + st.sequential_steps, st.step_evaluations, _rel(y, ref), _rel(y, seq),
+                                floor, st.reason))
+    return rows
+
+
 def markdown(rows: list[Row]) -> str:
     head = ("| scheduler | steps | jacobian / accel | kept | rule | tol | rounds | seq. finish | depth "
             "| denoiser work (x L) | err vs fp64 | err vs fp32 | fp32 floor |")
@@ -184,8 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--oracle", action="store_true",
                    help="instead: Newton with the exact (dense) Jacobians of the converged trajectory, DDIM 50 / "
                         "100 steps, clip off (forward-mode AD over every step; minutes)")
-    p.add_argument("--schedulers", default=",".join(SCHEDULERS))
-    p.add_argument("--steps", default=",".join(map(str, STEPS)))
+    p.add_argument("--compiled", action="store_true",
+                   help="instead: through torch.compile(backend='deeppcr', mode='parallel'), once per "
+                        "sampler_jacobian (defaults: --schedulers ddim,ddim-clip --steps 50,100)")
+    p.add_argument("--schedulers", default=None)
+    p.add_argument("--steps", default=None)
     p.add_argument("--out", help="also write the markdown table here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -193,11 +240,16 @@ def main(argv=None) -> int:
     if a.oracle:
         text = ("| scheduler | steps | update | rule | tol | rounds | err vs fp64 |\n|---|---|---|---|---|---|---|\n"
                 + "\n".join(line for n in (50, 100) for line in dense_newton_oracle(n)) + "\n")
+    elif a.compiled:
+        rows = measure_compiled(tuple((a.schedulers or "ddim,ddim-clip").split(",")),
+                                tuple(int(s) for s in (a.steps or "50,100").split(",")))
+        text = markdown(rows)
     else:
         if a.quick:
             rows = measure(("ddim",), (25,), SETTINGS[1:4:2])
         else:
-            rows = measure(tuple(a.schedulers.split(",")), tuple(int(s) for s in a.steps.split(",")))
+            rows = measure(tuple((a.schedulers or ",".join(SCHEDULERS)).split(",")),
+                           tuple(int(s) for s in (a.steps or ",".join(map(str, STEPS))).split(",")))
         text = markdown(rows)
     text += f"\n({time.time() - t0:.0f} s)\n"
     print(text)
