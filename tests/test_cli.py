@@ -206,7 +206,8 @@ def test_json_schema(runs):
     assert run["outputs"] == [{"shape": [3, 2], "dtype": "float32"}] and run["max_rel_error"] < 1e-5
     [s] = run["solves"]
     assert set(s) == {"chain", "length", "iterations", "residual", "converged", "fell_back", "direction",
-                      "jacobian", "prefix", "residuals", "reason", "seconds", "evaluations", "sequential_steps"}
+                      "jacobian", "prefix", "residuals", "reason", "seconds", "evaluations", "sequential_steps",
+                      "chosen", "step_evaluations"}
     assert (s["direction"], s["length"], s["converged"], s["fell_back"]) == ("forward", 8, True, False)
     assert s["evaluations"] == s["iterations"] + 1 and s["sequential_steps"] == 0  # the last one certifies
     assert len(s["residuals"]) == s["iterations"] + 1 and s["residuals"][-1] == s["residual"]

@@ -42,7 +42,8 @@ changed). The JSON schema:
                  "grad_max_rel_error": float | null,                   # with --backward
                  "solves": [{"chain", "length", "iterations", "residual", "converged", "fell_back",
                              "direction", "jacobian", "prefix", "residuals": [float], "reason", "seconds",
-                             "evaluations", "sequential_steps"}]}
+                             "evaluations", "sequential_steps",
+                             "chosen", "step_evaluations"}]}                  # sampler solves; "", 0 otherwise
 }
   residuals[k] is the solve's relative residual after k iterations (residuals[0]: the initial guess), so
   residuals has iterations + 1 entries and residuals[-1] == residual. Non-finite numbers are written as
