@@ -92,6 +92,19 @@ def test_scalar_newton_converges_where_picard_crawls():
     assert primed.evaluations <= sc.evaluations
 
 
+def test_scalar_newton_is_unmixed_unless_anderson_is_asked_for():
+    """jacobian="scalar" with the default accel="auto" is the race's scalar candidate (no Anderson mixing);
+    accel="anderson" mixes it."""
+    L = 40
+    z0, evaluate, ref = contracting_chain(L)
+    solve = dict(tol=1e-10, max_iters=L, solve_dtype=torch.float64, jacobian="scalar")
+    Z, dflt = sampler_solve.sampler_forward(z0, L, evaluate, **solve)
+    Zp, plain = sampler_solve.sampler_forward(z0, L, evaluate, accel="picard", **solve)
+    _, mixed = sampler_solve.sampler_forward(z0, L, evaluate, accel="anderson", **solve)
+    assert dflt.candidates == ["scalar/picard"] and mixed.candidates == ["scalar/anderson"]
+    assert torch.equal(Z, Zp) and dflt.evaluations == plain.evaluations and rel_err(Z, ref) < 1e-9
+
+
 def test_auto_races_and_keeps_the_faster_candidate_on_a_constructed_chain():
     L = 40
     z0, evaluate, ref = contracting_chain(L)
