@@ -75,11 +75,11 @@ def main(argv=None) -> None:
     for r in rows:
         print(json.dumps(r))
     ratio = rows[0]["first_call_s"] / rows[1]["first_call_s"]
-    floor = f", Dynamo floor {rows[2]['first_call_s']:.1f} s ({rows[2]['first_call_s'] / rows[1]['first_call_s']:.2f})" \
-        if args.floor else ""
+    first = [r["first_call_s"] for r in rows]
+    floor = f", Dynamo floor {first[2]:.1f} s ({first[2] / first[1]:.2f})" if args.floor else ""
     print(f"layers={args.layers} width={args.width} batch={args.batch} form={args.form} "
-          f"guard_filter={args.guard_filter}: deeppcr first call {rows[0]['first_call_s']:.1f} s, inductor "
-          f"{rows[1]['first_call_s']:.1f} s, ratio {ratio:.2f}{floor}; Newton iterations {rows[0]['newton_iterations']}")
+          f"guard_filter={args.guard_filter}: deeppcr first call {first[0]:.1f} s, inductor "
+          f"{first[1]:.1f} s, ratio {ratio:.2f}{floor}; Newton iterations {rows[0]['newton_iterations']}")
 
 
 if __name__ == "__main__":

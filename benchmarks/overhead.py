@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .output import environment, header, make_row, write_csv
 from .providers import cached_output_backend, fresh_output_backend
@@ -64,12 +65,18 @@ def _forward(fn: Callable[..., Any], x: torch.Tensor) -> Callable[[], Any]:
 
 def measure(layers: int, width: int, batch: int, timer: Timer,
             form: str = "modulelist") -> list[tuple[str, str, float, float, float, str]]:
-    """(label, mode, median, p20, p80, note) per variant, in ms per call; `form`: DeepMLP ("modulelist") or
-    StackedMLP ("stacked": the same network with its parameters stacked)."""
+    """(label, mode, median, p20, p80, note) per variant, in ms per call; `form`: DeepMLP ("modulelist"),
+    StackedMLP ("stacked": the same network with its parameters stacked) or DeepMLP's layers held by
+    `pcr_compile.StackedLayers` ("stackedlayers")."""
     from pcr_compile.models import DeepMLP, StackedMLP
 
     torch.manual_seed(0)
     model = (StackedMLP if form == "stacked" else DeepMLP)(layers=layers, width=width)
+    if form == "stackedlayers":  # DeepMLP's (Linear, activation) pairs held by pcr_compile.StackedLayers
+        from pcr_compile import StackedLayers
+
+        model = StackedLayers(nn.Sequential(model.layers[i], model.layers[i + 1])
+                              for i in range(0, len(model.layers), 2))
     x = torch.randn(batch, width)
     dev = torch.device("cpu")
     out = []
@@ -109,15 +116,17 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per variant")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--form", choices=("modulelist", "stacked"), default="modulelist",
-                    help="DeepMLP (a Sequential of Linear layers) or StackedMLP (one stacked parameter per group)")
+    ap.add_argument("--form", choices=("modulelist", "stacked", "stackedlayers"), default="modulelist",
+                    help="DeepMLP (a Sequential of Linear layers), StackedMLP (one stacked parameter per group) or "
+                         "DeepMLP's layers in pcr_compile.StackedLayers")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     env = environment(torch.device("cpu"))
     res = measure(a.layers, a.width, a.batch, Timer(budget_s=a.budget, min_reps=5, max_reps=2000, warmup=3), a.form)
-    name = "StackedMLP" if a.form == "stacked" else "DeepMLP"
+    name = {"stacked": "StackedMLP", "stackedlayers": "StackedLayers(DeepMLP)"}.get(a.form, "DeepMLP")
     floor = {m: med for lab, m, med, *_ in res if lab == "cached-output"}
-    params = f"layers={a.layers},width={a.width},batch={a.batch}" + (",form=stacked" if a.form == "stacked" else "")
+    params = f"layers={a.layers},width={a.width},batch={a.batch}"
+    params += f",form={a.form}" if a.form != "modulelist" else ""
     rows = []
     print(header(env, f"{name}({a.layers}, {a.width}) batch {a.batch}, forward under no_grad, ms per call"))
     for label, mode, med, p20, p80, note in res:

@@ -1,0 +1,121 @@
+"""`pcr_compile.StackedLayers`: identical layers held as one module with stacked parameters, found as a chain
+of kind "layers" over the stacked tensors (no per-call stack), with eager's values and gradients."""
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import PARALLEL, capture_graphs
+
+import pcr_compile
+from pcr_compile import StackedLayers
+from pcr_compile.models import PreNormResidualBlock
+
+
+def _tanh_blocks(L=10, w=6, dtype=torch.float32):
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(w, w), nn.Tanh()).to(dtype) for _ in range(L)]
+
+
+def _residual_blocks(L=9, w=6):
+    torch.manual_seed(1)
+    return [PreNormResidualBlock(w, scale=0.5) for _ in range(L)]
+
+
+@pytest.mark.parametrize("make", [_tanh_blocks, _residual_blocks], ids=["linear-tanh", "prenorm-residual"])
+def test_values_gradients_and_chain_kind(make):
+    blocks = make()
+    ref, st = nn.Sequential(*blocks), StackedLayers(blocks)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(st(x), ref(x), rtol=0, atol=0)  # eager: the same ops in the same order
+    [c] = pcr_compile.explain(st, x, options=PARALLEL).chains
+    assert (c.kind, c.length) == ("layers", len(blocks))
+    y0 = ref(x)
+    g0 = torch.autograd.grad(y0.pow(2).sum(), list(ref.parameters()))
+    with pcr_compile.record_solves() as solves:
+        y = torch.compile(st, backend="deeppcr", options=PARALLEL)(x)
+        g = torch.autograd.grad(y.pow(2).sum(), list(st.parameters()))
+    assert [s.direction for s in solves] == ["forward", "backward"]
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    # each stacked gradient is the layers' gradients stacked, in the layers' parameter order
+    n = len(st.parameter_names)
+    for k, gk in enumerate(g):
+        torch.testing.assert_close(gk, torch.stack(g0[k::n]), rtol=1e-4, atol=1e-6)
+
+
+def test_the_stacked_parameters_reach_the_chain_op_without_a_stack():
+    st = StackedLayers(_tanh_blocks(L=10))
+    g = capture_graphs(st, (torch.randn(2, 6),), options=PARALLEL)
+    [call] = [n for n in g["dynamo"].graph.nodes if "pcr_compile.chain_" in str(n.target)]
+    assert [n.op for n in call.args[1]] == ["placeholder", "placeholder"]
+    assert [n.meta["example_value"].shape for n in call.args[1]] == [torch.Size([10, 6, 6]), torch.Size([10, 6])]
+    assert not any("stack" in str(n.target) for n in g["dynamo"].graph.nodes)
+
+
+def test_float64_gradcheck_through_the_compiled_stack():
+    st = StackedLayers(_tanh_blocks(L=8, w=3, dtype=torch.float64))
+    compiled = torch.compile(st, backend="deeppcr", options=PARALLEL)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: compiled(x), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_buffers_are_stacked_and_unstack_round_trips():
+    torch.manual_seed(2)
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval() for _ in range(3)]
+    for b in blocks:
+        b[1].running_mean.uniform_(-1, 1)
+    st = StackedLayers(blocks)
+    assert st.get_buffer("1__running_mean").shape == (3, 4)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(st(x), nn.Sequential(*blocks)(x), rtol=0, atol=0)
+    back = st.unstack()
+    for a, b in zip(back, blocks):
+        for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert na == nb and torch.equal(ta, tb)
+    assert "3 x Sequential" in repr(st)
+
+
+def test_bad_layers_are_clear_errors():
+    with pytest.raises(ValueError, match="empty"):
+        StackedLayers([])
+    with pytest.raises(ValueError, match="one class"):
+        StackedLayers([nn.Linear(2, 2), nn.Tanh()])
+    with pytest.raises(ValueError, match="'weight' of layer 1"):
+        StackedLayers([nn.Linear(2, 2), nn.Linear(2, 3)])
+    with pytest.raises(ValueError, match="parameters"):
+        StackedLayers([nn.Linear(2, 2), nn.Linear(2, 2, bias=False)])
+    with pytest.raises(TypeError, match="nn.Module"):
+        StackedLayers([nn.Linear(2, 2), lambda x: x])
+
+    class Loose(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.ones(2)  # neither a parameter nor a buffer
+
+        def forward(self, x):
+            return x * self.scale
+
+    with pytest.raises(ValueError, match="scale"):
+        StackedLayers([Loose(), Loose()])
+
+
+def test_extra_arguments_pass_to_every_layer():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, shift, *, gain=1.0):
+            return torch.tanh(self.lin(x) + shift) * gain
+
+    torch.manual_seed(3)
+    blocks = [Shifted() for _ in range(9)]
+    x, shift = torch.randn(2, 3), torch.randn(3)
+    ref = x
+    for b in blocks:
+        ref = b(ref, shift, gain=0.9)
+    st = StackedLayers(blocks)
+    torch.testing.assert_close(st(x, shift, gain=0.9), ref, rtol=0, atol=0)
+    with pcr_compile.record_solves() as solves:
+        y = torch.compile(st, backend="deeppcr", options=PARALLEL)(x, shift, gain=0.9)
+    assert len(solves) == 1
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
