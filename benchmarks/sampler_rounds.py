@@ -80,31 +80,36 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def measure(schedulers=SCHEDULERS, steps=STEPS, settings=SETTINGS, batch: int = 2, seed: int = 0) -> list[Row]:
+def _cases(schedulers, steps, batch: int, seed: int):
+    """(scheduler name, steps, loop, its float64 twin, initial latents) over the fixture, in table order."""
     from benchmarks.fixtures.blob_unet import load_blob_unet
     from pcr_compile.diffusion import sampling_loop
-    from pcr_compile.diffusion.parallel import parallel_sample
 
     unet = load_blob_unet()
     unet64 = copy.deepcopy(unet).double()
-    rows = []
     for name in schedulers:
         for n in steps:
             sched = make_scheduler(name)
             loop, loop64 = sampling_loop(unet, sched, n), sampling_loop(unet64, sched, n)
             latents = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-            latents = latents * loop.init_noise_sigma
-            noise = loop.draw_noise(latents, torch.Generator().manual_seed(seed + 1)) if loop.plan.stochastic else None
-            with torch.no_grad():
-                ref = loop64(latents.double(), noise=None if noise is None else noise.double())
-                seq = loop(latents, noise=noise)
-            floor = _rel(seq, ref)
-            for accel, jacobian, rule, tol in settings:
-                y, st = parallel_sample(loop, latents, noise=noise, accel=accel, jacobian=jacobian, rule=rule, tol=tol)
-                rows.append(Row(name, n, accel, jacobian, st.chosen, rule, tol if tol is not None else 1e-6,
-                                st.evaluations,
-                                st.sequential_steps, st.depth, st.step_evaluations, _rel(y, ref), _rel(y, seq),
-                                floor, st.reason))
+            yield name, n, loop, loop64, latents * loop.init_noise_sigma
+
+
+def measure(schedulers=SCHEDULERS, steps=STEPS, settings=SETTINGS, batch: int = 2, seed: int = 0) -> list[Row]:
+    from pcr_compile.diffusion.parallel import parallel_sample
+
+    rows = []
+    for name, n, loop, loop64, latents in _cases(schedulers, steps, batch, seed):
+        noise = loop.draw_noise(latents, torch.Generator().manual_seed(seed + 1)) if loop.plan.stochastic else None
+        with torch.no_grad():
+            ref = loop64(latents.double(), noise=None if noise is None else noise.double())
+            seq = loop(latents, noise=noise)
+        floor = _rel(seq, ref)
+        for accel, jacobian, rule, tol in settings:
+            y, st = parallel_sample(loop, latents, noise=noise, accel=accel, jacobian=jacobian, rule=rule, tol=tol)
+            rows.append(Row(name, n, accel, jacobian, st.chosen, rule, tol if tol is not None else 1e-6,
+                            st.evaluations, st.sequential_steps, st.depth, st.step_evaluations, _rel(y, ref),
+                            _rel(y, seq), floor, st.reason))
     return rows
 
 
@@ -178,34 +183,25 @@ def measure_compiled(schedulers=("ddim", "ddim-clip"), steps=(50, 100), settings
                      seed: int = 0) -> list[Row]:
     """`measure`'s rows for the compiled path: default tol (the dtype's, 1e-6), exact rule, full window."""
     import pcr_compile
-    from benchmarks.fixtures.blob_unet import load_blob_unet
-    from pcr_compile.diffusion import sampling_loop
 
-    unet = load_blob_unet()
-    unet64 = copy.deepcopy(unet).double()
     rows = []
-    for name in schedulers:
-        for n in steps:
-            sched = make_scheduler(name)
-            loop, loop64 = sampling_loop(unet, sched, n), sampling_loop(unet64, sched, n)
-            latents = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-            latents = latents * loop.init_noise_sigma
-            if loop.plan.stochastic:
-                raise ValueError(f"--compiled measures deterministic samplers only, not {name!r}")
-            with torch.no_grad():
-                ref, seq = loop64(latents.double()), loop(latents)
-            floor = _rel(seq, ref)
-            for jac in settings:
-                torch._dynamo.reset()
-                compiled = torch.compile(loop, backend="deeppcr",
-                                         options={"mode": "parallel", "strict": True, "sampler_jacobian": jac})
-                with torch.no_grad(), pcr_compile.record_solves() as solves:
-                    y = compiled(latents)
-                [st] = solves
-                accel = "picard" if jac == "scalar" else "auto"
-                rows.append(Row(name, n, accel, jac, st.chosen, "exact", 1e-6, st.evaluations, st.sequential_steps,
-                                st.evaluations + st.sequential_steps, st.step_evaluations, _rel(y, ref), _rel(y, seq),
-                                floor, st.reason))
+    for name, n, loop, loop64, latents in _cases(schedulers, steps, batch, seed):
+        if loop.plan.stochastic:
+            raise ValueError(f"--compiled measures deterministic samplers only, not {name!r}")
+        with torch.no_grad():
+            ref, seq = loop64(latents.double()), loop(latents)
+        floor = _rel(seq, ref)
+        for jac in settings:
+            torch._dynamo.reset()
+            compiled = torch.compile(loop, backend="deeppcr",
+                                     options={"mode": "parallel", "strict": True, "sampler_jacobian": jac})
+            with torch.no_grad(), pcr_compile.record_solves() as solves:
+                y = compiled(latents)
+            [st] = solves
+            accel = "picard" if jac == "scalar" else "auto"
+            rows.append(Row(name, n, accel, jac, st.chosen, "exact", 1e-6, st.evaluations, st.sequential_steps,
+                            st.evaluations + st.sequential_steps, st.step_evaluations, _rel(y, ref), _rel(y, seq),
+                            floor, st.reason))
     return rows
 
 
