@@ -6,10 +6,12 @@ when any changed anything. ``ctx`` carries what the passes share: the chain leng
 the finder's analysis when the last pass made one that still holds for the graph (so the backend does not
 analyse the graph twice).
 
-1. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
+1. ``unroll_scans`` (``scan.py``): `torch.ops.higher_order.scan` nodes become their steps, each reading its
+   slice of the scanned tensors;
+2. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
    end of the graph, out of the blocks;
-2. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
-3. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
+3. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
+4. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
 
 After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
 by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
@@ -26,6 +28,7 @@ from torch.fx import GraphModule
 from .carry import carry_lagged_values
 from .chains import Analysis
 from .functionalize import defer_running_stat_updates, functionalize_inplace
+from .scan import unroll_scans
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,10 @@ class PassContext:
 class GraphPass:
     name: str
     run: Callable[[GraphModule, PassContext], int]
+
+
+def _unroll(gm: GraphModule, ctx: PassContext) -> int:
+    return unroll_scans(gm.graph)
 
 
 def _defer(gm: GraphModule, ctx: PassContext) -> int:
@@ -57,6 +64,7 @@ def _carry(gm: GraphModule, ctx: PassContext) -> int:
 
 
 PREPARE: tuple[GraphPass, ...] = (
+    GraphPass("unroll_scans", _unroll),
     GraphPass("defer_running_stat_updates", _defer),
     GraphPass("functionalize_inplace", _functionalize),
     GraphPass("carry_lagged_values", _carry),

@@ -8,6 +8,13 @@ stacked[i]}, x)`. Under `torch.compile(..., backend="deeppcr")` the chain is fou
 stacked tensors themselves: no stack per call, one `(L, ...)` gradient per parameter, no per-layer graph
 inputs for Dynamo to guard. In eager mode it computes what the layers did, in order.
 
+`scan=True`: under torch.compile the layers run as one `torch._higher_order_ops.scan` over the stacked rows,
+so Dynamo traces one layer instead of L and the first call no longer grows with the depth. deeppcr unrolls
+the scan in its own copy of the graph, where it finds the chain (`passes/scan.py`), and hands Inductor the
+unrolled graph when it rewrites nothing. Other backends get the scan itself, and on torch 2.13 Inductor
+fails to compile some scans (`DataDependentOutputException`, "scan might be aliasing"), so the default is
+the plain loop, which every backend compiles.
+
     blocks = StackedLayers(model.blocks)          # model.blocks: an nn.ModuleList of identical blocks
     model.blocks = blocks                          # forward: x = blocks(x) instead of a loop over the list
     ...
@@ -29,6 +36,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+try:  # a higher-order op since torch 2.6 or so; without it the compiled forward is the plain loop
+    from torch._higher_order_ops.scan import scan as _scan
+except ImportError:  # pragma: no cover - older torch
+    _scan = None
+
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
@@ -38,8 +50,11 @@ class StackedLayers(nn.Module):
     """L identical layers as one module whose parameters and buffers are stacked `(L, *shape)`; see the
     module docstring."""
 
-    def __init__(self, layers: Iterable[nn.Module]):
+    def __init__(self, layers: Iterable[nn.Module], *, scan: bool = False):
         super().__init__()
+        if not isinstance(scan, bool):
+            raise TypeError(f"StackedLayers: scan must be a bool, got {type(scan).__name__}")
+        self.scan = scan
         layers = list(layers)
         if not layers:
             raise ValueError("StackedLayers: layers is empty")
@@ -89,6 +104,17 @@ class StackedLayers(nn.Module):
         return state
 
     def forward(self, x, *args, **kwargs):
+        if self.scan and _scan is not None and torch.compiler.is_compiling():
+            # One step traced, not L: Dynamo's first call does not grow with L (passes/scan.py unrolls it
+            # for the chain finder; a graph without a rewritten chain reaches Inductor with the scan).
+            names = [*self.parameter_names, *self.buffer_names]
+
+            def step(carry, rows):
+                return functional_call(self._template, dict(zip(names, rows)), (carry, *args), kwargs,
+                                       strict=True), ()
+
+            final, _ = _scan(step, x, [getattr(self, _key(n)) for n in names])
+            return final
         for i in range(self.length):
             x = functional_call(self._template, self._state(i), (x, *args), kwargs, strict=True)
         return x

@@ -21,10 +21,11 @@ def _residual_blocks(L=9, w=6):
     return [PreNormResidualBlock(w, scale=0.5) for _ in range(L)]
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 @pytest.mark.parametrize("make", [_tanh_blocks, _residual_blocks], ids=["linear-tanh", "prenorm-residual"])
-def test_values_gradients_and_chain_kind(make):
+def test_values_gradients_and_chain_kind(make, scan):
     blocks = make()
-    ref, st = nn.Sequential(*blocks), StackedLayers(blocks)
+    ref, st = nn.Sequential(*blocks), StackedLayers(blocks, scan=scan)
     x = torch.randn(4, 6)
     torch.testing.assert_close(st(x), ref(x), rtol=0, atol=0)  # eager: the same ops in the same order
     [c] = pcr_compile.explain(st, x, options=PARALLEL).chains
@@ -42,8 +43,9 @@ def test_values_gradients_and_chain_kind(make):
         torch.testing.assert_close(gk, torch.stack(g0[k::n]), rtol=1e-4, atol=1e-6)
 
 
-def test_the_stacked_parameters_reach_the_chain_op_without_a_stack():
-    st = StackedLayers(_tanh_blocks(L=10))
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_the_stacked_parameters_reach_the_chain_op_without_a_stack(scan):
+    st = StackedLayers(_tanh_blocks(L=10), scan=scan)
     g = capture_graphs(st, (torch.randn(2, 6),), options=PARALLEL)
     [call] = [n for n in g["dynamo"].graph.nodes if "pcr_compile.chain_" in str(n.target)]
     assert [n.op for n in call.args[1]] == ["placeholder", "placeholder"]
@@ -85,6 +87,8 @@ def test_bad_layers_are_clear_errors():
         StackedLayers([nn.Linear(2, 2), nn.Linear(2, 2, bias=False)])
     with pytest.raises(TypeError, match="nn.Module"):
         StackedLayers([nn.Linear(2, 2), lambda x: x])
+    with pytest.raises(TypeError, match="scan must be a bool"):
+        StackedLayers([nn.Linear(2, 2)], scan="yes")
 
     class Loose(nn.Module):
         def __init__(self):
@@ -113,9 +117,50 @@ def test_extra_arguments_pass_to_every_layer():
     ref = x
     for b in blocks:
         ref = b(ref, shift, gain=0.9)
-    st = StackedLayers(blocks)
+    st = StackedLayers(blocks, scan=True)
     torch.testing.assert_close(st(x, shift, gain=0.9), ref, rtol=0, atol=0)
     with pcr_compile.record_solves() as solves:
         y = torch.compile(st, backend="deeppcr", options=PARALLEL)(x, shift, gain=0.9)
     assert len(solves) == 1
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def _dynamo_graph_nodes(model, x):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(x)
+    [gm] = graphs
+    return [n for n in gm.graph.nodes]
+
+
+def test_dynamo_traces_one_layer_whatever_the_depth():
+    """With scan=True the layers are one scan under torch.compile: Dynamo's graph is the same size at 8 and
+    40 layers."""
+    x = torch.randn(2, 6)
+    small, deep = (_dynamo_graph_nodes(StackedLayers(_tanh_blocks(L=L), scan=True), x) for L in (8, 40))
+    assert len(small) == len(deep)
+    assert sum(n.target is torch.ops.higher_order.scan for n in deep) == 1
+    loop = _dynamo_graph_nodes(StackedLayers(_tanh_blocks(L=40)), x)  # the default: the plain loop
+    assert len(loop) > 40 and not any(n.target is torch.ops.higher_order.scan for n in loop)
+
+
+def test_scan_chains_not_rewritten_reach_inductor_unrolled():
+    """mode="sequential" rewrites nothing, nor mode="parallel" a scan shorter than min_chain_length: Inductor
+    gets the unrolled steps (it fails on this scan itself on torch 2.13), with eager's answer and gradients."""
+    blocks = _tanh_blocks(L=8, w=4)
+    st, ref = StackedLayers(blocks, scan=True), nn.Sequential(*blocks)
+    x = torch.randn(3, 4)
+    for options in ({"mode": "sequential"}, {**PARALLEL, "min_chain_length": 9}):
+        torch._dynamo.reset()
+        with pcr_compile.record_solves() as solves:
+            y = torch.compile(st, backend="deeppcr", options=options)(x)
+        assert solves == []
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
+    g = torch.autograd.grad(y.sum(), st.get_parameter("0__weight"))[0]
+    g0 = torch.autograd.grad(ref(x).sum(), [b[0].weight for b in blocks])
+    torch.testing.assert_close(g, torch.stack(g0), rtol=1e-4, atol=1e-6)
