@@ -67,16 +67,16 @@ def measure(layers: int, width: int, batch: int, timer: Timer,
             form: str = "modulelist") -> list[tuple[str, str, float, float, float, str]]:
     """(label, mode, median, p20, p80, note) per variant, in ms per call; `form`: DeepMLP ("modulelist"),
     StackedMLP ("stacked": the same network with its parameters stacked) or DeepMLP's layers held by
-    `pcr_compile.StackedLayers` ("stackedlayers")."""
+    `pcr_compile.StackedLayers` ("stackedlayers"; "stackedlayers-scan" with scan=True)."""
     from pcr_compile.models import DeepMLP, StackedMLP
 
     torch.manual_seed(0)
     model = (StackedMLP if form == "stacked" else DeepMLP)(layers=layers, width=width)
-    if form == "stackedlayers":  # DeepMLP's (Linear, activation) pairs held by pcr_compile.StackedLayers
+    if form.startswith("stackedlayers"):  # DeepMLP's (Linear, activation) pairs held by StackedLayers
         from pcr_compile import StackedLayers
 
-        model = StackedLayers(nn.Sequential(model.layers[i], model.layers[i + 1])
-                              for i in range(0, len(model.layers), 2))
+        model = StackedLayers((nn.Sequential(model.layers[i], model.layers[i + 1])
+                               for i in range(0, len(model.layers), 2)), scan=form.endswith("-scan"))
     x = torch.randn(batch, width)
     dev = torch.device("cpu")
     out = []
@@ -116,14 +116,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per variant")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--form", choices=("modulelist", "stacked", "stackedlayers"), default="modulelist",
+    ap.add_argument("--form", choices=("modulelist", "stacked", "stackedlayers", "stackedlayers-scan"),
+                    default="modulelist",
                     help="DeepMLP (a Sequential of Linear layers), StackedMLP (one stacked parameter per group) or "
-                         "DeepMLP's layers in pcr_compile.StackedLayers")
+                         "DeepMLP's layers in pcr_compile.StackedLayers (scan=False / True)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     env = environment(torch.device("cpu"))
     res = measure(a.layers, a.width, a.batch, Timer(budget_s=a.budget, min_reps=5, max_reps=2000, warmup=3), a.form)
-    name = {"stacked": "StackedMLP", "stackedlayers": "StackedLayers(DeepMLP)"}.get(a.form, "DeepMLP")
+    name = {"stacked": "StackedMLP", "stackedlayers": "StackedLayers(DeepMLP)",
+            "stackedlayers-scan": "StackedLayers(DeepMLP, scan=True)"}.get(a.form, "DeepMLP")
     floor = {m: med for lab, m, med, *_ in res if lab == "cached-output"}
     params = f"layers={a.layers},width={a.width},batch={a.batch}"
     params += f",form={a.form}" if a.form != "modulelist" else ""
