@@ -1,6 +1,6 @@
 """Host overhead per compiled call: deeppcr with the solve's device work removed, against the floor.
 
-    python -m benchmarks.overhead [--layers 256] [--width 16] [--batch 16] [--budget 1.0] [--out DIR]
+    python -m benchmarks.overhead [--layers 256] [--width 16] [--batch 16] [--budget 1.0] [--rounds 1] [--out DIR]
 
 The floor is what any torch.compile backend pays per call: the model compiled with a backend that returns a
 cached output (`providers.cached_output_backend`: Dynamo's guards, frame evaluation and argument handling,
@@ -108,6 +108,27 @@ def measure(layers: int, width: int, batch: int, timer: Timer,
     return out
 
 
+def _over_rounds(runs: list[list[tuple]]) -> tuple[list[tuple], dict[str, tuple[float, float, float]]]:
+    """Rows of medians over rounds (same variants in the same order each round), and for every deeppcr
+    no-solve variant (min, median, max) over rounds of its ratio to that round's own floor."""
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    rows = []
+    for variant in zip(*runs):
+        label, mode, *_, note = variant[0]
+        rows.append((label, mode, *(median([r[k] for r in variant]) for k in (2, 3, 4)), note))
+    spread = {}
+    for run in runs:
+        floor = {m: med for lab, m, med, *_ in run if lab == "cached-output"}
+        for label, mode, med, *_ in run:
+            if label == "deeppcr" and "no-solve" in mode:
+                base = floor["floor+guard_filter"] if mode.endswith("guard_filter") else floor["floor"]
+                spread.setdefault(mode, []).append(med / base)
+    return rows, {m: (min(v), median(v), max(v)) for m, v in spread.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=256)
@@ -120,10 +141,17 @@ def main(argv=None) -> int:
                     default="modulelist",
                     help="DeepMLP (a Sequential of Linear layers), StackedMLP (one stacked parameter per group) or "
                          "DeepMLP's layers in pcr_compile.StackedLayers (scan=False / True)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every variant this many times, one after the other; rows are the medians over "
+                         "rounds, and each no-solve ratio is given with its range over rounds")
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {a.rounds}")
     torch.set_num_threads(a.threads)
     env = environment(torch.device("cpu"))
-    res = measure(a.layers, a.width, a.batch, Timer(budget_s=a.budget, min_reps=5, max_reps=2000, warmup=3), a.form)
+    timer = Timer(budget_s=a.budget, min_reps=5, max_reps=2000, warmup=3)
+    runs = [measure(a.layers, a.width, a.batch, timer, a.form) for _ in range(a.rounds)]
+    res, spread = _over_rounds(runs)
     name = {"stacked": "StackedMLP", "stackedlayers": "StackedLayers(DeepMLP)",
             "stackedlayers-scan": "StackedLayers(DeepMLP, scan=True)"}.get(a.form, "DeepMLP")
     floor = {m: med for lab, m, med, *_ in res if lab == "cached-output"}
@@ -134,6 +162,9 @@ def main(argv=None) -> int:
     for label, mode, med, p20, p80, note in res:
         base = floor["floor+guard_filter"] if mode.endswith("guard_filter") else floor["floor"]
         ratio = f"{med / base:.2f}x the floor" if label == "deeppcr" and "no-solve" in mode else ""
+        if ratio and a.rounds > 1:
+            lo, mid, hi = spread[mode]
+            ratio += f" (per round: median {mid:.2f}x, {lo:.2f}-{hi:.2f}x over {a.rounds})"
         print(f"  {label:14s} {mode:32s} {med:9.3f} ms (p20 {p20:.3f}, p80 {p80:.3f})  {ratio}")
         rows.append(make_row(env, "deep_mlp", label, mode, params, "host_forward", "ms", med, p20, p80,
                              note=f"{note}{'; ' + ratio if ratio else ''}"))

@@ -53,3 +53,14 @@ def test_solve_work_removed_returns_the_first_result_and_restores():
         assert solver.run_forward is real
         c = fn(x * 0)  # the real solve again
     assert torch.allclose(c, model(x * 0), atol=1e-5) and not torch.equal(c, b)
+
+
+def test_rounds_are_summarised_by_medians_and_per_round_ratios():
+    def run(floor, ours):
+        return [("cached-output", "floor", floor, floor, floor, ""),
+                ("deeppcr", "parallel-no-solve", ours, ours, ours, "")]
+
+    rows, spread = overhead._over_rounds([run(1.0, 2.0), run(2.0, 2.2), run(1.0, 1.3)])
+    assert [r[:3] for r in rows] == [("cached-output", "floor", 1.0), ("deeppcr", "parallel-no-solve", 2.0)]
+    lo, mid, hi = spread["parallel-no-solve"]
+    assert (lo, mid, hi) == (1.1, 1.3, 2.0)
