@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,14 +112,10 @@ def measure(layers: int, width: int, batch: int, timer: Timer,
 def _over_rounds(runs: list[list[tuple]]) -> tuple[list[tuple], dict[str, tuple[float, float, float]]]:
     """Rows of medians over rounds (same variants in the same order each round), and for every deeppcr
     no-solve variant (min, median, max) over rounds of its ratio to that round's own floor."""
-    def median(v):
-        v = sorted(v)
-        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
     rows = []
     for variant in zip(*runs):
         label, mode, *_, note = variant[0]
-        rows.append((label, mode, *(median([r[k] for r in variant]) for k in (2, 3, 4)), note))
+        rows.append((label, mode, *(statistics.median(r[k] for r in variant) for k in (2, 3, 4)), note))
     spread = {}
     for run in runs:
         floor = {m: med for lab, m, med, *_ in run if lab == "cached-output"}
@@ -126,7 +123,7 @@ def _over_rounds(runs: list[list[tuple]]) -> tuple[list[tuple], dict[str, tuple[
             if label == "deeppcr" and "no-solve" in mode:
                 base = floor["floor+guard_filter"] if mode.endswith("guard_filter") else floor["floor"]
                 spread.setdefault(mode, []).append(med / base)
-    return rows, {m: (min(v), median(v), max(v)) for m, v in spread.items()}
+    return rows, {m: (min(v), statistics.median(v), max(v)) for m, v in spread.items()}
 
 
 def main(argv=None) -> int:

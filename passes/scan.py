@@ -31,8 +31,16 @@ from .fx_utils import node_value
 SCAN = getattr(getattr(torch.ops, "higher_order", None), "scan", None)
 
 
+def scan_nodes(graph: Graph) -> list[Node]:
+    """The scan nodes of `graph` (none on a torch without the op)."""
+    if SCAN is None:
+        return []
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is SCAN]
+
+
 def _unrollable(gm: GraphModule, node: Node):
-    """(body, init, xs, additional, length) of a scan node this pass unrolls, else None."""
+    """(body, init, xs, additional, length, the metadata of one step's slice of each xs) of a scan node this
+    pass unrolls, else None."""
     if len(node.args) != 4 or node.kwargs:
         return None
     fn, init, xs, additional = node.args
@@ -56,7 +64,8 @@ def _unrollable(gm: GraphModule, node: Node):
     for u in node.users:  # read by index only
         if not (u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)):
             return None
-    return body, list(init), list(xs), list(additional), length
+    slice_meta = [places[len(init) + k].meta for k in range(len(xs))]
+    return body, list(init), list(xs), list(additional), length, slice_meta
 
 
 def _inline_step(graph: Graph, body: GraphModule, inputs: list) -> list:
@@ -78,21 +87,15 @@ def _inline_step(graph: Graph, body: GraphModule, inputs: list) -> list:
 def unroll_scans(graph: Graph) -> int:
     """Unroll every scan node of `graph` that qualifies (module docstring) in place; returns how many."""
     gm = graph.owning_module
-    if SCAN is None or gm is None:
-        return 0
-    if not any(n.op == "call_function" and n.target is SCAN for n in graph.nodes):
+    if gm is None or not scan_nodes(graph):
         return 0
     graph.eliminate_dead_code()  # unread per-step outputs (`reverse=True` flips them back even when unread)
     done = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not SCAN:
-            continue
+    for node in scan_nodes(graph):
         parts = _unrollable(gm, node)
         if parts is None:
             continue
-        body, carry, xs, additional, length = parts
-        places = [n for n in body.graph.nodes if n.op == "placeholder"]
-        slice_meta = [places[len(carry) + k].meta for k in range(len(xs))]
+        body, carry, xs, additional, length, slice_meta = parts
         n_c = len(carry)
         read = {u.args[1] for u in node.users}  # output indices read: carries, then per-step outputs
         ys: dict[int, list] = {k: [] for k in read if k >= n_c}

@@ -22,7 +22,7 @@ from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
 from pcr_compile.passes.fx_utils import cleanup, mutates_in_place, node_value
 from pcr_compile.passes.pipeline import PREPARE, PassContext, run_passes
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
-from pcr_compile.passes.scan import SCAN
+from pcr_compile.passes.scan import scan_nodes
 from pcr_compile.passes.structure import linear_pointwise
 
 from .cost import Decision, decide
@@ -109,7 +109,7 @@ def prepared(gm: GraphModule, options: Options, copy: bool = True) -> tuple[Grap
     `copy=False`, a graph that none of those passes would change (no in-place op, no scan node, no read two
     steps back) is analysed where it is, read only, and returned itself: deciding to change nothing then
     costs no copy of the graph (half the backend's time on a 1,000-node graph)."""
-    if not copy and not _scans(gm) and not any(mutates_in_place(n) for n in gm.graph.nodes):
+    if not copy and not scan_nodes(gm.graph) and not any(mutates_in_place(n) for n in gm.graph.nodes):
         analysis = find_chains(gm.graph, min_length=options.min_chain_length)
         if not analysis.lagged:
             return gm, plan_graph(gm, options, analysis)
@@ -127,10 +127,6 @@ def _may_rewrite(gm: GraphModule, options: Options) -> bool:
         return options.mode == "parallel"
     vals = (node_value(n) for n in gm.graph.nodes if n.op == "placeholder")
     return any(isinstance(v, torch.Tensor) and v.is_cuda for v in vals)
-
-
-def _scans(gm: GraphModule) -> int:
-    return sum(n.op == "call_function" and n.target is SCAN for n in gm.graph.nodes) if SCAN is not None else 0
 
 
 def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, list[str]]:
@@ -155,7 +151,7 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
                  pc.match.nodes_per_step, spec.name, pc.decision.jacobian)
     _trace_plan(plan, names)
     if not chosen:
-        if new is not gm and _scans(new) < _scans(gm):
+        if new is not gm and len(scan_nodes(new.graph)) < len(scan_nodes(gm.graph)):
             # Unrolled scans stay unrolled: Inductor (torch 2.13, CPU) fails on some scan graphs it is handed.
             return cleanup(new), plan, names
         return gm, plan, names  # unchanged: not even the out-of-place rewrites

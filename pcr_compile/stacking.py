@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-try:  # a higher-order op since torch 2.6 or so; without it the compiled forward is the plain loop
+try:  # where this torch has no scan higher-order op, the compiled forward is the plain loop
     from torch._higher_order_ops.scan import scan as _scan
 except ImportError:  # pragma: no cover - older torch
     _scan = None
@@ -65,29 +65,24 @@ class StackedLayers(nn.Module):
         kinds = {type(m) for m in layers}
         if len(kinds) > 1:
             raise ValueError(f"StackedLayers: layers must have one class, got {sorted(k.__name__ for k in kinds)}")
-        self.parameter_names = [n for n, _ in first.named_parameters()]
-        self.buffer_names = [n for n, _ in first.named_buffers()]
-        for i, m in enumerate(layers[1:], 1):
-            for what, a, b in (("parameter", dict(first.named_parameters()), dict(m.named_parameters())),
-                               ("buffer", dict(first.named_buffers()), dict(m.named_buffers()))):
+        if len({m.training for m in layers}) > 1:
+            raise ValueError("StackedLayers: layers mix training and eval mode; put them all in one")
+        tensors = [(dict(m.named_parameters()), dict(m.named_buffers())) for m in layers]
+        for i, own in enumerate(tensors[1:], 1):
+            for what, a, b in zip(("parameter", "buffer"), tensors[0], own):
                 if list(a) != list(b):
                     raise ValueError(f"StackedLayers: layer {i} has {what}s {list(b)}, layer 0 {list(a)}")
-                for n in a:
-                    x, y = a[n], b[n]
-                    if (x is None) != (y is None) or (x is not None and (
-                            x.shape != y.shape or x.dtype != y.dtype or x.device != y.device
-                            or x.requires_grad != y.requires_grad)):
+                for n, x in a.items():
+                    y = b[n]
+                    if (x.shape, x.dtype, x.device, x.requires_grad) != (y.shape, y.dtype, y.device, y.requires_grad):
                         raise ValueError(f"StackedLayers: {what} {n!r} of layer {i} differs from layer 0's "
                                          "(shape, dtype, device or requires_grad)")
-        for n in self.parameter_names:
-            p0 = first.get_parameter(n)
-            data = torch.stack([m.get_parameter(n).detach() for m in layers])
-            self.register_parameter(_key(n), nn.Parameter(data, requires_grad=p0.requires_grad))
-        for n in self.buffer_names:
-            b0 = first.get_buffer(n)
-            if b0 is None:
-                raise ValueError(f"StackedLayers: buffer {n!r} is None")
-            self.register_buffer(_key(n), torch.stack([m.get_buffer(n) for m in layers]))
+        params, buffers = torch.func.stack_module_state(layers)  # (L, ...) each; new leaves, detached
+        self.parameter_names, self.buffer_names = list(params), list(buffers)
+        for n, t in params.items():
+            self.register_parameter(_key(n), nn.Parameter(t, requires_grad=t.requires_grad))
+        for n, t in buffers.items():
+            self.register_buffer(_key(n), t)
         template = copy.deepcopy(first).to("meta")
         loose = [f"{prefix}{'.' if prefix else ''}{n}" for prefix, mod in template.named_modules()
                  for n, v in vars(mod).items() if isinstance(v, torch.Tensor)]
@@ -98,39 +93,36 @@ class StackedLayers(nn.Module):
         object.__setattr__(self, "_template", template)
         self.length = len(layers)
 
-    def _state(self, i: int) -> dict[str, torch.Tensor]:
-        state = {n: getattr(self, _key(n))[i] for n in self.parameter_names}
-        state.update({n: getattr(self, _key(n))[i] for n in self.buffer_names})
-        return state
+    def _stacked(self) -> dict[str, torch.Tensor]:
+        """Every stacked parameter and buffer by the layer's own name."""
+        return {n: getattr(self, _key(n)) for n in (*self.parameter_names, *self.buffer_names)}
 
     def forward(self, x, *args, **kwargs):
+        stacked = self._stacked()
+
+        def layer(carry, rows):
+            return functional_call(self._template, dict(zip(stacked, rows)), (carry, *args), kwargs, strict=True)
+
         if self.scan and _scan is not None and torch.compiler.is_compiling():
-            # One step traced, not L: Dynamo's first call does not grow with L (passes/scan.py unrolls it
-            # for the chain finder; a graph without a rewritten chain reaches Inductor with the scan).
-            names = [*self.parameter_names, *self.buffer_names]
-
-            def step(carry, rows):
-                return functional_call(self._template, dict(zip(names, rows)), (carry, *args), kwargs,
-                                       strict=True), ()
-
-            final, _ = _scan(step, x, [getattr(self, _key(n)) for n in names])
-            return final
+            # One step traced, not L (passes/scan.py unrolls it for the chain finder, and hands Inductor the
+            # unrolled steps when no chain is rewritten).
+            return _scan(lambda carry, rows: (layer(carry, rows), ()), x, list(stacked.values()))[0]
         for i in range(self.length):
-            x = functional_call(self._template, self._state(i), (x, *args), kwargs, strict=True)
+            x = layer(x, [t[i] for t in stacked.values()])
         return x
 
     def unstack(self) -> list[nn.Module]:
         """The layers as separate modules again (copies holding the current values)."""
+        stacked = self._stacked()
+        device = next(iter(stacked.values())).device if stacked else "cpu"
         out = []
         for i in range(self.length):
-            m = copy.deepcopy(self._template).to_empty(device=getattr(self, _key(self.parameter_names[0])).device
-                                                      if self.parameter_names else "cpu")
+            m = copy.deepcopy(self._template).to_empty(device=device)
             with torch.no_grad():
-                for n in self.parameter_names:
-                    m.get_parameter(n).copy_(getattr(self, _key(n))[i])
-                    m.get_parameter(n).requires_grad_(getattr(self, _key(n)).requires_grad)
-                for n in self.buffer_names:
-                    m.get_buffer(n).copy_(getattr(self, _key(n))[i])
+                for n, t in stacked.items():
+                    own = m.get_parameter(n) if n in self.parameter_names else m.get_buffer(n)
+                    own.copy_(t[i])
+                    own.requires_grad_(t.requires_grad)
             out.append(m)
         return out
 

@@ -87,6 +87,8 @@ def test_bad_layers_are_clear_errors():
         StackedLayers([nn.Linear(2, 2), nn.Linear(2, 2, bias=False)])
     with pytest.raises(TypeError, match="nn.Module"):
         StackedLayers([nn.Linear(2, 2), lambda x: x])
+    with pytest.raises(ValueError, match="training and eval"):
+        StackedLayers([nn.Linear(2, 2), nn.Linear(2, 2).eval()])
     with pytest.raises(TypeError, match="scan must be a bool"):
         StackedLayers([nn.Linear(2, 2)], scan="yes")
 

@@ -78,11 +78,10 @@ def _sampler(call: ChainCall, z0: torch.Tensor, length: int, tol: float, max_ite
         extra[0] += k - 1
         return torch.cat([call.batched(p, start=s) for p in parts], dim=1)
 
-    # "scalar" as the race runs it: without Anderson mixing (the "scalar / picard" rows of RESULTS.md)
-    accel = "picard" if jacobian == "scalar" else "auto"
+    # accel's default: Anderson mixing for Picard, none for scalar Newton (as the race runs its candidates)
     Z, stats = sampler.sampler_forward(z0, length, evaluate, tol=tol, max_iters=min(max_iters, length),
                                        solve_dtype=call.solve_dtype, parts=call.layout.sizes, jacobian=jacobian,
-                                       accel=accel, stacked_rows=True)
+                                       stacked_rows=True)
     stats.evaluations += extra[0]
     return Z, stats
 

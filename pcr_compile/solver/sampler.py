@@ -280,10 +280,12 @@ def sampler_forward(
     B = z_prev.shape[0]
     bound = clamp_factor * float(host_values(z_prev.abs().amax())) if z_prev.numel() else 0.0
     Z = torch.empty((L, *z_prev.shape), dtype=solve_dtype, device=z0.device)
+    # Scalar Newton is Anderson-mixed only when asked for (accel="anderson"): mixing it cost rounds on the fixture.
+    scalar_accel = "picard" if accel == "auto" else accel
     if jacobian == "auto":  # the candidates: Picard / Anderson as `accel` says, and scalar Newton
-        specs = [(accel, "identity"), ("picard" if accel == "auto" else accel, "scalar")]
-    else:  # scalar Newton is mixed only when asked for (accel="anderson"): mixing it cost rounds on the fixture
-        specs = [("picard" if jacobian == "scalar" and accel == "auto" else accel, jacobian)]
+        specs = [(accel, "identity"), (scalar_accel, "scalar")]
+    else:
+        specs = [(scalar_accel if jacobian == "scalar" else accel, jacobian)]
     lanes = [_new_lane(a, j, _guess(z_prev, P), L, gain, integ) for a, j in specs]
     stats.candidates = [f"{j}/{a}" for a, j in specs]
     s, best, best_level, since_best, restarts = 0, math.inf, math.inf, 0, 0
