@@ -2,9 +2,10 @@
 `UNet2DConditionModel`, eager, compiled and by `parallel_sample` / `parallel_denoise`, against a hand-written copy of
 `StableDiffusionPipeline.__call__`'s loop (diffusers 0.42, step 7) with the real `scheduler.step`.
 
-The pipeline itself cannot be built here (its text encoder needs transformers), so `sd_reference` is its loop line
-for line: `cat([latents] * 2)`, `scale_model_input`, the unet on `cat([negative, positive])`, `chunk(2)`, the
-guidance combination, `rescale_noise_cfg`, `scheduler.step` with `prepare_extra_step_kwargs`' eta and generator.
+`sd_reference` is the pipeline's loop line for line (the pipeline itself is tested, in a subprocess, by
+`test_parallel_pipeline_wraps_stable_diffusion_pipeline`): `cat([latents] * 2)`, `scale_model_input`, the unet on
+`cat([negative, positive])`, `chunk(2)`, the guidance combination, `rescale_noise_cfg`, `scheduler.step` with
+`prepare_extra_step_kwargs`' eta and generator.
 The exactness tests run in float64; the remaining difference (~1e-6 of the output's scale) is the scheduler's own
 float32 coefficients (diffusers keeps `alphas_cumprod` in float32), against the loop's float64 ones.
 """
@@ -302,12 +303,44 @@ def test_parallel_denoise_errors(unet64):
         parallel_denoise(lambda x, t, **kw: x, sched, None, pos, neg, num_inference_steps=4)
 
 
-def test_parallel_pipeline_points_stable_diffusion_to_parallel_denoise():
-    class StableDiffusionPipeline:  # the real one needs transformers
+def test_parallel_pipeline_refuses_other_stable_diffusion_pipelines():
+    class StableDiffusionImg2ImgPipeline:  # stands for any SD pipeline but text-to-image
         pass
 
     with pytest.raises(NotImplementedError, match="parallel_denoise"):
-        parallel_pipeline(StableDiffusionPipeline())
+        parallel_pipeline(StableDiffusionImg2ImgPipeline())
     with pytest.raises(TypeError, match="solver options"):
         parallel_pipeline(diffusers.DDIMPipeline(unet=tiny_condition_unet(), scheduler=diffusers.DDIMScheduler()),
                           tolerance=1e-3)
+
+
+def test_parallel_pipeline_wraps_stable_diffusion_pipeline():
+    """diffusers' own StableDiffusionPipeline (tiny UNet and VAE, prompt embeddings given) against
+    `parallel_pipeline(pipe)` from the same generators: the same images for DDIM (eta, guidance_rescale,
+    num_images_per_prompt), Euler without guidance, DPM-Solver++, DDPM with a generator per image, given latents,
+    output types pt / latent, return_dict=False; an unsupported scheduler (PNDM) and a per-step callback run the
+    pipeline itself. In a subprocess: where transformers is missing, the pipeline module is imported behind a
+    stand-in (sd_pipeline_check.py)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("sd_pipeline_check.py")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["wrapper"] == "ParallelStableDiffusionPipeline" and res["isinstance"]
+    cases = res["cases"]
+    for name, case in cases.items():
+        assert case["max_abs_diff"] <= 1e-5 * max(1.0, case["scale"]), (name, case)
+        if name == "pndm":
+            assert case["rounds"] is None and case["max_abs_diff"] == 0.0  # the pipeline itself ran
+        else:
+            assert case["converged"] and 1 <= case["rounds"] <= 8, (name, case)  # never more rounds than steps
+    assert cases["ddim-eta-rescale-2-per-prompt"]["shape"] == [4, 16, 16, 3]  # 2 prompts x 2 images, HWC numpy
+    assert cases["ddim-given-latents-pt"]["shape"] == [2, 3, 16, 16]
+    assert cases["ddim-latent-tuple"]["tuple"] and cases["ddim-latent-tuple"]["shape"] == [2, 2, 8, 8]
+    assert res["callback_calls"] == [0, 1, 2] and res["callback_stats"] is None  # sequential, every step called
+    assert res["errors"]["unknown"].startswith("TypeError") and "stepz" in res["errors"]["unknown"]
+    assert res["errors"]["height"].startswith("ValueError") and "divisible by 8" in res["errors"]["height"]

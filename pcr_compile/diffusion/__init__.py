@@ -66,6 +66,8 @@ from pcr_compile.diffusion.loop import SamplingLoop, sampling_loop
 from pcr_compile.diffusion.parallel import parallel_sample
 from pcr_compile.diffusion.pipelines import ParallelPipeline, parallel_denoise, parallel_pipeline
 from pcr_compile.diffusion.plans import SUPPORTED_SCHEDULERS, SamplerPlan, StepCoefficients, noise_levels
+from pcr_compile.diffusion.sd_pipeline import ParallelStableDiffusionPipeline
 
-__all__ = ["SUPPORTED_SCHEDULERS", "Guidance", "ParallelPipeline", "SamplerPlan", "SamplingLoop", "StepCoefficients",
-           "noise_levels", "parallel_denoise", "parallel_pipeline", "parallel_sample", "sampling_loop"]
+__all__ = ["SUPPORTED_SCHEDULERS", "Guidance", "ParallelPipeline", "ParallelStableDiffusionPipeline", "SamplerPlan",
+           "SamplingLoop", "StepCoefficients", "noise_levels", "parallel_denoise", "parallel_pipeline",
+           "parallel_sample", "sampling_loop"]

@@ -12,10 +12,10 @@ rounds a solve takes). The stats of the last call are in `.last_stats`.
 `parallel_denoise(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale=7.5, ...)` is
 step 7 of `StableDiffusionPipeline.__call__` (the denoising loop over a `UNet2DConditionModel`, with guidance and
 `guidance_rescale`; ``pcr_compile/diffusion/guidance.py``), from the latents that `prepare_latents` makes, to the
-latents the pipeline returns with `output_type="latent"`. It takes prompt embeddings, not prompts: the text
-encoder (and so `StableDiffusionPipeline` itself) needs `transformers`. `parallel_pipeline` does not wrap
-Stable Diffusion pipelines: for one, `pipe.encode_prompt` gives the embeddings, `parallel_denoise(pipe.unet,
-pipe.scheduler, ...)` the latents, and `pipe.vae.decode` the image.
+latents the pipeline returns with `output_type="latent"`. It takes prompt embeddings, not prompts.
+
+`parallel_pipeline(StableDiffusionPipeline)` wraps the whole text-to-image pipeline (prompts, decoding, safety
+checker): ``pcr_compile/diffusion/sd_pipeline.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pcr_compile.diffusion.plans import SCHEDULERS, _scheduler_name
 from pcr_compile.solver.sampler import SamplerStats
 
 PIPELINES = ("DDIMPipeline", "DDPMPipeline")
+SD_PIPELINE = "StableDiffusionPipeline"  # sd_pipeline.py
 # the keyword arguments of parallel_sample that configure the solve (everything else would reach the unet)
 SOLVER_OPTIONS = ("tol", "rule", "accel", "history", "window", "max_iters", "jacobian")
 
@@ -46,10 +47,11 @@ class ParallelPipeline:
     def __init__(self, pipe: Any, **solver_options: Any):
         name = type(pipe).__name__
         if name not in PIPELINES or not type(pipe).__module__.startswith("diffusers."):
-            hint = ("; for a Stable Diffusion pipeline run its denoising loop with pcr_compile.diffusion."
+            hint = ("; for another Stable Diffusion pipeline run its denoising loop with pcr_compile.diffusion."
                     "parallel_denoise(pipe.unet, pipe.scheduler, latents, prompt_embeds, negative_prompt_embeds)"
                     if "StableDiffusion" in name else "")
-            raise NotImplementedError(f"parallel_pipeline supports {', '.join(PIPELINES)}, got {name}{hint}")
+            raise NotImplementedError(f"parallel_pipeline supports {', '.join((*PIPELINES, SD_PIPELINE))}, got "
+                                      f"{name}{hint}")
         _check_solver_options(solver_options, "parallel_pipeline")
         self.pipe, self.options, self.last_stats = pipe, dict(solver_options), None
 
@@ -107,9 +109,14 @@ class ParallelPipeline:
         return ImagePipelineOutput(images=image)
 
 
-def parallel_pipeline(pipe: Any, **solver_options: Any) -> ParallelPipeline:
-    """Wrap a diffusers `DDIMPipeline` / `DDPMPipeline`; `solver_options` go to `parallel_sample` (tol, rule,
-    accel, jacobian, history, window, max_iters)."""
+def parallel_pipeline(pipe: Any, **solver_options: Any) -> Any:
+    """Wrap a diffusers `DDIMPipeline` / `DDPMPipeline` (a `ParallelPipeline`) or `StableDiffusionPipeline` (a
+    `ParallelStableDiffusionPipeline`); `solver_options` go to `parallel_sample` (tol, rule, accel, jacobian,
+    history, window, max_iters)."""
+    if type(pipe).__name__ == SD_PIPELINE and type(pipe).__module__.startswith("diffusers."):
+        from pcr_compile.diffusion.sd_pipeline import ParallelStableDiffusionPipeline
+
+        return ParallelStableDiffusionPipeline(pipe, **solver_options)
     return ParallelPipeline(pipe, **solver_options)
 
 
