@@ -131,6 +131,26 @@ def main() -> None:
     par(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=3, output_type="latent",
         callback_on_step_end=lambda p, i, t, kw: calls.append(i) or {})
     results["callback_calls"], results["callback_stats"] = calls, par.last_stats
+    ticks = []
+
+    class Bar:  # the pipeline's progress bar, recorded
+        def __init__(self, total=None, **kwargs):
+            ticks.append(("total", total))
+
+        def update(self, n=1):
+            ticks.append(n)
+
+        def set_description(self, *args, **kwargs):
+            pass
+
+        set_postfix = set_description
+
+        def close(self):
+            ticks.append("closed")
+
+    pipe.progress_bar = Bar
+    par(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=6, output_type="latent")
+    results["bar"], results["bar_rounds"] = ticks, par.last_stats.evaluations
     results["errors"] = errors
     results["isinstance"] = isinstance(par, ParallelStableDiffusionPipeline)
     print(json.dumps(results))

@@ -342,5 +342,7 @@ def test_parallel_pipeline_wraps_stable_diffusion_pipeline():
     assert cases["ddim-given-latents-pt"]["shape"] == [2, 3, 16, 16]
     assert cases["ddim-latent-tuple"]["tuple"] and cases["ddim-latent-tuple"]["shape"] == [2, 2, 8, 8]
     assert res["callback_calls"] == [0, 1, 2] and res["callback_stats"] is None  # sequential, every step called
+    # the pipeline's own progress bar: total = steps, one tick per round, closed
+    assert res["bar"] == [["total", 6], *[1] * res["bar_rounds"], "closed"] and 1 <= res["bar_rounds"] <= 6
     assert res["errors"]["unknown"].startswith("TypeError") and "stepz" in res["errors"]["unknown"]
     assert res["errors"]["height"].startswith("ValueError") and "divisible by 8" in res["errors"]["height"]

@@ -20,6 +20,8 @@ checker): ``pcr_compile/diffusion/sd_pipeline.py``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +35,23 @@ PIPELINES = ("DDIMPipeline", "DDPMPipeline")
 SD_PIPELINE = "StableDiffusionPipeline"  # sd_pipeline.py
 # the keyword arguments of parallel_sample that configure the solve (everything else would reach the unet)
 SOLVER_OPTIONS = ("tol", "rule", "accel", "history", "window", "max_iters", "jacobian")
+
+
+@contextlib.contextmanager
+def rounds_bar(pipe: Any, steps: int) -> Iterator[Callable[[int, int], None]]:
+    """The pipeline's own progress bar (so `pipe.set_progress_bar_config` applies), ticking once per round of
+    the solve, its total the step count (the most rounds a solve takes); yields the solve's `on_round`."""
+    bar = pipe.progress_bar(total=steps)
+    bar.set_description("rounds")
+
+    def on_round(committed: int, steps: int) -> None:
+        bar.update(1)
+        bar.set_postfix(steps=f"{committed}/{steps}")
+
+    try:
+        yield on_round
+    finally:
+        bar.close()
 
 
 def _check_solver_options(options: dict[str, Any], who: str) -> None:
@@ -86,18 +105,9 @@ class ParallelPipeline:
         image = randn_tensor(self._image_shape(batch_size), generator=generator, device=device,
                              dtype=pipe.unet.dtype)
         loop = sampling_loop(pipe.unet, pipe.scheduler, num_inference_steps, **kwargs)
-        bar = pipe.progress_bar(total=num_inference_steps)
-        bar.set_description("rounds")
-
-        def on_round(committed: int, steps: int) -> None:
-            bar.update(1)
-            bar.set_postfix(steps=f"{committed}/{steps}")
-
-        try:
+        with rounds_bar(pipe, num_inference_steps) as on_round:
             image, self.last_stats = parallel_sample(loop, image * loop.init_noise_sigma, generator=generator,
                                                      on_round=on_round, **self.options)
-        finally:
-            bar.close()
         pipe.scheduler.set_timesteps(num_inference_steps)  # left as the sequential pipeline leaves it
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":

@@ -87,7 +87,7 @@ class ParallelStableDiffusionPipeline:
         from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
-        from pcr_compile.diffusion.pipelines import parallel_denoise
+        from pcr_compile.diffusion.pipelines import parallel_denoise, rounds_bar
 
         pipe = self.pipe
         accepted = set(inspect.signature(type(pipe).__call__).parameters)
@@ -140,21 +140,12 @@ class ParallelStableDiffusionPipeline:
         else:
             latents = latents.to(device)
         # 7: the denoising loop, one round of the solve per progress-bar tick
-        bar = pipe.progress_bar(total=num_inference_steps)
-        bar.set_description("rounds")
-
-        def on_round(committed: int, steps: int) -> None:
-            bar.update(1)
-            bar.set_postfix(steps=f"{committed}/{steps}")
-
-        try:
+        with rounds_bar(pipe, num_inference_steps) as on_round:
             latents, self.last_stats = parallel_denoise(
                 pipe.unet, pipe.scheduler, latents, prompt_embeds, negative_prompt_embeds if do_cfg else None,
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 num_inference_steps=num_inference_steps, generator=generator, eta=eta,
                 cross_attention_kwargs=cross_attention_kwargs, on_round=on_round, **self.options)
-        finally:
-            bar.close()
         pipe.scheduler.set_timesteps(num_inference_steps, device=device)  # as the sequential pipeline leaves it
         # 8: decode, safety check, postprocess, as the pipeline does
         if output_type != "latent":
