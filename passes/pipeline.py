@@ -8,10 +8,12 @@ analyse the graph twice).
 
 1. ``unroll_scans`` (``scan.py``): `torch.ops.higher_order.scan` nodes become their steps, each reading its
    slice of the scanned tensors;
-2. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
+2. ``rewrite_fills`` (``fills.py``): `full_like(x, t)` / `x.new_full(size, t)` become a zero fill plus `t`,
+   so a value that differs per step (an ODE's time) lifts like any other operand;
+3. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
    end of the graph, out of the blocks;
-3. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
-4. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
+4. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
+5. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
 
 After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
 by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
@@ -27,6 +29,7 @@ from torch.fx import GraphModule
 
 from .carry import carry_lagged_values
 from .chains import Analysis
+from .fills import rewrite_fills
 from .functionalize import defer_running_stat_updates, functionalize_inplace
 from .scan import unroll_scans
 
@@ -49,6 +52,10 @@ def _unroll(gm: GraphModule, ctx: PassContext) -> int:
     return unroll_scans(gm.graph)
 
 
+def _fills(gm: GraphModule, ctx: PassContext) -> int:
+    return rewrite_fills(gm.graph)
+
+
 def _defer(gm: GraphModule, ctx: PassContext) -> int:
     return defer_running_stat_updates(gm.graph)
 
@@ -65,6 +72,7 @@ def _carry(gm: GraphModule, ctx: PassContext) -> int:
 
 PREPARE: tuple[GraphPass, ...] = (
     GraphPass("unroll_scans", _unroll),
+    GraphPass("rewrite_fills", _fills),
     GraphPass("defer_running_stat_updates", _defer),
     GraphPass("functionalize_inplace", _functionalize),
     GraphPass("carry_lagged_values", _carry),

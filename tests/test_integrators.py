@@ -142,3 +142,80 @@ def test_a_short_integrator_is_one_declined_line():
     [d] = analysis.declined
     assert (d.length, d.nodes_per_step) == (4, 25)
     assert d.reason == "4 steps < min_chain_length=8; 4 shorter repeats inside, each < min_chain_length=8"
+
+
+class TimeField(nn.Module):
+    """A time-dependent vector field f(t, y): the time enters as a feature column built by `fill` from the
+    Python float t ("full_like": `torch.full_like(y[:, :1], t)`, "new_full": `y.new_full((B, 1), t)`, "mul":
+    `t * torch.ones_like(...)`)."""
+
+    def __init__(self, fill, dim=3, hidden=7):
+        super().__init__()
+        self.fill, self.inp, self.out = fill, nn.Linear(dim + 1, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, t, y):
+        if self.fill == "full_like":
+            tt = torch.full_like(y[:, :1], t)
+        elif self.fill == "new_full":
+            tt = y.new_full((y.shape[0], 1), fill_value=t)
+        else:
+            tt = t * torch.ones_like(y[:, :1])
+        return self.out(torch.tanh(self.inp(torch.cat([y, tt], dim=-1))))
+
+
+class TimeRK4(nn.Module):
+    def __init__(self, fill, steps=12):
+        super().__init__()
+        self.f, self.steps = TimeField(fill), steps
+
+    def forward(self, y):
+        h = 1.0 / self.steps
+        for i in range(self.steps):
+            t = i * h
+            k1 = self.f(t, y)
+            k2 = self.f(t + h / 2, y + h / 2 * k1)
+            k3 = self.f(t + h / 2, y + h / 2 * k2)
+            k4 = self.f(t + h, y + h * k3)
+            y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return y
+
+
+@pytest.mark.parametrize("fill", ["full_like", "new_full", "mul"])
+def test_time_dependent_field_is_one_chain_with_eager_values_and_gradients(fill):
+    """f(t, y) with t a Python float per step: every step's fill value differs, which the finder used to
+    decline ("constant argument 1 of full_like differs between steps"); the fill is now a zero fill plus t
+    (passes/fills.py), t a per-step input, and the whole RK4 loop one chain."""
+    torch.manual_seed(0)
+    model = TimeRK4(fill).double()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    report = pcr_compile.explain(model, y0, options=PARALLEL)
+    assert [(c.kind, c.length) for c in report.chains] == [("integrator", 12)], report
+    params = list(model.parameters())
+    ref = model(y0)
+    g_ref = torch.autograd.grad((ref**2).sum(), [y0, *params])
+    with pcr_compile.record_solves() as solves:
+        out = torch.compile(model, backend="deeppcr", options=PARALLEL)(y0)
+        g = torch.autograd.grad((out**2).sum(), [y0, *params])
+    assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 12, False), ("backward", 12, False)]
+    torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-9)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+def test_fill_rewrite_keeps_values_and_dtypes():
+    """The pass rewrites a literal fill only where `zeros + v` has the fill's dtype, and keeps its value."""
+    from pcr_compile.passes.fills import rewrite_fills
+
+    def f(x, i):
+        return (torch.full_like(x, 0.25), torch.full_like(x, 3, dtype=torch.float16), x.new_full((2, 2), -1.5),
+                torch.full_like(i, 7), torch.full_like(i, 2.5), torch.full_like(x, True, dtype=torch.bool),
+                i.new_full((3,), fill_value=4))
+
+    x, i = torch.randn(2, 3), torch.arange(3)
+    gm = _graph(f, [x, i])
+    assert rewrite_fills(gm.graph) == 5  # not the float into an integer fill, nor the bool fill
+    gm.recompile()
+    assert sum(n.target is torch.add for n in gm.graph.nodes) == 5
+    for got, want in zip(gm(x, i), f(x, i)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
