@@ -209,13 +209,42 @@ def test_fill_rewrite_keeps_values_and_dtypes():
     def f(x, i):
         return (torch.full_like(x, 0.25), torch.full_like(x, 3, dtype=torch.float16), x.new_full((2, 2), -1.5),
                 torch.full_like(i, 7), torch.full_like(i, 2.5), torch.full_like(x, True, dtype=torch.bool),
-                i.new_full((3,), fill_value=4))
+                i.new_full((3,), fill_value=4), torch.full((2,), 1.5))
 
     x, i = torch.randn(2, 3), torch.arange(3)
     gm = _graph(f, [x, i])
-    assert rewrite_fills(gm.graph) == 5  # not the float into an integer fill, nor the bool fill
+    # not the float into an integer fill, nor the bool fill, nor `full` of a literal size (the finder folds it)
+    assert rewrite_fills(gm.graph) == 5
     gm.recompile()
     assert sum(n.target is torch.add for n in gm.graph.nodes) == 5
     for got, want in zip(gm(x, i), f(x, i)):
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class TimestepLoop(nn.Module):
+    """A hand-written sampler-style loop: the step index enters as `torch.full((B,), i, dtype=torch.long)`
+    into an embedding, as DDPM loops pass their timestep."""
+
+    def __init__(self, steps=10, dim=4):
+        super().__init__()
+        self.emb, self.lin, self.steps = nn.Embedding(steps, dim), nn.Linear(dim, dim), steps
+
+    def forward(self, x):
+        for i in reversed(range(self.steps)):
+            t = torch.full((x.shape[0],), i, dtype=torch.long)
+            x = x - 0.1 * torch.tanh(self.lin(x) + self.emb(t))
+        return x
+
+
+def test_timestep_fill_with_a_symbolic_batch_is_lifted():
+    """With `dynamic=True` the fill's size is symbolic, so the finder cannot fold it into a per-step input;
+    the fill pass makes it `zeros((B,), dtype=long) + i`, and the loop stays one chain at every batch size."""
+    torch.manual_seed(0)
+    model = TimestepLoop()
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL, dynamic=True)
+    with pcr_compile.record_solves() as solves:
+        for batch in (3, 5):
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 10, False)] * 2
