@@ -46,6 +46,8 @@ def rewritable_fill(n: Node) -> bool:
     v, out = _fill_value(n), node_value(n)
     if type(v) not in (int, float) or not isinstance(out, torch.Tensor) or out.is_complex():
         return False
+    if n.kwargs.get("requires_grad"):  # a leaf the graph differentiates by: `zeros + v` would not be one
+        return False
     if out.dtype.is_floating_point:
         return True
     return out.dtype != torch.bool and type(v) is int
