@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_flatten
 from .fx_utils import bound_arguments, mutates_in_place, node_value
 
 # Node meta keys this pass writes: why it left an in-place op in place (the finder's decline reason quotes it);
-# and the nodes it moved to the end of the graph (running-statistics writes), which are never part of a chain.
+# and the nodes it moved to the end of the graph (running-statistics writes), which are never part of a chain
+# (random_draws.py marks the draws it moves to the top so, too).
 KEPT_META = "pcr_kept_in_place"
 DEFERRED_META = "pcr_deferred"
 

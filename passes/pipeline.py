@@ -10,10 +10,12 @@ analyse the graph twice).
    slice of the scanned tensors;
 2. ``rewrite_fills`` (``fills.py``): `full_like(x, t)` / `x.new_full(size, t)` become a zero fill plus `t`,
    so a value that differs per step (an ODE's time) lifts like any other operand;
-3. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
+3. ``hoist_random_draws`` (``random_draws.py``): noise drawn from shapes alone (`randn_like(x)` in a
+   stochastic sampler's step) moves to the top of the graph, in order, when every draw can;
+4. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
    end of the graph, out of the blocks;
-4. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
-5. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
+5. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
+6. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
 
 After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
 by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
@@ -31,6 +33,7 @@ from .carry import carry_lagged_values
 from .chains import Analysis
 from .fills import rewrite_fills
 from .functionalize import defer_running_stat_updates, functionalize_inplace
+from .random_draws import hoist_random_draws
 from .scan import unroll_scans
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,10 @@ def _fills(gm: GraphModule, ctx: PassContext) -> int:
     return rewrite_fills(gm.graph)
 
 
+def _hoist(gm: GraphModule, ctx: PassContext) -> int:
+    return hoist_random_draws(gm.graph)
+
+
 def _defer(gm: GraphModule, ctx: PassContext) -> int:
     return defer_running_stat_updates(gm.graph)
 
@@ -73,6 +80,7 @@ def _carry(gm: GraphModule, ctx: PassContext) -> int:
 PREPARE: tuple[GraphPass, ...] = (
     GraphPass("unroll_scans", _unroll),
     GraphPass("rewrite_fills", _fills),
+    GraphPass("hoist_random_draws", _hoist),
     GraphPass("defer_running_stat_updates", _defer),
     GraphPass("functionalize_inplace", _functionalize),
     GraphPass("carry_lagged_values", _carry),

@@ -23,11 +23,14 @@ RANDOM_NAMES = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_
                 "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu", "native_dropout"}
 
 
-def ineligibility(n: Node) -> str | None:
-    """Why a node cannot be part of a chain solved out of order, or None."""
-    if n.op == "call_module":
-        return f"call_module node {n.name} (module calls are not inlined)"
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+def _name(n: Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def random_reason(n: Node) -> str | None:
+    """Why `n` draws random numbers ("random op ..."), or None when it does not (dropout in eval mode or
+    with p = 0 does not)."""
+    name = _name(n)
     if name in RANDOM_NAMES or (isinstance(name, str) and name.startswith("rand")):
         if name.startswith("dropout") or name in ("alpha_dropout", "feature_alpha_dropout", "rrelu"):
             training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
@@ -39,6 +42,17 @@ def ineligibility(n: Node) -> str | None:
         p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
         if not (isinstance(p, (int, float)) and p == 0):
             return f"random op {name} with dropout_p={p} (node {n.name})"
+    return None
+
+
+def ineligibility(n: Node) -> str | None:
+    """Why a node cannot be part of a chain solved out of order, or None."""
+    if n.op == "call_module":
+        return f"call_module node {n.name} (module calls are not inlined)"
+    name = _name(n)
+    why = random_reason(n)
+    if why:
+        return why
     if mutates_in_place(n):
         kept = n.meta.get(KEPT_META)
         return f"in-place op {name} (node {n.name}{'; kept in place: ' + kept if kept else ''})"

@@ -1,0 +1,127 @@
+"""Stochastic loops: noise drawn from shapes alone moves to the top of the graph (passes/random_draws.py), so a
+hand-written DDPM / Langevin loop is one chain, with eager's numbers from the same seed."""
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import PARALLEL
+
+import pcr_compile
+from pcr_compile.passes.random_draws import hoist_random_draws
+
+T = 20
+
+
+class Eps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.l1, self.l2 = nn.Embedding(T, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x, t):
+        return self.l2(torch.tanh(self.l1(x + self.emb(t))))
+
+
+class DDPMLoop(nn.Module):
+    """Ancestral DDPM sampling as tutorials write it: the timestep a `torch.full`, noise `randn_like(x)` after
+    every step but the last."""
+
+    def __init__(self):
+        super().__init__()
+        self.eps = Eps()
+        b = torch.linspace(1e-4, 0.05, T, dtype=torch.float64)
+        a = 1 - b
+        ab = torch.cumprod(a, 0)
+        self.c1, self.c2, self.sig = (b / (1 - ab).sqrt()).tolist(), (1 / a.sqrt()).tolist(), b.sqrt().tolist()
+
+    def forward(self, x):
+        for i in reversed(range(T)):
+            t = torch.full((x.shape[0],), i, dtype=torch.long)
+            x = (x - self.c1[i] * self.eps(x, t)) * self.c2[i]
+            if i > 0:
+                x = x + self.sig[i] * torch.randn_like(x)
+        return x
+
+
+def test_ddpm_loop_with_noise_in_the_loop_is_one_sampler_chain():
+    report = pcr_compile.explain(DDPMLoop(), torch.randn(4, 8), options=PARALLEL)
+    # every step that draws noise (the last one does not, and stays outside)
+    assert [(c.kind, c.length) for c in report.chains] == [("sampler", T - 1)], report
+    assert not report.declined, report  # the moved draws are no candidate of their own
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_ddpm_loop_compiled_gives_eager_numbers_from_the_same_seed(dynamic):
+    """With Inductor drawing through eager's generator (`fallback_random`), the compiled sample is eager's
+    sample from the same seed: the moved draws consume the generator in eager's order."""
+    torch.manual_seed(0)
+    model = DDPMLoop()
+    x = torch.randn(4, 8)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL, dynamic=dynamic)
+    with torch._inductor.config.patch(fallback_random=True), torch.no_grad(), pcr_compile.record_solves() as solves:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            ref = model(x)
+            torch.manual_seed(seed)
+            out = compiled(x)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", T - 1, False)] * 2
+
+
+def _graph(fn, *inputs):
+    out = torch._dynamo.explain(fn)(*inputs)
+    assert out.graph_count == 1, out.break_reasons
+    return out.graphs[0]
+
+
+def test_draws_move_to_the_top_in_order_with_the_same_numbers():
+    def f(x, i):
+        y = torch.tanh(x) + torch.randn_like(x)
+        y = y * torch.rand(2, 3)
+        z = torch.randint_like(i, 0, 10) + i
+        return y + torch.normal(0.0, 2.0, (2, 3)), z
+
+    x, i = torch.randn(2, 3), torch.arange(4)
+    gm = _graph(f, x, i)
+    assert hoist_random_draws(gm.graph) == 4
+    gm.recompile()
+    compute = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in compute[:4]] == [torch.randn, torch.rand, torch.randint, torch.normal]
+    torch.manual_seed(3)
+    want = f(x, i)
+    torch.manual_seed(3)
+    got = gm(x, i)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_graphs_with_a_draw_that_cannot_move_are_left_alone():
+    def with_dropout(x):
+        return torch.nn.functional.dropout(torch.randn_like(x) + x, 0.5, training=True)
+
+    def transposed(x):
+        xt = x.t()  # not contiguous: randn_like fills it in its own memory order
+        return xt + torch.randn_like(xt)
+
+    for fn, x in ((with_dropout, torch.randn(2, 3)), (transposed, torch.randn(2, 3))):
+        gm = _graph(fn, x)
+        before = [(n.op, n.target, n.args) for n in gm.graph.nodes]
+        assert hoist_random_draws(gm.graph) == 0
+        assert [(n.op, n.target, n.args) for n in gm.graph.nodes] == before
+
+
+def test_a_loop_with_dropout_in_training_stays_declined():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            for _ in range(10):
+                x = torch.nn.functional.dropout(torch.tanh(self.lin(x)), 0.1, training=True)
+                x = x + 0.01 * torch.randn_like(x)
+            return x
+
+    report = pcr_compile.explain(Noisy(), torch.randn(2, 4), options=PARALLEL)
+    assert not report.chains, report
+    assert any("random op" in d.reason for d in report.declined), report
