@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._pytree import tree_flatten
 
 from .chains.eligibility import inlinable_body, random_reason
@@ -48,17 +49,19 @@ def _symbol_inputs(graph: Graph) -> dict[str, Node]:
     return out
 
 
-def _size(val: torch.Tensor, symbols: dict[str, Node]):
-    """`val`'s shape as literals and symbolic-size inputs, or None."""
-    dims = []
-    for d in val.shape:
+def _size(dims, symbols: dict[str, Node]):
+    """A shape (ints and SymInts) as literals and symbolic-size inputs, or None."""
+    out = []
+    for d in dims:
         if isinstance(d, int):
-            dims.append(d)
+            out.append(d)
+        elif isinstance(d, torch.SymInt) and is_concrete_int(d):  # specialized: a number in a SymInt
+            out.append(int(d))
         elif isinstance(d, torch.SymInt) and str(d.node.expr) in symbols:
-            dims.append(symbols[str(d.node.expr)])
+            out.append(symbols[str(d.node.expr)])
         else:
             return None
-    return tuple(dims)
+    return tuple(out)
 
 
 def _hoisted(n: Node, symbols: dict[str, Node]) -> tuple | None:
@@ -66,12 +69,21 @@ def _hoisted(n: Node, symbols: dict[str, Node]) -> tuple | None:
     if n.op != "call_function" or "generator" in n.kwargs:
         return None
     if n.target in _AS_IS:
-        inputs = set(symbols.values())
-        if any(isinstance(a, Node) and a not in inputs for a in tree_flatten((n.args, n.kwargs))[0]):
-            return None
         if n.target is torch.normal and any(isinstance(a, Node) for a in n.args[:2]):
             return None  # normal(mean_tensor, std_tensor): reads values
-        return n.target, n.args, dict(n.kwargs)
+        unmapped = []
+
+        def top(a):  # a size read off a tensor of the loop (`x.size()`, `x.shape[0]`) as literals and inputs
+            v = node_value(a)
+            sequence = isinstance(v, (tuple, list, torch.Size))
+            size = _size(v if sequence else (v,), symbols)
+            if size is None:
+                unmapped.append(a)
+                return a
+            return size if sequence else size[0]
+
+        args, kwargs = torch.fx.node.map_arg((n.args, dict(n.kwargs)), top)
+        return None if unmapped else (n.target, args, kwargs)
     if n.target in _LIKE:
         like = n.args[0] if n.args else n.kwargs.get("input")
         val = node_value(like) if isinstance(like, Node) else None
@@ -79,7 +91,7 @@ def _hoisted(n: Node, symbols: dict[str, Node]) -> tuple | None:
             return None
         if set(n.kwargs) - _LIKE_KWARGS - {"input"}:
             return None  # memory_format, say
-        size = _size(val, symbols)
+        size = _size(val.shape, symbols)
         if size is None:
             return None
         rest = tuple(n.args[1:])  # randint_like(x, low, high) / (x, high)
@@ -116,7 +128,12 @@ def hoist_random_draws(graph: Graph) -> int:
         new.meta.update(n.meta)
         new.meta[DEFERRED_META] = True  # out of the blocks: the finder does not look for a repeat of draws
         n.replace_all_uses_with(new)
+        read = n.all_input_nodes
         graph.erase_node(n)
+        for a in read:  # the size reads the draw made (`x.size()`, `x.shape[0]`), now read by nothing
+            if not a.users and a.op in COMPUTE_OPS and isinstance(node_value(a), (torch.Size, tuple, int,
+                                                                                   torch.SymInt)):
+                graph.erase_node(a)
     return len(randoms)
 
 

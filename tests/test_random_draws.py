@@ -125,3 +125,34 @@ def test_a_loop_with_dropout_in_training_stays_declined():
     report = pcr_compile.explain(Noisy(), torch.randn(2, 4), options=PARALLEL)
     assert not report.chains, report
     assert any("random op" in d.reason for d in report.declined), report
+
+
+class Langevin(nn.Module):
+    """Unadjusted Langevin steps with the noise drawn as `torch.randn(x.shape)` (a size read off the state)."""
+
+    def __init__(self, steps=12):
+        super().__init__()
+        self.score, self.steps = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 6)), steps
+
+    def forward(self, x):
+        for _ in range(self.steps):
+            x = x + 0.01 * self.score(x) + 0.1 * torch.randn(x.shape, device=x.device)
+        return x
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_langevin_noise_sized_from_the_state_moves(dynamic):
+    """With a symbolic batch the size is `x.size()` of a state inside the loop: it is rebuilt from the graph's
+    size inputs at the top."""
+    torch.manual_seed(0)
+    model = Langevin()
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL, dynamic=dynamic)
+    with torch._inductor.config.patch(fallback_random=True), torch.no_grad(), pcr_compile.record_solves() as solves:
+        for batch in (3, 5):
+            x = torch.randn(batch, 6)
+            torch.manual_seed(batch)
+            ref = model(x)
+            torch.manual_seed(batch)
+            torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+    assert [(s.direction, s.length) for s in solves][-1] == ("forward", 12)
+    assert all(not s.fell_back for s in solves)
