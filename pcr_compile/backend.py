@@ -22,6 +22,7 @@ from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
 from pcr_compile.passes.fx_utils import cleanup, mutates_in_place, node_value
 from pcr_compile.passes.pipeline import PREPARE, PassContext, run_passes
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
+from pcr_compile.passes.scalars import has_tensor_scalars
 from pcr_compile.passes.scan import scan_nodes
 from pcr_compile.passes.structure import linear_pointwise
 
@@ -105,11 +106,13 @@ def prepared(gm: GraphModule, options: Options, copy: bool = True) -> tuple[Grap
     """The copy of a Dynamo graph that chains are found in, and its plan. In the copy, BatchNorm's
     running-statistics updates are moved to the end and private in-place ops rewritten out of place
     (`passes/functionalize.py`), and values read two steps back are carried through the step between
-    (`passes/carry.py`), and scan nodes unrolled (`passes/scan.py`): the passes of `passes/pipeline.py`. With
-    `copy=False`, a graph that none of those passes would change (no in-place op, no scan node, no read two
-    steps back) is analysed where it is, read only, and returned itself: deciding to change nothing then
-    costs no copy of the graph (half the backend's time on a 1,000-node graph)."""
-    if not copy and not scan_nodes(gm.graph) and not any(mutates_in_place(n) for n in gm.graph.nodes):
+    (`passes/carry.py`), scan nodes unrolled (`passes/scan.py`) and floats read back from 0-d tensors kept as
+    tensors (`passes/scalars.py`): the passes of `passes/pipeline.py`. With `copy=False`, a graph that none of
+    those passes would change (no in-place op, no scan node, no `.item()` of a float, no read two steps back)
+    is analysed where it is, read only, and returned itself: deciding to change nothing then costs no copy of
+    the graph (half the backend's time on a 1,000-node graph)."""
+    if not copy and not scan_nodes(gm.graph) and not has_tensor_scalars(gm.graph) and not any(
+            mutates_in_place(n) for n in gm.graph.nodes):
         analysis = find_chains(gm.graph, min_length=options.min_chain_length)
         if not analysis.lagged:
             return gm, plan_graph(gm, options, analysis)
