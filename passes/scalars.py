@@ -9,9 +9,11 @@ tensor itself where that gives the same result, so the chain takes the stacked s
 
 - the `.item()` of a 0-d floating tensor, and Python arithmetic (`+ - * / **`, negation) over such reads and
   Python numbers (`1 - a`), which on 0-d float64 tensors is the same IEEE double arithmetic;
-- used as an operand of elementwise `+ - * /` with a floating tensor of at least one dimension: a 0-d tensor
-  of the same kind takes part in type promotion as the Python number did (the result keeps the other
-  operand's dtype) and CPU kernels read both as the same scalar.
+- used as an operand of elementwise `+ - * /` with a floating CPU tensor of at least one dimension: a 0-d
+  tensor of the same kind takes part in type promotion as the Python number did (the result keeps the other
+  operand's dtype) and CPU kernels read both as the same scalar. (Beside CUDA tensors the read stays: the
+  chain's stacked scalars would meet the states on another device under vmap. Such chains still fall back to
+  sequential evaluation after a recompile that made their floats dynamic.)
 
 Any other use (a shape, a comparison, a keyword such as `alpha=`, a 0-d or integer other operand) keeps its
 `.item()`: the rewrite is all or nothing per value.
@@ -35,7 +37,7 @@ _TENSOR_METHODS = {"add", "sub", "mul", "div", "true_divide", "__add__", "__radd
 
 
 def _float_0d(v) -> bool:
-    return isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float64
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float64 and v.device.type == "cpu"
 
 
 def _is_item(n: Node) -> bool:
@@ -45,11 +47,15 @@ def _is_item(n: Node) -> bool:
 
 def _wide_float(a) -> bool:
     v = node_value(a) if isinstance(a, Node) else None
-    return isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0
+    # On the scalar's device (the CPU, where Dynamo puts them): a chain's stacked per-step scalars are then
+    # batched with the states; a CPU scalar beside CUDA states keeps its .item() (vmap's batched CPU tensor
+    # is no CPU scalar any more, and would meet the CUDA operand as a tensor on another device).
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0 and v.device.type == "cpu"
 
 
 def _tensor_use(user: Node, value: Node) -> bool:
-    """Whether `value` (a Python float) may be replaced by a 0-d float64 tensor as an operand of `user`."""
+    """Whether `value` (a Python float from a CPU 0-d tensor) may be replaced by that 0-d float64 tensor as an
+    operand of `user`."""
     if user.kwargs or len(user.args) != 2 or sum(a is value for a in user.args) != 1:
         return False
     other = user.args[1] if user.args[0] is value else user.args[0]
