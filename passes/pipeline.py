@@ -15,7 +15,9 @@ analyse the graph twice).
 4. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
    end of the graph, out of the blocks;
 5. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
-6. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
+6. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
+   tensors where their users take tensors (a chain's per-step scalars are then batched);
+7. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
 
 After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
 by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
@@ -34,6 +36,7 @@ from .chains import Analysis
 from .fills import rewrite_fills
 from .functionalize import defer_running_stat_updates, functionalize_inplace
 from .random_draws import hoist_random_draws
+from .scalars import tensor_scalars
 from .scan import unroll_scans
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,10 @@ def _functionalize(gm: GraphModule, ctx: PassContext) -> int:
     return functionalize_inplace(gm.graph)
 
 
+def _scalars(gm: GraphModule, ctx: PassContext) -> int:
+    return tensor_scalars(gm.graph)
+
+
 def _carry(gm: GraphModule, ctx: PassContext) -> int:
     carried, analysis = carry_lagged_values(gm.graph, min_length=ctx.min_length)
     ctx.analysis = None if carried else analysis  # carrying changed the graph the analysis was made on
@@ -83,6 +90,7 @@ PREPARE: tuple[GraphPass, ...] = (
     GraphPass("hoist_random_draws", _hoist),
     GraphPass("defer_running_stat_updates", _defer),
     GraphPass("functionalize_inplace", _functionalize),
+    GraphPass("tensor_scalars", _scalars),
     GraphPass("carry_lagged_values", _carry),
 )
 

@@ -13,7 +13,9 @@ so Dynamo traces one layer instead of L and the first call no longer grows with 
 the scan in its own copy of the graph, where it finds the chain (`passes/scan.py`), and hands Inductor the
 unrolled graph when it rewrites nothing. Other backends get the scan itself, and on torch 2.13 Inductor
 fails to compile some scans (`DataDependentOutputException`, "scan might be aliasing"), so the default is
-the plain loop, which every backend compiles.
+the plain loop, which every backend compiles. Layers with buffers in training mode run the plain loop even
+with `scan=True`: a scan's body may not write its inputs, and such layers may (BatchNorm's running
+statistics).
 
     blocks = StackedLayers(model.blocks)          # model.blocks: an nn.ModuleList of identical blocks
     model.blocks = blocks                          # forward: x = blocks(x) instead of a loop over the list
@@ -92,6 +94,15 @@ class StackedLayers(nn.Module):
         # Held outside the module tree: its (meta) parameters are structure only, never state.
         object.__setattr__(self, "_template", template)
         self.length = len(layers)
+        self.train(first.training)  # the layers' mode (all one, checked above), here and in the template
+
+    def train(self, mode: bool = True) -> StackedLayers:
+        """`nn.Module.train` (and so `.eval()`), passed on to the template, which runs every layer: it is held
+        outside the module tree, so `nn.Module.train` alone would leave its Dropout / BatchNorm in the mode the
+        layers were stacked in."""
+        super().train(mode)
+        self._template.train(mode)
+        return self
 
     def _stacked(self) -> dict[str, torch.Tensor]:
         """Every stacked parameter and buffer by the layer's own name."""
@@ -103,7 +114,10 @@ class StackedLayers(nn.Module):
         def layer(carry, rows):
             return functional_call(self._template, dict(zip(stacked, rows)), (carry, *args), kwargs, strict=True)
 
-        if self.scan and _scan is not None and torch.compiler.is_compiling():
+        # A scan's body may not mutate its inputs (Dynamo refuses the whole scan, under every backend), and a
+        # layer in training mode may write its buffers (BatchNorm's running statistics): those run the loop.
+        if self.scan and _scan is not None and torch.compiler.is_compiling() and not (self.training and
+                                                                                       self.buffer_names):
             # One step traced, not L (passes/scan.py unrolls it for the chain finder, and hands Inductor the
             # unrolled steps when no chain is rewritten).
             return _scan(lambda carry, rows: (layer(carry, rows), ()), x, list(stacked.values()))[0]

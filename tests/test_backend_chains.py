@@ -228,3 +228,54 @@ def test_scalar_state(shape):
     y0, g0, y1, g1, solves = run_both(_ScalarRecurrence(), [torch.randn(shape)])
     assert y1.shape == y0.shape and rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
     assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 12, False), ("backward", 12, False)]
+
+
+class _ScaledBlock(nn.Module):
+    def __init__(self, a, w=6):
+        super().__init__()
+        self.lin, self.a = nn.Linear(w, w), a
+
+    def forward(self, x):
+        y = torch.tanh(self.lin(x))
+        return (1 - self.a) * x + self.a * y + y.mul(self.a / 2)
+
+
+class _ScheduleLoop(nn.Module):
+    def __init__(self, w=6):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(w, w), nn.Tanh(), nn.Linear(w, w))
+
+    def forward(self, x, alphas):
+        for a in alphas:
+            x = a ** 0.5 * x - (1 - a) * self.net(x)
+        return x
+
+
+def test_floats_made_dynamic_by_a_recompile_are_batched_not_read_on_the_host():
+    """A float attribute or a schedule that changes between calls is recompiled by Dynamo as a 0-d tensor read
+    with `.item()`; inside a chain that read cannot be batched by vmap, and every solve fell back to sequential
+    evaluation. passes/scalars.py keeps such reads tensors: the recompiled chain is solved, with eager's values
+    and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    model = nn.Sequential(*[_ScaledBlock(0.3 + 0.02 * i) for i in range(10)]).double()
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    compiled(x)
+    for block in model:
+        block.a += 0.05  # Dynamo recompiles with the floats dynamic
+    params = list(model.parameters())
+    with pcr_compile.record_solves() as solves:
+        y = compiled(x)
+        g = torch.autograd.grad(y.square().sum(), params)
+    y0 = model(x)
+    g0 = torch.autograd.grad(y0.square().sum(), params)
+    assert [(s.direction, s.fell_back) for s in solves] == [("forward", False), ("backward", False)]
+    assert rel_err(y, y0) < 1e-9 and grads_rel_err(g, g0) < 1e-9
+    loop = _ScheduleLoop().double()
+    compiled = torch.compile(loop, backend="deeppcr", options=PARALLEL)
+    for k in range(3):  # a new schedule each call: dynamic from the second
+        alphas = [0.9 - 0.01 * i - 0.003 * k for i in range(12)]
+        with pcr_compile.record_solves() as solves:
+            y = compiled(x, alphas)
+        assert [(s.direction, s.fell_back) for s in solves] == [("forward", False)]
+        assert rel_err(y, loop(x, alphas)) < 1e-9

@@ -7,6 +7,7 @@ from conftest import grads_rel_err, rel_err
 from helpers import PARALLEL, dynamo_graph, graph_fingerprint, run_both
 from test_integrators import RK4
 
+import pcr_compile
 from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser, ResidualMLP
 from pcr_compile.passes.chains import find_chains
 
@@ -203,6 +204,29 @@ def test_chains_inside_autocast_are_declined_and_still_correct():
     assert analysis.chains == () and any("autocast" in d.reason for d in analysis.declined)
     y = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
     torch.testing.assert_close(y, model(x), rtol=2e-2, atol=2e-2)
+
+
+def test_chains_compiled_inside_an_autocast_region_around_the_call_are_declined():
+    """Autocast entered around the compiled call (no _enter_autocast node in Dynamo's graph) declines the chain
+    too: the chain op ran its steps on mixed dtypes and crashed. Outside the region the chain is solved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(10)])
+    x = torch.randn(3, 4, requires_grad=True)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        analysis = find_chains(dynamo_graph(model, x).graph, min_length=8)
+        assert analysis.chains == () and any("autocast" in d.reason for d in analysis.declined)
+        with pcr_compile.record_solves() as solves:
+            y = compiled(x)
+            (g,) = torch.autograd.grad(y.float().sum(), x)
+        y0 = model(x)
+        (g0,) = torch.autograd.grad(y0.float().sum(), x)
+    assert solves == [] and y.dtype == y0.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y0, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(g, g0, rtol=2e-2, atol=2e-2)
+    with pcr_compile.record_solves() as solves:
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [s.direction for s in solves] == ["forward"]
 
 
 class PreNormTransformerish(nn.Module):

@@ -32,7 +32,8 @@ class InPlaceStack(nn.Module):
 
 def test_the_pipeline_is_declared_in_order_with_one_signature():
     assert [p.name for p in PREPARE] == ["unroll_scans", "rewrite_fills", "hoist_random_draws",
-                                       "defer_running_stat_updates", "functionalize_inplace", "carry_lagged_values"]
+                                       "defer_running_stat_updates", "functionalize_inplace", "tensor_scalars",
+                                       "carry_lagged_values"]
     assert all(isinstance(p, GraphPass) and callable(p.run) for p in PREPARE)
 
 
@@ -96,3 +97,59 @@ def test_cleanup_removes_dead_code_but_keeps_in_place_statements():
     assert targets == ["mul_", torch.cos]
     t = torch.ones(3)
     assert torch.equal(gm(t), torch.cos(torch.full((3,), 2.0)))
+
+
+class _FloatUses(nn.Module):
+    """A float attribute used as a tensor operand, in float arithmetic, with a 0-d tensor, and as `alpha=`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = 0.5, 0.25
+
+    def forward(self, x):
+        s = x.sum()  # 0-d: `s * a` would promote to float64 with a 0-d float64 operand; it keeps its float
+        return (1 - self.a) * x + x.mul(self.a), s * self.b, torch.add(x, x, alpha=self.b)
+
+
+def _recompiled_graph(model, x):
+    """Dynamo's graph after the model's floats changed (recompiled with them as 0-d tensors read by .item())."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)
+    model.a, model.b = model.a + 0.1, model.b + 0.1
+    compiled(x)
+    return graphs[-1]
+
+
+def test_tensor_scalars_keeps_floats_tensors_only_where_every_use_takes_a_tensor():
+    from pcr_compile.passes.scalars import tensor_scalars
+
+    model, x = _FloatUses(), torch.randn(3, 4)
+    gm = _recompiled_graph(model, x)
+    items = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "item"]
+    assert len(items) == 2
+    expected = model(x)
+    assert tensor_scalars(gm.graph) == 1  # `a`; `b` keeps its .item() (a 0-d operand, and alpha=)
+    gm.recompile()
+    left = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "item"]
+    assert len(left) == 1
+    for got, want in zip(gm(*[torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else v
+                              for v in _inputs_of(gm, model, x)]), expected):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _inputs_of(gm, model, x):
+    """The recompiled graph's inputs for `model(x)`, by placeholder name (x, then the floats a and b)."""
+    values = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            values.append(x if n.name.endswith("x_") or "args_0" in n.name else
+                          model.a if n.name.endswith("_a") else model.b)
+    return values

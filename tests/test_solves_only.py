@@ -97,3 +97,17 @@ def test_inductor_mode_keeps_inductor(inductor_calls):
     x = torch.randn(5, 6, dtype=torch.float64)
     torch.testing.assert_close(fast(x), model(x))
     assert inductor_calls  # (compile_fx calls itself once more when it patches its config)
+
+
+def test_double_backward_is_a_clear_error_and_first_order_gradients_stay_right():
+    """create_graph=True gives eager's gradient; differentiating that gradient again (the adjoint op has no
+    derivative) raises an error that names the double backward, never a wrong second derivative."""
+    torch.manual_seed(0)
+    model = DeepMLP(10, 4, gain=0.8).double()
+    fast = torch.compile(model, backend="deeppcr", options=OPTS)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fast(x).square().sum(), x, create_graph=True)
+    (g0,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    torch.testing.assert_close(g, g0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.square().sum(), x)

@@ -1,6 +1,8 @@
 """`pcr_compile.StackedLayers`: identical layers held as one module with stacked parameters, found as a chain
 of kind "layers" over the stacked tensors (no per-call stack), with eager's values and gradients."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -166,3 +168,48 @@ def test_scan_chains_not_rewritten_reach_inductor_unrolled():
     g = torch.autograd.grad(y.sum(), st.get_parameter("0__weight"))[0]
     g0 = torch.autograd.grad(ref(x).sum(), [b[0].weight for b in blocks])
     torch.testing.assert_close(g, torch.stack(g0), rtol=1e-4, atol=1e-6)
+
+
+def test_train_and_eval_reach_the_template():
+    """`.eval()` / `.train()` on the stack switch the layers' Dropout and BatchNorm (the template that runs
+    them is outside the module tree): eager and compiled, including a switch after compiling in train mode."""
+    torch.manual_seed(3)
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Dropout(0.5)) for _ in range(8)]
+    for b in blocks:
+        b[1].running_mean.uniform_(-1, 1)
+    st, ref = StackedLayers(blocks), nn.Sequential(*blocks)
+    x = torch.randn(5, 4)
+    st.eval(), ref.eval()
+    torch.testing.assert_close(st(x), ref(x), rtol=0, atol=0)
+    assert not any(m.training for m in st.unstack()[0].modules())
+    torch._dynamo.reset()
+    compiled = torch.compile(st, backend="deeppcr", options=PARALLEL)
+    st.train()
+    assert (compiled(x) == 0).any()  # dropout on: compiled in training mode
+    st.eval()
+    with pcr_compile.record_solves() as solves:
+        y = compiled(x)
+    assert [s.direction for s in solves] == ["forward"]  # recompiled in eval mode: a chain again
+    torch.testing.assert_close(y, st(x), rtol=1e-5, atol=1e-6)  # the running statistics the train call left
+    torch.testing.assert_close(st(x), nn.Sequential(*st.unstack())(x), rtol=0, atol=0)
+    # layers stacked in eval mode stay in eval mode
+    assert not StackedLayers([nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval() for _ in range(2)]).training
+
+
+@pytest.mark.parametrize("backend", ["eager", "deeppcr"])
+def test_scan_with_buffers_in_training_mode_runs_the_loop(backend):
+    """A scan's body may not write its inputs (Dynamo refuses it under every backend): layers with buffers in
+    training mode (BatchNorm's running statistics) run the loop under scan=True, with eager's outputs and
+    statistics; in eval mode they scan."""
+    torch.manual_seed(4)
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh()) for _ in range(8)]
+    st, ref = StackedLayers(copy.deepcopy(blocks), scan=True), nn.Sequential(*blocks)
+    x = torch.randn(5, 4)
+    torch._dynamo.reset()
+    options = {"options": PARALLEL} if backend == "deeppcr" else {}
+    compiled = torch.compile(st, backend=backend, **options)
+    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.get_buffer("1__running_var"), torch.stack([b[1].running_var for b in blocks]))
+    st.eval(), ref.eval()
+    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert sum(n.target is torch.ops.higher_order.scan for n in _dynamo_graph_nodes(st, x)) == 1

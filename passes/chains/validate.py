@@ -74,8 +74,20 @@ class Tag(NamedTuple):
 OUTSIDE, CONST = Tag("outside"), Tag("const")
 
 
+def _ambient_autocast() -> bool:
+    """Whether an autocast region is open around the compiled call (Dynamo's graph then has no _enter_autocast
+    node: autocast is global state, which Dynamo guards, so this graph only ever runs inside it)."""
+    any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if any_enabled is not None:
+        return bool(any_enabled())
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
 def autocast_nodes(graph: Graph) -> set[Node]:
-    """Nodes inside `torch.autocast` regions (between Dynamo's _enter_autocast and _exit_autocast)."""
+    """Nodes inside `torch.autocast` regions (between Dynamo's _enter_autocast and _exit_autocast), and every
+    node when the graph is analysed inside an autocast region opened around the compiled call."""
+    if _ambient_autocast():
+        return set(graph.nodes)
     inside, depth = set(), 0
     for n in graph.nodes:
         if n.op == "call_function" and n.target is getattr(torch.amp, "_enter_autocast", None):

@@ -295,4 +295,14 @@ def _define(name: str):
         return tuple(grads_in)
 
     chain.register_autograd(backward, setup_context=setup_context)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"{qual}: double backward (a gradient of a gradient, create_graph=True) through a deeppcr chain is not "
+            "supported: the chain's adjoint solve has no derivative of its own (nor does torch.compile's AOTAutograd "
+            "support double backward); run the model uncompiled, or with backend='eager', where second derivatives "
+            "are needed")
+
+    # A clear error instead of the generic "no autograd formula" when a double backward reaches the adjoint.
+    adjoint.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
