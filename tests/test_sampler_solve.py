@@ -259,6 +259,68 @@ def test_pipeline_images_match_the_sequential_pipeline(unet, pipeline):
         parallel_pipeline(object())
 
 
+def _pipeline_pair(unet, pipeline, scheduler):
+    from pcr_compile.diffusion import parallel_pipeline
+
+    pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=diffusers.DDPMScheduler())
+    pipe.scheduler = scheduler  # swapped in after construction (DDIMPipeline's __init__ converts to DDIM)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, parallel_pipeline(pipe)
+
+
+def test_pipeline_with_a_scaling_scheduler_runs_the_pipelines_loop(unet):
+    """DDPMPipeline's loop calls neither scale_model_input nor multiplies by init_noise_sigma, also with an Euler
+    scheduler swapped in: the wrapper did both (every image off by up to 1.0)."""
+    import numpy as np
+
+    pipe, par = _pipeline_pair(unet, "DDPMPipeline", diffusers.EulerDiscreteScheduler.from_config(
+        diffusers.DDPMScheduler().config))
+    kw = dict(batch_size=2, num_inference_steps=6, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    out = par(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(out - ref).max() < 1e-4
+    assert not par.last_stats.fell_back and par.last_stats.depth <= 6
+
+
+def test_pipeline_arguments_bind_as_the_wrapped_pipelines():
+    """DDPMPipeline takes (batch_size, generator, num_inference_steps, ...) and no eta: positional arguments mean
+    what they mean there (the wrapper took DDIM's order: the third was eta, the steps stayed 1000)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, add_attention=False,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    pipe, par = _pipeline_pair(unet, "DDPMPipeline", diffusers.DDPMScheduler())
+    (ref,) = pipe(2, torch.Generator().manual_seed(0), 3, "np", False)
+    (out,) = par(2, torch.Generator().manual_seed(0), 3, "np", False)
+    assert np.abs(out - ref).max() < 1e-4 and par.last_stats.depth <= 3
+    for bad in ({"eta": 0.5}, {"use_clipped_model_output": True}, {"foo": 1}):
+        with pytest.raises(TypeError, match=next(iter(bad))):
+            par(num_inference_steps=3, **bad)
+
+
+@pytest.mark.parametrize("pipeline,scheduler", [
+    ("DDPMPipeline", lambda: diffusers.EulerAncestralDiscreteScheduler.from_config(diffusers.DDPMScheduler().config)),
+    ("DDIMPipeline", lambda: diffusers.DDIMScheduler(thresholding=True)),
+])
+def test_pipeline_with_an_unsupported_scheduler_runs_the_pipeline_itself(unet, pipeline, scheduler, caplog):
+    """What sampling_loop declines (ancestral Euler, thresholding) still gives the sequential pipeline's images,
+    from the pipeline's own loop, with a warning and the fallback in last_stats (it raised NotImplementedError)."""
+    import numpy as np
+
+    pipe, par = _pipeline_pair(unet, pipeline, scheduler())
+    kw = dict(batch_size=2, num_inference_steps=4, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    with caplog.at_level("WARNING", logger="pcr_compile.diffusion.pipelines"):
+        out = par(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.array_equal(out, ref)
+    st = par.last_stats
+    assert st.fell_back and "does not support" in st.reason and st.depth == 4 and st.evaluations == 0
+    assert "sequential loop" in caplog.text
+
+
 def test_condition_unet_kwargs_are_tiled_over_the_steps():
     """UNet2DConditionModel: encoder_hidden_states (batch-leading) reach every step of a batched round."""
     from pcr_compile.diffusion import parallel_sample, sampling_loop

@@ -7,7 +7,11 @@ wrapped pipeline's `__call__` and returns what it returns (an `ImagePipelineOutp
 diffusers' order), so the images equal the sequential pipeline's within the solve's tolerance. The sampler
 runs through `sampling_loop` + `parallel_sample`; the progress bar (the pipeline's own `progress_bar`, so
 `pipe.set_progress_bar_config` applies) advances once per round, its total the number of steps (the most
-rounds a solve takes). The stats of the last call are in `.last_stats`.
+rounds a solve takes). The stats of the last call are in `.last_stats`. The arguments are bound by the wrapped
+pipeline's own signature (DDPM's third positional argument is `num_inference_steps`, and it takes no `eta`), and
+the loop is the pipelines' own: no `scale_model_input` and no `init_noise_sigma`, whatever scheduler is swapped
+in. What `sampling_loop` declines (thresholding, ancestral Euler, PNDM, ...) runs the wrapped pipeline itself,
+sequentially and exactly, with a warning (`last_stats.fell_back`, `last_stats.reason`).
 
 `parallel_denoise(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale=7.5, ...)` is
 step 7 of `StableDiffusionPipeline.__call__` (the denoising loop over a `UNet2DConditionModel`, with guidance and
@@ -20,14 +24,19 @@ pipe.scheduler, ...)` the latents, and `pipe.vae.decode` the image.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import logging
 from typing import Any
 
 import torch
 
-from pcr_compile.diffusion.loop import sampling_loop
+from pcr_compile.diffusion.loop import SamplingLoop, sampling_loop
 from pcr_compile.diffusion.parallel import parallel_sample
 from pcr_compile.diffusion.plans import SCHEDULERS, _scheduler_name
 from pcr_compile.solver.sampler import SamplerStats
+
+log = logging.getLogger(__name__)
 
 PIPELINES = ("DDIMPipeline", "DDPMPipeline")
 # the keyword arguments of parallel_sample that configure the solve (everything else would reach the unet)
@@ -62,28 +71,50 @@ class ParallelPipeline:
         return (batch_size, cfg.in_channels, *size)
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator: Any = None, eta: float = 0.0,
-                 num_inference_steps: int | None = None, use_clipped_model_output: bool | None = None,
-                 output_type: str | None = "pil", return_dict: bool = True):
+    def __call__(self, *args: Any, **kwargs: Any):
+        """The wrapped pipeline's call, its arguments bound by that pipeline's own `__call__` signature.
+
+        `DDIMPipeline`: (batch_size, generator, eta, num_inference_steps, use_clipped_model_output, output_type,
+        return_dict); `DDPMPipeline`: (batch_size, generator, num_inference_steps, output_type, return_dict). So
+        positional arguments, defaults and unexpected keywords mean here what they mean there. A scheduler or
+        config `sampling_loop` does not support (thresholding, ancestral Euler, PNDM, ...) runs the wrapped
+        pipeline itself, sequentially, with a warning; `last_stats.fell_back` and `.reason` say so.
+        """
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe = self.pipe
-        ddim = type(pipe).__name__ == "DDIMPipeline"
-        if num_inference_steps is None:
-            num_inference_steps = 50 if ddim else 1000  # the pipelines' defaults
+        name = type(pipe).__name__
+        try:
+            bound = inspect.signature(type(pipe).__call__).bind(pipe, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{name}.__call__ (parallel_pipeline): {e}") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        batch_size, generator, num_inference_steps = a["batch_size"], a["generator"], a["num_inference_steps"]
+        output_type, return_dict = a["output_type"], a["return_dict"]
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got a list of {len(generator)} generators for batch_size={batch_size}")
-        kwargs = {}
-        if ddim:
-            kwargs["eta"] = eta
-            if use_clipped_model_output is not None:
-                kwargs["use_clipped_model_output"] = use_clipped_model_output
+        # the scheduler keywords the pipeline's loop passes to step (DDIM: eta always, use_clipped_model_output
+        # when not None; DDPM: none)
+        step_kwargs = {k: a[k] for k in ("eta", "use_clipped_model_output") if a.get(k) is not None}
+        try:
+            loop = sampling_loop(pipe.unet, pipe.scheduler, num_inference_steps, **step_kwargs)
+        except NotImplementedError as e:  # the pipeline's own loop is exact: run it rather than fail
+            log.warning("parallel_pipeline: %s; running %s's own sequential loop", e, name)
+            out = pipe(*args, **kwargs)
+            steps = len(pipe.scheduler.timesteps)
+            self.last_stats = SamplerStats(fell_back=True, reason=f"sequential pipeline: {e}", sequential_steps=steps,
+                                           step_evaluations=steps)
+            return out
+        # These pipelines' loops call neither scale_model_input nor multiply the initial noise by init_noise_sigma,
+        # whatever the scheduler (Euler's are not one): the loop does as they do.
+        loop = SamplingLoop(loop.unet, dataclasses.replace(loop.plan, scales_input=False, init_noise_sigma=1.0),
+                            loop.guidance)
         device = pipe._execution_device
         # the pipelines' own initial draw: DDIM on the execution device, DDPM too (off mps)
         image = randn_tensor(self._image_shape(batch_size), generator=generator, device=device,
                              dtype=pipe.unet.dtype)
-        loop = sampling_loop(pipe.unet, pipe.scheduler, num_inference_steps, **kwargs)
         bar = pipe.progress_bar(total=num_inference_steps)
         bar.set_description("rounds")
 
@@ -92,8 +123,8 @@ class ParallelPipeline:
             bar.set_postfix(steps=f"{committed}/{steps}")
 
         try:
-            image, self.last_stats = parallel_sample(loop, image * loop.init_noise_sigma, generator=generator,
-                                                     on_round=on_round, **self.options)
+            image, self.last_stats = parallel_sample(loop, image, generator=generator, on_round=on_round,
+                                                     **self.options)
         finally:
             bar.close()
         pipe.scheduler.set_timesteps(num_inference_steps)  # left as the sequential pipeline leaves it
