@@ -350,6 +350,19 @@ def test_unsupported_config(name, cfg, option):
         sampling_loop(tiny_mlp(), SCHEDULERS[name](**cfg), 5)
 
 
+def test_ddim_eta_beyond_the_variance_is_a_clear_error():
+    """eta = 1.5 asks for more noise than a DDIM step has: diffusers' step gives NaN, sampling_loop said only
+    'math domain error'."""
+    unet = tiny_mlp()
+    with torch.no_grad():
+        ref = reference_loop(unet, SCHEDULERS["ddim"](), 10, torch.randn(4, 2), generator=gen(),
+                             step_kwargs={"eta": 1.5})
+    assert not torch.isfinite(ref).all()
+    with pytest.raises(ValueError, match=r"eta=1.5 .* Use eta in \[0, 1\]"):
+        sampling_loop(unet, SCHEDULERS["ddim"](), 10, eta=1.5)
+    sampling_loop(unet, SCHEDULERS["ddim"](), 10, eta=1.0)  # the DDPM posterior: fine
+
+
 def test_unknown_step_kwarg():
     with pytest.raises(TypeError, match="eta"):
         sampling_loop(tiny_mlp(), diffusers.EulerDiscreteScheduler(), 5, eta=0.5)

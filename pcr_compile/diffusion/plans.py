@@ -139,7 +139,12 @@ def _plan_ddim(sched: Any, eta: float, use_clipped_model_output: bool) -> Sample
         a, a_prev = float(ac[t]), (float(ac[prev]) if prev >= 0 else final)
         variance = (1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev)
         std = eta * math.sqrt(variance)
-        d = math.sqrt(1.0 - a_prev - std**2)  # weight of the predicted epsilon
+        rest = 1.0 - a_prev - std**2
+        if rest < -1e-12:  # eta > 1 can take more variance than the step has
+            raise ValueError(f"sampling_loop: DDIMScheduler with eta={eta} gives 1 - alpha_prev - std^2 = {rest:.3g} "
+                             f"< 0 at timestep {t} (std = eta * sqrt(variance)); diffusers' step gives NaN there. "
+                             "Use eta in [0, 1]")
+        d = math.sqrt(max(rest, 0.0))  # weight of the predicted epsilon
         px, pm, ex, em = _x0_eps_coefs(pred, a)
         if clip is None:  # x_prev = sqrt(a_prev) x0 + d eps (+ std noise), all linear in (x, m)
             c = StepCoefficients(t, x_coef=math.sqrt(a_prev) * px + d * ex, m_coef=math.sqrt(a_prev) * pm + d * em)
