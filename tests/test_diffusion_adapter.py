@@ -171,6 +171,12 @@ def test_generator_list_and_explicit_noise():
     assert_close_rel(out, ref)
     with pytest.raises(ValueError, match="noise must have shape"):
         loop(latents, noise=noise[1:])
+    # a longer list: diffusers' randn_tensor draws from the first `batch` only (the loop stacked 4 rows and crashed)
+    with torch.no_grad():
+        ref = reference_loop(mlp, diffusers.DDPMScheduler(), 6, latents, generator=[gen(s) for s in range(4)])
+        assert_close_rel(loop(latents, generator=[gen(s) for s in range(4)]), ref)
+        with pytest.raises(ValueError, match="generator: a list of 2 generators for a batch of 3"):
+            loop(latents, generator=[gen(0), gen(1)])
 
 
 def test_loop_is_a_module_and_scheduler_untouched():

@@ -178,13 +178,17 @@ def _randn_parts(latents: torch.Tensor, generator: Any) -> list[torch.Tensor]:
 
     Re-implemented (same draws, same order) so that all draws come first and the device moves and
     concatenations after them (`_join_parts`), inside the graph. A generator draws on its own device (a CPU
-    generator on the CPU, as diffusers does); a list of generators draws one sample from each.
+    generator on the CPU, as diffusers does); a list of generators draws one sample from each of its first
+    `batch` (a longer list's others are unused, as in diffusers; a shorter one is an error).
     """
     if isinstance(generator, (list, tuple)) and len(generator) == 1:
         generator = generator[0]
-    if isinstance(generator, (list, tuple)):
+    if isinstance(generator, (list, tuple)):  # one sample from each of the first `batch` (randn_tensor's rule)
+        batch = latents.shape[0]
+        if len(generator) < batch:
+            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {batch} samples")
         shape = (1, *latents.shape[1:])
-        return [torch.randn(shape, generator=g, device=g.device, dtype=latents.dtype) for g in generator]
+        return [torch.randn(shape, generator=g, device=g.device, dtype=latents.dtype) for g in generator[:batch]]
     device = latents.device if generator is None else generator.device
     return [torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)]
 
