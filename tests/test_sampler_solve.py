@@ -3,6 +3,7 @@ wrappers, on synthetic chains and on the trained fixture (benchmarks/fixtures/bl
 than sequential sampling, results equal to the sequential loop, the noise-level rule, and the pipelines'
 images against diffusers' own sequential pipelines."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -219,6 +220,29 @@ def test_parallel_sample_rejects_a_bad_jacobian(unet):
     loop = sampling_loop(unet, SCHEDULERS["ddim"](), 4)
     with pytest.raises(ValueError, match="jacobian"):
         parallel_sample(loop, torch.randn(1, 1, 16, 16), jacobian="dense")
+
+
+def test_parallel_sample_argument_errors_name_the_argument(unet):
+    """tol=inf accepted every guess (the first round's image, 2x off the sequential one); latents the unet cannot
+    take failed deep inside its first batched call; an empty batch raised IndexError (the loop returns it)."""
+    from pcr_compile.diffusion import parallel_sample, sampling_loop
+
+    loop = sampling_loop(unet, SCHEDULERS["ddim"](), 4)
+    latents = torch.randn(2, 1, 16, 16)
+    for tol in (math.inf, math.nan, 0.0, -1.0):
+        with pytest.raises(ValueError, match="tol must be None or a finite positive number"):
+            parallel_sample(loop, latents, tol=tol)
+    bad = {"latents must be a tensor": latents.numpy(), "floating-point": latents.long(),
+           r"latents must be \(batch, 1, \.\.\.\)": torch.randn(2, 3, 16, 16),
+           "latents are torch.float64 but the unet is torch.float32": latents.double()}
+    for match, value in bad.items():
+        with pytest.raises((TypeError, ValueError), match=match):
+            parallel_sample(loop, value)
+    empty = torch.randn(0, 1, 16, 16)
+    with torch.no_grad():
+        ref = loop(empty)
+    y, st = parallel_sample(loop, empty)
+    assert y.shape == ref.shape == (0, 1, 16, 16) and st.depth == 0
 
 
 def test_sigma_rule_takes_fewer_rounds_at_a_bounded_error(unet):
