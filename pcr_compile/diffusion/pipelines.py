@@ -24,6 +24,7 @@ pipe.scheduler, ...)` the latents, and `pipe.vae.decode` the image.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -31,9 +32,9 @@ from typing import Any
 
 import torch
 
+from pcr_compile.diffusion.guidance import Guidance, guided, make_guidance
 from pcr_compile.diffusion.loop import SamplingLoop, sampling_loop
 from pcr_compile.diffusion.parallel import parallel_sample
-from pcr_compile.diffusion.plans import SCHEDULERS, _scheduler_name
 from pcr_compile.solver.sampler import SamplerStats
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,10 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
     Args:
         unet: a diffusers `UNet2DConditionModel` (or a callable `unet(x, t, encoder_hidden_states=...)`, as for
             `sampling_loop`). A UNet with `config.time_cond_proj_dim` (a guidance embedding, LCM) is not supported.
-        scheduler: a scheduler `sampling_loop` supports (DDIM, DDPM, Euler, DPM-Solver multistep); not modified.
+        scheduler: a diffusers scheduler; not modified. One `sampling_loop` supports (DDIM, DDPM, Euler, DPM-Solver
+            multistep) is solved in parallel; any other (or a config it declines, e.g. thresholding) runs the
+            pipeline's loop sequentially with its own `step`, with a warning (`stats.fell_back`, `stats.reason`;
+            `stats.sequential_steps` is then the scheduler's number of timesteps, e.g. PNDM's warm-up included).
         latents: the initial noise `(B, C, H, W)` as the pipeline's `latents=` takes it (before the scheduler's
             `init_noise_sigma`, applied here), or None: drawn as `prepare_latents` does, `randn_tensor((B,
             in_channels, sample_size, sample_size), generator)` in `prompt_embeds`' dtype on its device.
@@ -181,8 +185,10 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
 
     Raises:
         TypeError: `prompt_embeds` / `negative_prompt_embeds` / `latents` is not a tensor, or an unknown solver option.
-        ValueError: shapes that do not match (naming the argument), or guidance without `negative_prompt_embeds`.
-        NotImplementedError: a guidance-embedding UNet, or what `sampling_loop` does not support.
+        ValueError: shapes or dtypes that do not match (naming the argument; a diffusers unet's in_channels,
+            cross_attention_dim and dtype are checked), or guidance without `negative_prompt_embeds`.
+        NotImplementedError: a guidance-embedding UNet, or a scheduler from outside diffusers that `sampling_loop`
+            does not support.
     """
     _check_solver_options(solver_options, "parallel_denoise")
     if not isinstance(prompt_embeds, torch.Tensor):
@@ -193,12 +199,28 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
     if getattr(config, "time_cond_proj_dim", None) is not None:
         raise NotImplementedError("parallel_denoise does not support a UNet with time_cond_proj_dim (a guidance "
                                   "embedding, as LCM): pass its timestep_cond to sampling_loop's loop instead")
-    name = _scheduler_name(scheduler)
-    step_kwargs = {"eta": eta} if "eta" in SCHEDULERS[name].step_kwargs else {}
-    loop = sampling_loop(unet, scheduler, num_inference_steps, guidance_scale=guidance_scale,
-                         guidance_rescale=guidance_rescale, **step_kwargs)
+    cross_dim = getattr(config, "cross_attention_dim", None)
+    if isinstance(cross_dim, int) and prompt_embeds.shape[-1] != cross_dim:
+        raise ValueError(f"prompt_embeds must be (batch, seq, {cross_dim}) for this unet (config.cross_attention_dim="
+                         f"{cross_dim}), got shape {tuple(prompt_embeds.shape)}")
+    unet_dtype = getattr(unet, "dtype", None)
+    if isinstance(unet_dtype, torch.dtype) and unet_dtype.is_floating_point and prompt_embeds.dtype != unet_dtype:
+        raise ValueError(f"prompt_embeds are {prompt_embeds.dtype} but the unet is {unet_dtype} (latents=None are "
+                         "drawn in prompt_embeds' dtype, as the pipeline does); pass embeddings of the unet's dtype")
+    guidance = make_guidance(guidance_scale, guidance_rescale, unet)
+    # prepare_extra_step_kwargs: eta only for a scheduler whose step takes it (DDIM)
+    step = getattr(scheduler, "step", None)
+    step_kwargs = {"eta": eta} if callable(step) and "eta" in inspect.signature(step).parameters else {}
+    try:
+        loop = sampling_loop(unet, scheduler, num_inference_steps, guidance_scale=guidance_scale,
+                             guidance_rescale=guidance_rescale, **step_kwargs)
+        declined = None
+    except NotImplementedError as e:  # a diffusers scheduler: its own loop, run sequentially below, is exact
+        if not type(scheduler).__module__.startswith("diffusers."):
+            raise
+        loop, declined = None, e
     B = prompt_embeds.shape[0]
-    if loop.guidance is not None:
+    if guidance is not None:
         if negative_prompt_embeds is None:
             raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds (the pipeline "
                              "encodes the negative or empty prompt with its text encoder; pass the embeddings)")
@@ -233,5 +255,35 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
         unet_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
     if added_cond_kwargs is not None:
         unet_kwargs["added_cond_kwargs"] = added_cond_kwargs
+    if declined is not None:
+        log.warning("parallel_denoise: %s; running the pipeline's denoising loop sequentially", declined)
+        return _sequential_denoise(unet, scheduler, latents, num_inference_steps, guidance, generator, step_kwargs,
+                                   unet_kwargs, on_round, f"sequential loop: {declined}")
     return parallel_sample(loop, latents * loop.init_noise_sigma, generator=generator, on_round=on_round,
                            **solver_options, **unet_kwargs)
+
+
+def _sequential_denoise(unet: Any, scheduler: Any, latents: torch.Tensor, steps: int, guidance: Guidance | None,
+                        generator: Any, step_kwargs: dict[str, Any], unet_kwargs: dict[str, Any], on_round,
+                        reason: str) -> tuple[torch.Tensor, SamplerStats]:
+    """`StableDiffusionPipeline.__call__`'s denoising loop as it is, with the real `scheduler.step` (on a copy: the
+    scheduler passed in is not modified), for schedulers `sampling_loop` declines."""
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(steps, device=latents.device)
+    latents = latents * sched.init_noise_sigma
+    if "generator" in inspect.signature(sched.step).parameters:
+        step_kwargs = {**step_kwargs, "generator": generator}
+    timesteps = sched.timesteps
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = unet(x, t, **unet_kwargs)
+        return out if isinstance(out, torch.Tensor) else out.sample if hasattr(out, "sample") else out[0]
+
+    for i, t in enumerate(timesteps):
+        x = sched.scale_model_input(latents, t)  # elementwise: the same as scaling cat([latents] * 2)
+        noise_pred = denoise(x, t) if guidance is None else guided(denoise, x, t, guidance)
+        latents = sched.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        if on_round:
+            on_round(i + 1, len(timesteps))
+    return latents, SamplerStats(fell_back=True, reason=reason, sequential_steps=len(timesteps),
+                                 step_evaluations=len(timesteps))
