@@ -128,6 +128,16 @@ def test_divergence_is_detected_before_max_iters():
     assert all(r == r and r < 1e6 for r in st.residuals)  # the clamp keeps every guess bounded
 
 
+def test_anderson_with_a_singular_history_takes_the_picard_step():
+    """Collinear history differences make the float32 least squares exactly singular (the 1e-8 regulariser is below
+    rounding): torch.linalg.solve raised and ended the whole solve; that step and row now take the Picard step."""
+    torch.manual_seed(0)
+    d = torch.randn(3, 2, 5)
+    Z, R = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    out = sampler_solve._anderson(Z, R, torch.stack([d, 2 * d]), torch.stack([d, d]))
+    torch.testing.assert_close(out, Z + R, rtol=0, atol=0)
+
+
 def test_sigma_rule_is_rms_over_noise_level():
     r = torch.zeros(3, 2, 4)
     r[1, 0] = torch.tensor([3.0, 0.0, 0.0, 4.0])  # RMS sqrt(25 / 4) = 2.5
@@ -212,6 +222,21 @@ def test_auto_keeps_the_candidate_that_is_faster_on_the_fixture(unet, name, step
     assert st.chosen.startswith(faster)
     assert st.depth <= single[faster].depth + 1
     assert rel_err(y, ref) < 1e-2
+
+
+def test_singular_anderson_on_a_dpm_solver_loop_matches_sequential():
+    """DPM-Solver++ with lambda_min_clipped, 37 steps, over an MLP: the case that hit the singular system."""
+    from pcr_compile.diffusion import parallel_sample, sampling_loop
+    from pcr_compile.models import MLPDenoiser
+
+    torch.manual_seed(0)
+    mlp = MLPDenoiser(dim=2, hidden=32, emb=8).eval()
+    loop = sampling_loop(mlp, diffusers.DPMSolverMultistepScheduler(lambda_min_clipped=-5.1), 37)
+    latents = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = loop(latents)
+    y, st = parallel_sample(loop, latents, jacobian="identity")
+    assert rel_err(y, ref) < 1e-4 and st.depth <= 37
 
 
 def test_parallel_sample_rejects_a_bad_jacobian(unet):
