@@ -350,6 +350,9 @@ def test_bad_num_inference_steps(steps):
     ("ddpm", {"thresholding": True}, "thresholding"),
     ("ddpm", {"variance_type": "learned_range"}, "variance_type"),
     ("ddpm", {"variance_type": "fixed_large_log"}, "variance_type"),
+    # zero terminal SNR with epsilon: 1 / sqrt(alphas_cumprod) at the first step (was ZeroDivisionError)
+    ("ddim", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, "prediction_type='epsilon'"),
+    ("ddpm", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, "prediction_type='epsilon'"),
 ])
 def test_unsupported_config(name, cfg, option):
     with pytest.raises(NotImplementedError, match=option):

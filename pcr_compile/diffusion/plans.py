@@ -111,6 +111,11 @@ def _check_config(sched: Any, prediction_types: tuple[str, ...]) -> tuple[str, f
 def _x0_eps_coefs(pred: str, a: float) -> tuple[float, float, float, float]:
     """(x0 = px x + pm m, eps = ex x + em m) for a model output m of type `pred`, alpha_cumprod `a`."""
     sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
+    if pred == "epsilon" and sa == 0.0:
+        raise NotImplementedError(
+            "sampling_loop does not support prediction_type='epsilon' at a step with alphas_cumprod = 0 (zero "
+            "terminal SNR: rescale_betas_zero_snr=True with trailing timesteps): the predicted clean sample divides "
+            "by zero (diffusers' step gives +-inf there, before any clipping); use prediction_type='v_prediction'")
     if pred == "epsilon":
         return 1.0 / sa, -sb / sa, 0.0, 1.0
     if pred == "v_prediction":
