@@ -331,6 +331,22 @@ def test_pipeline_with_a_scaling_scheduler_runs_the_pipelines_loop(unet):
     assert not par.last_stats.fell_back and par.last_stats.depth <= 6
 
 
+def test_scheduler_swapped_on_the_wrapper_is_the_pipelines(unet):
+    """`par.scheduler = X.from_config(par.scheduler.config)`, diffusers' idiom, on the wrapper: it was set on the
+    wrapper only, read back, and never run (images 0.9 off the swapped pipeline's)."""
+    import numpy as np
+
+    pipe, par = _pipeline_pair(unet, "DDPMPipeline", diffusers.DDPMScheduler())
+    par.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(par.scheduler.config)
+    assert pipe.scheduler is par.scheduler
+    kw = dict(batch_size=2, num_inference_steps=5, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    out = par(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(out - ref).max() < 1e-4
+    par.last_stats = None  # the wrapper's own attributes stay its own
+    assert "last_stats" not in vars(pipe)
+
+
 def test_pipeline_arguments_bind_as_the_wrapped_pipelines():
     """DDPMPipeline takes (batch_size, generator, num_inference_steps, ...) and no eta: positional arguments mean
     what they mean there (the wrapper took DDIM's order: the third was eta, the steps stayed 1000)."""

@@ -11,7 +11,8 @@ rounds a solve takes). The stats of the last call are in `.last_stats`. The argu
 pipeline's own signature (DDPM's third positional argument is `num_inference_steps`, and it takes no `eta`), and
 the loop is the pipelines' own: no `scale_model_input` and no `init_noise_sigma`, whatever scheduler is swapped
 in. What `sampling_loop` declines (thresholding, ancestral Euler, PNDM, ...) runs the wrapped pipeline itself,
-sequentially and exactly, with a warning (`last_stats.fell_back`, `last_stats.reason`).
+sequentially and exactly, with a warning (`last_stats.fell_back`, `last_stats.reason`). Attributes read or set
+on the wrapper are the pipeline's (`par.scheduler = ...` swaps the pipeline's scheduler), but for `last_stats`.
 
 `parallel_denoise(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale=7.5, ...)` is
 step 7 of `StableDiffusionPipeline.__call__` (the denoising loop over a `UNet2DConditionModel`, with guidance and
@@ -63,8 +64,18 @@ class ParallelPipeline:
         _check_solver_options(solver_options, "parallel_pipeline")
         self.pipe, self.options, self.last_stats = pipe, dict(solver_options), None
 
+    _OWN = ("pipe", "options", "last_stats")  # the wrapper's own attributes; every other one is the pipeline's
+
     def __getattr__(self, item: str) -> Any:  # unet, scheduler, progress_bar, ... of the wrapped pipeline
         return getattr(self.__dict__["pipe"], item)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # `par.scheduler = X.from_config(par.scheduler.config)` swaps the pipeline's scheduler, as on the pipeline
+        # (set on the wrapper, it was read back but never run)
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__dict__["pipe"], name, value)
 
     def _image_shape(self, batch_size: int) -> tuple[int, ...]:
         cfg = self.pipe.unet.config
