@@ -377,6 +377,31 @@ def test_unknown_step_kwarg():
         sampling_loop(tiny_mlp(), diffusers.EulerDiscreteScheduler(), 5, eta=0.5)
 
 
+@pytest.mark.parametrize("name,kwargs,exc,match", [
+    ("ddim", {"eta": float("nan")}, ValueError, "eta must be finite"),  # was a silent all-NaN sample
+    ("ddim", {"eta": None}, TypeError, "eta must be a real number"),  # was "unsupported operand type(s)"
+    ("ddim", {"eta": "0.5"}, TypeError, "eta must be a real number"),
+    ("ddim", {"use_clipped_model_output": "yes"}, TypeError, "use_clipped_model_output must be a bool"),
+    ("euler", {"s_churn": float("nan")}, ValueError, "s_churn must be finite"),
+    ("euler", {"s_noise": None}, TypeError, "s_noise must be a real number"),
+])
+def test_bad_step_kwarg_values(name, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sampling_loop(tiny_mlp(), SCHEDULERS[name](), 5, **kwargs)
+
+
+def test_step_kwarg_values_diffusers_takes():
+    """A one-element tensor eta, use_clipped_model_output=None (what DDIMPipeline passes) and s_tmax=inf are
+    fine, and give diffusers' samples."""
+    mlp, latents = tiny_mlp(), torch.randn(4, 2)
+    for name, kwargs in (("ddim", {"eta": torch.tensor(0.5), "use_clipped_model_output": None}),
+                         ("euler", {"s_churn": 1.0, "s_tmax": float("inf")})):
+        loop = sampling_loop(mlp, SCHEDULERS[name](), 5, **kwargs)
+        with torch.no_grad():
+            ref = reference_loop(mlp, SCHEDULERS[name](), 5, latents, generator=gen(), step_kwargs=kwargs)
+            assert_close_rel(loop(latents * loop.init_noise_sigma, generator=gen()), ref)
+
+
 def test_deterministic_loop_rejects_noise():
     latents = torch.randn(2, 2)
     loop = sampling_loop(tiny_mlp(), diffusers.DDIMScheduler(), 3)
