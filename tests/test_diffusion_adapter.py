@@ -171,6 +171,12 @@ def test_generator_list_and_explicit_noise():
     assert_close_rel(out, ref)
     with pytest.raises(ValueError, match="noise must have shape"):
         loop(latents, noise=noise[1:])
+    # a longer list: diffusers' randn_tensor draws from the first `batch` only (the loop stacked 4 rows and crashed)
+    with torch.no_grad():
+        ref = reference_loop(mlp, diffusers.DDPMScheduler(), 6, latents, generator=[gen(s) for s in range(4)])
+        assert_close_rel(loop(latents, generator=[gen(s) for s in range(4)]), ref)
+        with pytest.raises(ValueError, match="generator: a list of 2 generators for a batch of 3"):
+            loop(latents, generator=[gen(0), gen(1)])
 
 
 def test_loop_is_a_module_and_scheduler_untouched():
@@ -344,15 +350,56 @@ def test_bad_num_inference_steps(steps):
     ("ddpm", {"thresholding": True}, "thresholding"),
     ("ddpm", {"variance_type": "learned_range"}, "variance_type"),
     ("ddpm", {"variance_type": "fixed_large_log"}, "variance_type"),
+    # zero terminal SNR with epsilon: 1 / sqrt(alphas_cumprod) at the first step (was ZeroDivisionError)
+    ("ddim", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, "prediction_type='epsilon'"),
+    ("ddpm", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, "prediction_type='epsilon'"),
 ])
 def test_unsupported_config(name, cfg, option):
     with pytest.raises(NotImplementedError, match=option):
         sampling_loop(tiny_mlp(), SCHEDULERS[name](**cfg), 5)
 
 
+def test_ddim_eta_beyond_the_variance_is_a_clear_error():
+    """eta = 1.5 asks for more noise than a DDIM step has: diffusers' step gives NaN, sampling_loop said only
+    'math domain error'."""
+    unet = tiny_mlp()
+    with torch.no_grad():
+        ref = reference_loop(unet, SCHEDULERS["ddim"](), 10, torch.randn(4, 2), generator=gen(),
+                             step_kwargs={"eta": 1.5})
+    assert not torch.isfinite(ref).all()
+    with pytest.raises(ValueError, match=r"eta=1.5 .* Use eta in \[0, 1\]"):
+        sampling_loop(unet, SCHEDULERS["ddim"](), 10, eta=1.5)
+    sampling_loop(unet, SCHEDULERS["ddim"](), 10, eta=1.0)  # the DDPM posterior: fine
+
+
 def test_unknown_step_kwarg():
     with pytest.raises(TypeError, match="eta"):
         sampling_loop(tiny_mlp(), diffusers.EulerDiscreteScheduler(), 5, eta=0.5)
+
+
+@pytest.mark.parametrize("name,kwargs,exc,match", [
+    ("ddim", {"eta": float("nan")}, ValueError, "eta must be finite"),  # was a silent all-NaN sample
+    ("ddim", {"eta": None}, TypeError, "eta must be a real number"),  # was "unsupported operand type(s)"
+    ("ddim", {"eta": "0.5"}, TypeError, "eta must be a real number"),
+    ("ddim", {"use_clipped_model_output": "yes"}, TypeError, "use_clipped_model_output must be a bool"),
+    ("euler", {"s_churn": float("nan")}, ValueError, "s_churn must be finite"),
+    ("euler", {"s_noise": None}, TypeError, "s_noise must be a real number"),
+])
+def test_bad_step_kwarg_values(name, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sampling_loop(tiny_mlp(), SCHEDULERS[name](), 5, **kwargs)
+
+
+def test_step_kwarg_values_diffusers_takes():
+    """A one-element tensor eta, use_clipped_model_output=None (what DDIMPipeline passes) and s_tmax=inf are
+    fine, and give diffusers' samples."""
+    mlp, latents = tiny_mlp(), torch.randn(4, 2)
+    for name, kwargs in (("ddim", {"eta": torch.tensor(0.5), "use_clipped_model_output": None}),
+                         ("euler", {"s_churn": 1.0, "s_tmax": float("inf")})):
+        loop = sampling_loop(mlp, SCHEDULERS[name](), 5, **kwargs)
+        with torch.no_grad():
+            ref = reference_loop(mlp, SCHEDULERS[name](), 5, latents, generator=gen(), step_kwargs=kwargs)
+            assert_close_rel(loop(latents * loop.init_noise_sigma, generator=gen()), ref)
 
 
 def test_deterministic_loop_rejects_noise():

@@ -237,6 +237,28 @@ def test_parallel_denoise_stochastic_ddim_draws_as_the_pipeline(unet64):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("scheduler", [
+    lambda: diffusers.EulerAncestralDiscreteScheduler(),  # stochastic: noise from the generator inside step
+    lambda: diffusers.DDIMScheduler(thresholding=True, sample_max_value=0.5),
+])
+def test_parallel_denoise_runs_what_sampling_loop_declines_as_the_pipeline(unet64, scheduler, caplog):
+    """A diffusers scheduler sampling_loop does not support is the pipeline's loop run sequentially, with a
+    warning and the fallback in the stats (it raised NotImplementedError); the scheduler is not modified."""
+    _, pos, neg = inputs()
+    sched = scheduler()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="pcr_compile.diffusion.pipelines"):
+        out, st = parallel_denoise(unet64, sched, None, pos, neg, guidance_scale=5.0, guidance_rescale=0.3,
+                                   num_inference_steps=4, generator=gen())
+        g = gen()
+        from diffusers.utils.torch_utils import randn_tensor
+
+        latents = randn_tensor((B, 2, 8, 8), generator=g, dtype=torch.float64)
+        ref = sd_reference(unet64, scheduler(), 4, latents, pos, neg, 5.0, 0.3, generator=g)
+    assert rel_err(out, ref) < 1e-12
+    assert st.fell_back and "does not support" in st.reason and st.depth == 4 and "sequentially" in caplog.text
+    assert sched.num_inference_steps is None
+
+
 def test_parallel_denoise_without_guidance_takes_no_negative(unet64):
     latents, pos, _ = inputs()
     with torch.no_grad():
@@ -295,6 +317,13 @@ def test_parallel_denoise_errors(unet64):
                                         generator=[gen()])),
         (TypeError, "solver options", dict(latents=latents, prompt_embeds=pos, negative_prompt_embeds=neg,
                                            tolerance=1e-3)),
+        # these failed inside the unet's first call (a matmul / conv shape or dtype error)
+        (ValueError, r"prompt_embeds must be \(batch, seq, 8\) .*cross_attention_dim",
+         dict(latents=latents, prompt_embeds=pos[..., :5], negative_prompt_embeds=neg[..., :5])),
+        (ValueError, "prompt_embeds are torch.float32 but the unet is torch.float64",
+         dict(latents=None, prompt_embeds=pos.float(), negative_prompt_embeds=neg.float())),
+        (ValueError, r"latents must be \(batch, 2, \.\.\.\)", dict(latents=latents[:, :1], prompt_embeds=pos,
+                                                                 negative_prompt_embeds=neg)),
     ]
     for exc, match, kw in cases:
         with pytest.raises(exc, match=match):

@@ -3,6 +3,7 @@ wrappers, on synthetic chains and on the trained fixture (benchmarks/fixtures/bl
 than sequential sampling, results equal to the sequential loop, the noise-level rule, and the pipelines'
 images against diffusers' own sequential pipelines."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -127,6 +128,16 @@ def test_divergence_is_detected_before_max_iters():
     assert all(r == r and r < 1e6 for r in st.residuals)  # the clamp keeps every guess bounded
 
 
+def test_anderson_with_a_singular_history_takes_the_picard_step():
+    """Collinear history differences make the float32 least squares exactly singular (the 1e-8 regulariser is below
+    rounding): torch.linalg.solve raised and ended the whole solve; that step and row now take the Picard step."""
+    torch.manual_seed(0)
+    d = torch.randn(3, 2, 5)
+    Z, R = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    out = sampler_solve._anderson(Z, R, torch.stack([d, 2 * d]), torch.stack([d, d]))
+    torch.testing.assert_close(out, Z + R, rtol=0, atol=0)
+
+
 def test_sigma_rule_is_rms_over_noise_level():
     r = torch.zeros(3, 2, 4)
     r[1, 0] = torch.tensor([3.0, 0.0, 0.0, 4.0])  # RMS sqrt(25 / 4) = 2.5
@@ -213,12 +224,50 @@ def test_auto_keeps_the_candidate_that_is_faster_on_the_fixture(unet, name, step
     assert rel_err(y, ref) < 1e-2
 
 
+def test_singular_anderson_on_a_dpm_solver_loop_matches_sequential():
+    """DPM-Solver++ with lambda_min_clipped, 37 steps, over an MLP: the case that hit the singular system."""
+    from pcr_compile.diffusion import parallel_sample, sampling_loop
+    from pcr_compile.models import MLPDenoiser
+
+    torch.manual_seed(0)
+    mlp = MLPDenoiser(dim=2, hidden=32, emb=8).eval()
+    loop = sampling_loop(mlp, diffusers.DPMSolverMultistepScheduler(lambda_min_clipped=-5.1), 37)
+    latents = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = loop(latents)
+    y, st = parallel_sample(loop, latents, jacobian="identity")
+    assert rel_err(y, ref) < 1e-4 and st.depth <= 37
+
+
 def test_parallel_sample_rejects_a_bad_jacobian(unet):
     from pcr_compile.diffusion import parallel_sample, sampling_loop
 
     loop = sampling_loop(unet, SCHEDULERS["ddim"](), 4)
     with pytest.raises(ValueError, match="jacobian"):
         parallel_sample(loop, torch.randn(1, 1, 16, 16), jacobian="dense")
+
+
+def test_parallel_sample_argument_errors_name_the_argument(unet):
+    """tol=inf accepted every guess (the first round's image, 2x off the sequential one); latents the unet cannot
+    take failed deep inside its first batched call; an empty batch raised IndexError (the loop returns it)."""
+    from pcr_compile.diffusion import parallel_sample, sampling_loop
+
+    loop = sampling_loop(unet, SCHEDULERS["ddim"](), 4)
+    latents = torch.randn(2, 1, 16, 16)
+    for tol in (math.inf, math.nan, 0.0, -1.0):
+        with pytest.raises(ValueError, match="tol must be None or a finite positive number"):
+            parallel_sample(loop, latents, tol=tol)
+    bad = {"latents must be a tensor": latents.numpy(), "floating-point": latents.long(),
+           r"latents must be \(batch, 1, \.\.\.\)": torch.randn(2, 3, 16, 16),
+           "latents are torch.float64 but the unet is torch.float32": latents.double()}
+    for match, value in bad.items():
+        with pytest.raises((TypeError, ValueError), match=match):
+            parallel_sample(loop, value)
+    empty = torch.randn(0, 1, 16, 16)
+    with torch.no_grad():
+        ref = loop(empty)
+    y, st = parallel_sample(loop, empty)
+    assert y.shape == ref.shape == (0, 1, 16, 16) and st.depth == 0
 
 
 def test_sigma_rule_takes_fewer_rounds_at_a_bounded_error(unet):
@@ -257,6 +306,84 @@ def test_pipeline_images_match_the_sequential_pipeline(unet, pipeline):
     assert len(pil) == 1 and pil[0].size == (16, 16)
     with pytest.raises(NotImplementedError, match="DDIMPipeline"):
         parallel_pipeline(object())
+
+
+def _pipeline_pair(unet, pipeline, scheduler):
+    from pcr_compile.diffusion import parallel_pipeline
+
+    pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=diffusers.DDPMScheduler())
+    pipe.scheduler = scheduler  # swapped in after construction (DDIMPipeline's __init__ converts to DDIM)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, parallel_pipeline(pipe)
+
+
+def test_pipeline_with_a_scaling_scheduler_runs_the_pipelines_loop(unet):
+    """DDPMPipeline's loop calls neither scale_model_input nor multiplies by init_noise_sigma, also with an Euler
+    scheduler swapped in: the wrapper did both (every image off by up to 1.0)."""
+    import numpy as np
+
+    pipe, par = _pipeline_pair(unet, "DDPMPipeline", diffusers.EulerDiscreteScheduler.from_config(
+        diffusers.DDPMScheduler().config))
+    kw = dict(batch_size=2, num_inference_steps=6, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    out = par(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(out - ref).max() < 1e-4
+    assert not par.last_stats.fell_back and par.last_stats.depth <= 6
+
+
+def test_scheduler_swapped_on_the_wrapper_is_the_pipelines(unet):
+    """`par.scheduler = X.from_config(par.scheduler.config)`, diffusers' idiom, on the wrapper: it was set on the
+    wrapper only, read back, and never run (images 0.9 off the swapped pipeline's)."""
+    import numpy as np
+
+    pipe, par = _pipeline_pair(unet, "DDPMPipeline", diffusers.DDPMScheduler())
+    par.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(par.scheduler.config)
+    assert pipe.scheduler is par.scheduler
+    kw = dict(batch_size=2, num_inference_steps=5, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    out = par(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(out - ref).max() < 1e-4
+    par.last_stats = None  # the wrapper's own attributes stay its own
+    assert "last_stats" not in vars(pipe)
+
+
+def test_pipeline_arguments_bind_as_the_wrapped_pipelines():
+    """DDPMPipeline takes (batch_size, generator, num_inference_steps, ...) and no eta: positional arguments mean
+    what they mean there (the wrapper took DDIM's order: the third was eta, the steps stayed 1000)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, add_attention=False,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    pipe, par = _pipeline_pair(unet, "DDPMPipeline", diffusers.DDPMScheduler())
+    (ref,) = pipe(2, torch.Generator().manual_seed(0), 3, "np", False)
+    (out,) = par(2, torch.Generator().manual_seed(0), 3, "np", False)
+    assert np.abs(out - ref).max() < 1e-4 and par.last_stats.depth <= 3
+    for bad in ({"eta": 0.5}, {"use_clipped_model_output": True}, {"foo": 1}):
+        with pytest.raises(TypeError, match=next(iter(bad))):
+            par(num_inference_steps=3, **bad)
+
+
+@pytest.mark.parametrize("pipeline,scheduler", [
+    ("DDPMPipeline", lambda: diffusers.EulerAncestralDiscreteScheduler.from_config(diffusers.DDPMScheduler().config)),
+    ("DDIMPipeline", lambda: diffusers.DDIMScheduler(thresholding=True)),
+])
+def test_pipeline_with_an_unsupported_scheduler_runs_the_pipeline_itself(unet, pipeline, scheduler, caplog):
+    """What sampling_loop declines (ancestral Euler, thresholding) still gives the sequential pipeline's images,
+    from the pipeline's own loop, with a warning and the fallback in last_stats (it raised NotImplementedError)."""
+    import numpy as np
+
+    pipe, par = _pipeline_pair(unet, pipeline, scheduler())
+    kw = dict(batch_size=2, num_inference_steps=4, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    with caplog.at_level("WARNING", logger="pcr_compile.diffusion.pipelines"):
+        out = par(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.array_equal(out, ref)
+    st = par.last_stats
+    assert st.fell_back and "does not support" in st.reason and st.depth == 4 and st.evaluations == 0
+    assert "sequential loop" in caplog.text
 
 
 def test_condition_unet_kwargs_are_tiled_over_the_steps():

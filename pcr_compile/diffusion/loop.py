@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -63,13 +64,31 @@ def sampling_loop(unet: Callable[..., Any], scheduler: Any, num_inference_steps:
     if unknown:
         raise TypeError(f"sampling_loop with {name} got unexpected keyword arguments {unknown}; "
                         f"it takes {sorted(allowed) or 'none'}")
-    options = {**allowed, **kwargs}
+    options = {**allowed, **{k: _step_option(k, v, allowed[k]) for k, v in kwargs.items()}}
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
     plan = SCHEDULERS[name].plan(sched, **options)
     log.debug("sampling_loop: %s, %d steps, clip=%s, stochastic=%s, guidance=%s", name, len(plan.steps),
               plan.clip_range, plan.stochastic, guidance)
     return SamplingLoop(unet, plan, guidance)
+
+
+def _step_option(key: str, value: Any, default: Any) -> Any:
+    """A scheduler `step` keyword as the plan reads it: a bool (or None) where diffusers' default is one, else a
+    real number (a one-element tensor is read as one); NaN, and an infinite eta / s_churn / s_noise, are errors
+    (diffusers' step would give NaN samples or fail on them)."""
+    if isinstance(default, bool):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"sampling_loop: {key} must be a bool or None, got {value!r}")
+        return bool(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"sampling_loop: {key} must be a real number, got {value!r}")
+    if math.isnan(value) or (key not in ("s_tmin", "s_tmax") and math.isinf(value)):
+        raise ValueError(f"sampling_loop: {key} must be {'a number' if key in ('s_tmin', 's_tmax') else 'finite'}, "
+                         f"got {value!r}")
+    return float(value)
 
 
 class SamplingLoop(nn.Module):
@@ -178,13 +197,17 @@ def _randn_parts(latents: torch.Tensor, generator: Any) -> list[torch.Tensor]:
 
     Re-implemented (same draws, same order) so that all draws come first and the device moves and
     concatenations after them (`_join_parts`), inside the graph. A generator draws on its own device (a CPU
-    generator on the CPU, as diffusers does); a list of generators draws one sample from each.
+    generator on the CPU, as diffusers does); a list of generators draws one sample from each of its first
+    `batch` (a longer list's others are unused, as in diffusers; a shorter one is an error).
     """
     if isinstance(generator, (list, tuple)) and len(generator) == 1:
         generator = generator[0]
-    if isinstance(generator, (list, tuple)):
+    if isinstance(generator, (list, tuple)):  # one sample from each of the first `batch` (randn_tensor's rule)
+        batch = latents.shape[0]
+        if len(generator) < batch:
+            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {batch} samples")
         shape = (1, *latents.shape[1:])
-        return [torch.randn(shape, generator=g, device=g.device, dtype=latents.dtype) for g in generator]
+        return [torch.randn(shape, generator=g, device=g.device, dtype=latents.dtype) for g in generator[:batch]]
     device = latents.device if generator is None else generator.device
     return [torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)]
 

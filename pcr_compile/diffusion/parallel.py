@@ -15,6 +15,7 @@ stopping rule).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -95,6 +96,24 @@ class BatchedSteps:
         return torch.cat(parts, dim=-1)
 
 
+def _check_latents(loop: SamplingLoop, latents: Any) -> None:
+    """A clear error, naming `latents`, for what the denoiser would otherwise reject deep inside its first call."""
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
+    if not latents.is_floating_point():
+        raise ValueError(f"latents must be a floating-point tensor, got {latents.dtype}")
+    if latents.dim() < 1:
+        raise ValueError("latents must have a batch dimension, got a 0-d tensor")
+    unet = loop.unet
+    channels = getattr(getattr(unet, "config", None), "in_channels", None)
+    if isinstance(channels, int) and (latents.dim() < 2 or latents.shape[1] != channels):
+        raise ValueError(f"latents must be (batch, {channels}, ...) for this unet (config.in_channels={channels}), "
+                         f"got shape {tuple(latents.shape)}")
+    dtype = getattr(unet, "dtype", None)  # diffusers models: the parameters' dtype, which their input must match
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != latents.dtype:
+        raise ValueError(f"latents are {latents.dtype} but the unet is {dtype}; pass latents of the unet's dtype")
+
+
 def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any = None,
                     noise: torch.Tensor | None = None, tol: float | None = None, rule: str = "exact",
                     accel: str = "auto", history: int = sampler_solve.DEFAULT_HISTORY, window: int = 0,
@@ -126,7 +145,12 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
         `(sample, stats)`: the final sample in the latents' dtype and the solve's `SamplerStats` (`evaluations`:
         rounds, i.e. batched denoiser calls; `sequential_steps`: steps of a sequential finish; `depth`;
         `step_evaluations`, the denoiser work in steps, both candidates' rows counted while jacobian="auto"
-        races them; `chosen`, the candidate kept).
+        races them; `chosen`, the candidate kept). An empty batch is returned as it is, with no rounds.
+
+    Raises:
+        TypeError / ValueError, naming the argument: a bad option (tol must be finite and positive), noise of the
+        wrong shape, latents that are not a floating-point tensor, or (a diffusers unet) whose channels or dtype
+        are not the unet's.
     """
     if not isinstance(loop, SamplingLoop):
         raise TypeError(f"loop must be a SamplingLoop (from sampling_loop), got {type(loop).__name__}")
@@ -139,8 +163,9 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
     for key, v, lo in (("history", history, 0), ("window", window, 0), ("max_iters", max_iters, 0)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise ValueError(f"{key} must be an int >= {lo}, got {v!r}")
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
-        raise ValueError(f"tol must be None or a positive number, got {tol!r}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf):
+        raise ValueError(f"tol must be None or a finite positive number, got {tol!r}")
+    _check_latents(loop, latents)
     plan = loop.plan
     L = len(plan.steps)
     if plan.stochastic:
@@ -151,6 +176,8 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
     elif noise is not None:
         raise ValueError(f"{plan.scheduler} with these settings is deterministic; it takes no noise")
     check_conditioning(unet_kwargs, latents.shape[0], loop.guidance)
+    if latents.shape[0] == 0:  # nothing to sample (the sequential loop returns the empty batch too)
+        return latents.clone(), SamplerStats(converged=True, chosen="")
     steps = BatchedSteps(loop, latents, noise, unet_kwargs)
     solve_dtype = torch.float64 if latents.dtype == torch.float64 else torch.float32
     if tol is None:

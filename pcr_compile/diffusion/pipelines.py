@@ -7,7 +7,12 @@ wrapped pipeline's `__call__` and returns what it returns (an `ImagePipelineOutp
 diffusers' order), so the images equal the sequential pipeline's within the solve's tolerance. The sampler
 runs through `sampling_loop` + `parallel_sample`; the progress bar (the pipeline's own `progress_bar`, so
 `pipe.set_progress_bar_config` applies) advances once per round, its total the number of steps (the most
-rounds a solve takes). The stats of the last call are in `.last_stats`.
+rounds a solve takes). The stats of the last call are in `.last_stats`. The arguments are bound by the wrapped
+pipeline's own signature (DDPM's third positional argument is `num_inference_steps`, and it takes no `eta`), and
+the loop is the pipelines' own: no `scale_model_input` and no `init_noise_sigma`, whatever scheduler is swapped
+in. What `sampling_loop` declines (thresholding, ancestral Euler, PNDM, ...) runs the wrapped pipeline itself,
+sequentially and exactly, with a warning (`last_stats.fell_back`, `last_stats.reason`). Attributes read or set
+on the wrapper are the pipeline's (`par.scheduler = ...` swaps the pipeline's scheduler), but for `last_stats`.
 
 `parallel_denoise(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale=7.5, ...)` is
 step 7 of `StableDiffusionPipeline.__call__` (the denoising loop over a `UNet2DConditionModel`, with guidance and
@@ -21,15 +26,21 @@ checker): ``pcr_compile/diffusion/sd_pipeline.py``.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import inspect
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from pcr_compile.diffusion.loop import sampling_loop
+from pcr_compile.diffusion.guidance import Guidance, guided, make_guidance
+from pcr_compile.diffusion.loop import SamplingLoop, sampling_loop
 from pcr_compile.diffusion.parallel import parallel_sample
-from pcr_compile.diffusion.plans import SCHEDULERS, _scheduler_name
 from pcr_compile.solver.sampler import SamplerStats
+
+log = logging.getLogger(__name__)
 
 PIPELINES = ("DDIMPipeline", "DDPMPipeline")
 SD_PIPELINE = "StableDiffusionPipeline"  # sd_pipeline.py
@@ -74,8 +85,18 @@ class ParallelPipeline:
         _check_solver_options(solver_options, "parallel_pipeline")
         self.pipe, self.options, self.last_stats = pipe, dict(solver_options), None
 
+    _OWN = ("pipe", "options", "last_stats")  # the wrapper's own attributes; every other one is the pipeline's
+
     def __getattr__(self, item: str) -> Any:  # unet, scheduler, progress_bar, ... of the wrapped pipeline
         return getattr(self.__dict__["pipe"], item)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # `par.scheduler = X.from_config(par.scheduler.config)` swaps the pipeline's scheduler, as on the pipeline
+        # (set on the wrapper, it was read back but never run)
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__dict__["pipe"], name, value)
 
     def _image_shape(self, batch_size: int) -> tuple[int, ...]:
         cfg = self.pipe.unet.config
@@ -83,31 +104,53 @@ class ParallelPipeline:
         return (batch_size, cfg.in_channels, *size)
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator: Any = None, eta: float = 0.0,
-                 num_inference_steps: int | None = None, use_clipped_model_output: bool | None = None,
-                 output_type: str | None = "pil", return_dict: bool = True):
+    def __call__(self, *args: Any, **kwargs: Any):
+        """The wrapped pipeline's call, its arguments bound by that pipeline's own `__call__` signature.
+
+        `DDIMPipeline`: (batch_size, generator, eta, num_inference_steps, use_clipped_model_output, output_type,
+        return_dict); `DDPMPipeline`: (batch_size, generator, num_inference_steps, output_type, return_dict). So
+        positional arguments, defaults and unexpected keywords mean here what they mean there. A scheduler or
+        config `sampling_loop` does not support (thresholding, ancestral Euler, PNDM, ...) runs the wrapped
+        pipeline itself, sequentially, with a warning; `last_stats.fell_back` and `.reason` say so.
+        """
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe = self.pipe
-        ddim = type(pipe).__name__ == "DDIMPipeline"
-        if num_inference_steps is None:
-            num_inference_steps = 50 if ddim else 1000  # the pipelines' defaults
+        name = type(pipe).__name__
+        try:
+            bound = inspect.signature(type(pipe).__call__).bind(pipe, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{name}.__call__ (parallel_pipeline): {e}") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        batch_size, generator, num_inference_steps = a["batch_size"], a["generator"], a["num_inference_steps"]
+        output_type, return_dict = a["output_type"], a["return_dict"]
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got a list of {len(generator)} generators for batch_size={batch_size}")
-        kwargs = {}
-        if ddim:
-            kwargs["eta"] = eta
-            if use_clipped_model_output is not None:
-                kwargs["use_clipped_model_output"] = use_clipped_model_output
+        # the scheduler keywords the pipeline's loop passes to step (DDIM: eta always, use_clipped_model_output
+        # when not None; DDPM: none)
+        step_kwargs = {k: a[k] for k in ("eta", "use_clipped_model_output") if a.get(k) is not None}
+        try:
+            loop = sampling_loop(pipe.unet, pipe.scheduler, num_inference_steps, **step_kwargs)
+        except NotImplementedError as e:  # the pipeline's own loop is exact: run it rather than fail
+            log.warning("parallel_pipeline: %s; running %s's own sequential loop", e, name)
+            out = pipe(*args, **kwargs)
+            steps = len(pipe.scheduler.timesteps)
+            self.last_stats = SamplerStats(fell_back=True, reason=f"sequential pipeline: {e}", sequential_steps=steps,
+                                           step_evaluations=steps)
+            return out
+        # These pipelines' loops call neither scale_model_input nor multiply the initial noise by init_noise_sigma,
+        # whatever the scheduler (Euler's are not one): the loop does as they do.
+        loop = SamplingLoop(loop.unet, dataclasses.replace(loop.plan, scales_input=False, init_noise_sigma=1.0),
+                            loop.guidance)
         device = pipe._execution_device
         # the pipelines' own initial draw: DDIM on the execution device, DDPM too (off mps)
         image = randn_tensor(self._image_shape(batch_size), generator=generator, device=device,
                              dtype=pipe.unet.dtype)
-        loop = sampling_loop(pipe.unet, pipe.scheduler, num_inference_steps, **kwargs)
         with rounds_bar(pipe, num_inference_steps) as on_round:
-            image, self.last_stats = parallel_sample(loop, image * loop.init_noise_sigma, generator=generator,
-                                                     on_round=on_round, **self.options)
+            image, self.last_stats = parallel_sample(loop, image, generator=generator, on_round=on_round,
+                                                     **self.options)
         pipe.scheduler.set_timesteps(num_inference_steps)  # left as the sequential pipeline leaves it
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -147,7 +190,10 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
     Args:
         unet: a diffusers `UNet2DConditionModel` (or a callable `unet(x, t, encoder_hidden_states=...)`, as for
             `sampling_loop`). A UNet with `config.time_cond_proj_dim` (a guidance embedding, LCM) is not supported.
-        scheduler: a scheduler `sampling_loop` supports (DDIM, DDPM, Euler, DPM-Solver multistep); not modified.
+        scheduler: a diffusers scheduler; not modified. One `sampling_loop` supports (DDIM, DDPM, Euler, DPM-Solver
+            multistep) is solved in parallel; any other (or a config it declines, e.g. thresholding) runs the
+            pipeline's loop sequentially with its own `step`, with a warning (`stats.fell_back`, `stats.reason`;
+            `stats.sequential_steps` is then the scheduler's number of timesteps, e.g. PNDM's warm-up included).
         latents: the initial noise `(B, C, H, W)` as the pipeline's `latents=` takes it (before the scheduler's
             `init_noise_sigma`, applied here), or None: drawn as `prepare_latents` does, `randn_tensor((B,
             in_channels, sample_size, sample_size), generator)` in `prompt_embeds`' dtype on its device.
@@ -167,8 +213,10 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
 
     Raises:
         TypeError: `prompt_embeds` / `negative_prompt_embeds` / `latents` is not a tensor, or an unknown solver option.
-        ValueError: shapes that do not match (naming the argument), or guidance without `negative_prompt_embeds`.
-        NotImplementedError: a guidance-embedding UNet, or what `sampling_loop` does not support.
+        ValueError: shapes or dtypes that do not match (naming the argument; a diffusers unet's in_channels,
+            cross_attention_dim and dtype are checked), or guidance without `negative_prompt_embeds`.
+        NotImplementedError: a guidance-embedding UNet, or a scheduler from outside diffusers that `sampling_loop`
+            does not support.
     """
     _check_solver_options(solver_options, "parallel_denoise")
     if not isinstance(prompt_embeds, torch.Tensor):
@@ -179,12 +227,28 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
     if getattr(config, "time_cond_proj_dim", None) is not None:
         raise NotImplementedError("parallel_denoise does not support a UNet with time_cond_proj_dim (a guidance "
                                   "embedding, as LCM): pass its timestep_cond to sampling_loop's loop instead")
-    name = _scheduler_name(scheduler)
-    step_kwargs = {"eta": eta} if "eta" in SCHEDULERS[name].step_kwargs else {}
-    loop = sampling_loop(unet, scheduler, num_inference_steps, guidance_scale=guidance_scale,
-                         guidance_rescale=guidance_rescale, **step_kwargs)
+    cross_dim = getattr(config, "cross_attention_dim", None)
+    if isinstance(cross_dim, int) and prompt_embeds.shape[-1] != cross_dim:
+        raise ValueError(f"prompt_embeds must be (batch, seq, {cross_dim}) for this unet (config.cross_attention_dim="
+                         f"{cross_dim}), got shape {tuple(prompt_embeds.shape)}")
+    unet_dtype = getattr(unet, "dtype", None)
+    if isinstance(unet_dtype, torch.dtype) and unet_dtype.is_floating_point and prompt_embeds.dtype != unet_dtype:
+        raise ValueError(f"prompt_embeds are {prompt_embeds.dtype} but the unet is {unet_dtype} (latents=None are "
+                         "drawn in prompt_embeds' dtype, as the pipeline does); pass embeddings of the unet's dtype")
+    guidance = make_guidance(guidance_scale, guidance_rescale, unet)
+    # prepare_extra_step_kwargs: eta only for a scheduler whose step takes it (DDIM)
+    step = getattr(scheduler, "step", None)
+    step_kwargs = {"eta": eta} if callable(step) and "eta" in inspect.signature(step).parameters else {}
+    try:
+        loop = sampling_loop(unet, scheduler, num_inference_steps, guidance_scale=guidance_scale,
+                             guidance_rescale=guidance_rescale, **step_kwargs)
+        declined = None
+    except NotImplementedError as e:  # a diffusers scheduler: its own loop, run sequentially below, is exact
+        if not type(scheduler).__module__.startswith("diffusers."):
+            raise
+        loop, declined = None, e
     B = prompt_embeds.shape[0]
-    if loop.guidance is not None:
+    if guidance is not None:
         if negative_prompt_embeds is None:
             raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds (the pipeline "
                              "encodes the negative or empty prompt with its text encoder; pass the embeddings)")
@@ -219,5 +283,35 @@ def parallel_denoise(unet: Any, scheduler: Any, latents: torch.Tensor | None, pr
         unet_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
     if added_cond_kwargs is not None:
         unet_kwargs["added_cond_kwargs"] = added_cond_kwargs
+    if declined is not None:
+        log.warning("parallel_denoise: %s; running the pipeline's denoising loop sequentially", declined)
+        return _sequential_denoise(unet, scheduler, latents, num_inference_steps, guidance, generator, step_kwargs,
+                                   unet_kwargs, on_round, f"sequential loop: {declined}")
     return parallel_sample(loop, latents * loop.init_noise_sigma, generator=generator, on_round=on_round,
                            **solver_options, **unet_kwargs)
+
+
+def _sequential_denoise(unet: Any, scheduler: Any, latents: torch.Tensor, steps: int, guidance: Guidance | None,
+                        generator: Any, step_kwargs: dict[str, Any], unet_kwargs: dict[str, Any], on_round,
+                        reason: str) -> tuple[torch.Tensor, SamplerStats]:
+    """`StableDiffusionPipeline.__call__`'s denoising loop as it is, with the real `scheduler.step` (on a copy: the
+    scheduler passed in is not modified), for schedulers `sampling_loop` declines."""
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(steps, device=latents.device)
+    latents = latents * sched.init_noise_sigma
+    if "generator" in inspect.signature(sched.step).parameters:
+        step_kwargs = {**step_kwargs, "generator": generator}
+    timesteps = sched.timesteps
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = unet(x, t, **unet_kwargs)
+        return out if isinstance(out, torch.Tensor) else out.sample if hasattr(out, "sample") else out[0]
+
+    for i, t in enumerate(timesteps):
+        x = sched.scale_model_input(latents, t)  # elementwise: the same as scaling cat([latents] * 2)
+        noise_pred = denoise(x, t) if guidance is None else guided(denoise, x, t, guidance)
+        latents = sched.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        if on_round:
+            on_round(i + 1, len(timesteps))
+    return latents, SamplerStats(fell_back=True, reason=reason, sequential_steps=len(timesteps),
+                                 step_evaluations=len(timesteps))

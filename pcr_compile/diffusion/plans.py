@@ -111,6 +111,11 @@ def _check_config(sched: Any, prediction_types: tuple[str, ...]) -> tuple[str, f
 def _x0_eps_coefs(pred: str, a: float) -> tuple[float, float, float, float]:
     """(x0 = px x + pm m, eps = ex x + em m) for a model output m of type `pred`, alpha_cumprod `a`."""
     sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
+    if pred == "epsilon" and sa == 0.0:
+        raise NotImplementedError(
+            "sampling_loop does not support prediction_type='epsilon' at a step with alphas_cumprod = 0 (zero "
+            "terminal SNR: rescale_betas_zero_snr=True with trailing timesteps): the predicted clean sample divides "
+            "by zero (diffusers' step gives +-inf there, before any clipping); use prediction_type='v_prediction'")
     if pred == "epsilon":
         return 1.0 / sa, -sb / sa, 0.0, 1.0
     if pred == "v_prediction":
@@ -139,7 +144,12 @@ def _plan_ddim(sched: Any, eta: float, use_clipped_model_output: bool) -> Sample
         a, a_prev = float(ac[t]), (float(ac[prev]) if prev >= 0 else final)
         variance = (1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev)
         std = eta * math.sqrt(variance)
-        d = math.sqrt(1.0 - a_prev - std**2)  # weight of the predicted epsilon
+        rest = 1.0 - a_prev - std**2
+        if rest < -1e-12:  # eta > 1 can take more variance than the step has
+            raise ValueError(f"sampling_loop: DDIMScheduler with eta={eta} gives 1 - alpha_prev - std^2 = {rest:.3g} "
+                             f"< 0 at timestep {t} (std = eta * sqrt(variance)); diffusers' step gives NaN there. "
+                             "Use eta in [0, 1]")
+        d = math.sqrt(max(rest, 0.0))  # weight of the predicted epsilon
         px, pm, ex, em = _x0_eps_coefs(pred, a)
         if clip is None:  # x_prev = sqrt(a_prev) x0 + d eps (+ std noise), all linear in (x, m)
             c = StepCoefficients(t, x_coef=math.sqrt(a_prev) * px + d * ex, m_coef=math.sqrt(a_prev) * pm + d * em)

@@ -121,9 +121,12 @@ def _anderson(Z, R, dX, dR, lam: float = 1e-8) -> torch.Tensor:
     m = dR.shape[0]
     G = torch.einsum("inbw,jnbw->nbij", dR, dR).cumsum(0)  # (n, B, m, m)
     v = torch.einsum("inbw,nbw->nbi", dR, R).cumsum(0)  # (n, B, m)
-    scale = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(1e-300)  # (n, B, 1)
+    scale = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)  # (n, B, 1)
     eye = torch.eye(m, dtype=G.dtype, device=G.device)
-    gamma = torch.linalg.solve(G + lam * scale.unsqueeze(-1) * eye, v.unsqueeze(-1)).squeeze(-1)  # (n, B, m)
+    gamma, info = torch.linalg.solve_ex(G + lam * scale.unsqueeze(-1) * eye, v.unsqueeze(-1))
+    # A singular system (collinear history; in float32 the regulariser is below rounding) gives that step and row
+    # no mixing, the plain Picard step, rather than an error.
+    gamma = torch.where((info == 0).unsqueeze(-1), gamma.squeeze(-1), torch.zeros_like(v))  # (n, B, m)
     gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
     return Z + R - torch.einsum("nbi,inbw->nbw", gamma, dX + dR)
 
