@@ -153,6 +153,9 @@ def main() -> None:
     results["bar"], results["bar_rounds"] = ticks, par.last_stats.evaluations
     results["errors"] = errors
     results["isinstance"] = isinstance(par, ParallelStableDiffusionPipeline)
+    swapped = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    par.scheduler = swapped  # reaches the pipeline, as on the pipeline itself
+    results["scheduler_swapped"] = pipe.scheduler is swapped and par.scheduler is swapped
     print(json.dumps(results))
 
 

@@ -359,7 +359,7 @@ def test_parallel_pipeline_wraps_stable_diffusion_pipeline():
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["wrapper"] == "ParallelStableDiffusionPipeline" and res["isinstance"]
+    assert res["wrapper"] == "ParallelStableDiffusionPipeline" and res["isinstance"] and res["scheduler_swapped"]
     cases = res["cases"]
     for name, case in cases.items():
         assert case["max_abs_diff"] <= 1e-5 * max(1.0, case["scale"]), (name, case)

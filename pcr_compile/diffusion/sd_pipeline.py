@@ -51,8 +51,16 @@ class ParallelStableDiffusionPipeline:
         _check_solver_options(solver_options, "parallel_pipeline")
         self.pipe, self.options, self.last_stats = pipe, dict(solver_options), None
 
+    _OWN = ("pipe", "options", "last_stats")  # the wrapper's own attributes; every other one is the pipeline's
+
     def __getattr__(self, item: str) -> Any:  # unet, scheduler, vae, progress_bar, ... of the wrapped pipeline
         return getattr(self.__dict__["pipe"], item)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # `fast.scheduler = ...` swaps the pipeline's
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__dict__["pipe"], name, value)
 
     def _sequential_reason(self, steps: int, guidance_scale: float, guidance_rescale: float, eta: float,
                            extra: dict[str, Any]) -> str | None:
