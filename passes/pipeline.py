@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from .carry import carry_lagged_values
 from .chains import Analysis
@@ -54,28 +54,9 @@ class GraphPass:
     run: Callable[[GraphModule, PassContext], int]
 
 
-def _unroll(gm: GraphModule, ctx: PassContext) -> int:
-    return unroll_scans(gm.graph)
-
-
-def _fills(gm: GraphModule, ctx: PassContext) -> int:
-    return rewrite_fills(gm.graph)
-
-
-def _hoist(gm: GraphModule, ctx: PassContext) -> int:
-    return hoist_random_draws(gm.graph)
-
-
-def _defer(gm: GraphModule, ctx: PassContext) -> int:
-    return defer_running_stat_updates(gm.graph)
-
-
-def _functionalize(gm: GraphModule, ctx: PassContext) -> int:
-    return functionalize_inplace(gm.graph)
-
-
-def _scalars(gm: GraphModule, ctx: PassContext) -> int:
-    return tensor_scalars(gm.graph)
+def on_graph(name: str, fn: Callable[[Graph], int]) -> GraphPass:
+    """A pass that needs only the graph: `fn(gm.graph) -> sites changed`."""
+    return GraphPass(name, lambda gm, ctx: fn(gm.graph))
 
 
 def _carry(gm: GraphModule, ctx: PassContext) -> int:
@@ -85,12 +66,12 @@ def _carry(gm: GraphModule, ctx: PassContext) -> int:
 
 
 PREPARE: tuple[GraphPass, ...] = (
-    GraphPass("unroll_scans", _unroll),
-    GraphPass("rewrite_fills", _fills),
-    GraphPass("hoist_random_draws", _hoist),
-    GraphPass("defer_running_stat_updates", _defer),
-    GraphPass("functionalize_inplace", _functionalize),
-    GraphPass("tensor_scalars", _scalars),
+    on_graph("unroll_scans", unroll_scans),
+    on_graph("rewrite_fills", rewrite_fills),
+    on_graph("hoist_random_draws", hoist_random_draws),
+    on_graph("defer_running_stat_updates", defer_running_stat_updates),
+    on_graph("functionalize_inplace", functionalize_inplace),
+    on_graph("tensor_scalars", tensor_scalars),
     GraphPass("carry_lagged_values", _carry),
 )
 

@@ -38,6 +38,18 @@ def call_targets(gm) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
 
+def graph_recorder() -> tuple:
+    """(backend, graphs): a torch.compile backend that runs Dynamo's graphs as they are, appending each to
+    `graphs` (one per compile, recompiles included)."""
+    graphs: list = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend, graphs
+
+
 def dynamo_graph(model, *inputs):
     """The one FX graph Dynamo captures of `model(*inputs)` (asserts there is no graph break)."""
     out = torch._dynamo.explain(model)(*inputs)

@@ -7,7 +7,7 @@ import operator
 
 import torch
 import torch.nn as nn
-from helpers import dynamo_graph, graph_fingerprint
+from helpers import dynamo_graph, graph_fingerprint, graph_recorder
 
 from pcr_compile.backend import prepared
 from pcr_compile.models import DeepMLP
@@ -113,12 +113,7 @@ class _FloatUses(nn.Module):
 
 def _recompiled_graph(model, x):
     """Dynamo's graph after the model's floats changed (recompiled with them as 0-d tensors read by .item())."""
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    backend, graphs = graph_recorder()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     compiled(x)

@@ -4,7 +4,7 @@ hand-written DDPM / Langevin loop is one chain, with eager's numbers from the sa
 import pytest
 import torch
 import torch.nn as nn
-from helpers import PARALLEL
+from helpers import PARALLEL, dynamo_graph
 
 import pcr_compile
 from pcr_compile.passes.random_draws import hoist_random_draws
@@ -67,12 +67,6 @@ def test_ddpm_loop_compiled_gives_eager_numbers_from_the_same_seed(dynamic):
     assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", T - 1, False)] * 2
 
 
-def _graph(fn, *inputs):
-    out = torch._dynamo.explain(fn)(*inputs)
-    assert out.graph_count == 1, out.break_reasons
-    return out.graphs[0]
-
-
 def test_draws_move_to_the_top_in_order_with_the_same_numbers():
     def f(x, i):
         y = torch.tanh(x) + torch.randn_like(x)
@@ -81,7 +75,7 @@ def test_draws_move_to_the_top_in_order_with_the_same_numbers():
         return y + torch.normal(0.0, 2.0, (2, 3)), z
 
     x, i = torch.randn(2, 3), torch.arange(4)
-    gm = _graph(f, x, i)
+    gm = dynamo_graph(f, x, i)
     assert hoist_random_draws(gm.graph) == 4
     gm.recompile()
     compute = [n for n in gm.graph.nodes if n.op == "call_function"]
@@ -104,7 +98,7 @@ def test_graphs_with_a_draw_that_cannot_move_are_left_alone():
         return xt + torch.randn_like(xt)
 
     for fn, x in ((with_dropout, torch.randn(2, 3)), (transposed, torch.randn(2, 3))):
-        gm = _graph(fn, x)
+        gm = dynamo_graph(fn, x)
         before = [(n.op, n.target, n.args) for n in gm.graph.nodes]
         assert hoist_random_draws(gm.graph) == 0
         assert [(n.op, n.target, n.args) for n in gm.graph.nodes] == before

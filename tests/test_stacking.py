@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import PARALLEL, capture_graphs
+from helpers import PARALLEL, capture_graphs, graph_recorder
 
 import pcr_compile
 from pcr_compile import StackedLayers
@@ -130,12 +130,7 @@ def test_extra_arguments_pass_to_every_layer():
 
 
 def _dynamo_graph_nodes(model, x):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    backend, graphs = graph_recorder()
     torch._dynamo.reset()
     torch.compile(model, backend=backend)(x)
     [gm] = graphs

@@ -71,7 +71,24 @@ def _check_solver_options(options: dict[str, Any], who: str) -> None:
         raise TypeError(f"{who} got unexpected solver options {unknown}; it takes {list(SOLVER_OPTIONS)}")
 
 
-class ParallelPipeline:
+class PipelineWrapper:
+    """A wrapped diffusers pipeline: every attribute but the wrapper's own (`pipe`, `options`, `last_stats`) is
+    the pipeline's, read and set (`wrapper.scheduler = X.from_config(...)` swaps the scheduler the call runs;
+    set on the wrapper, it was read back but never run)."""
+
+    _OWN = ("pipe", "options", "last_stats")
+
+    def __getattr__(self, item: str) -> Any:  # unet, scheduler, progress_bar, ... of the wrapped pipeline
+        return getattr(self.__dict__["pipe"], item)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__dict__["pipe"], name, value)
+
+
+class ParallelPipeline(PipelineWrapper):
     """A DDIM / DDPM pipeline whose sampler loop is one parallel solve; see the module docstring."""
 
     def __init__(self, pipe: Any, **solver_options: Any):
@@ -84,19 +101,6 @@ class ParallelPipeline:
                                       f"{name}{hint}")
         _check_solver_options(solver_options, "parallel_pipeline")
         self.pipe, self.options, self.last_stats = pipe, dict(solver_options), None
-
-    _OWN = ("pipe", "options", "last_stats")  # the wrapper's own attributes; every other one is the pipeline's
-
-    def __getattr__(self, item: str) -> Any:  # unet, scheduler, progress_bar, ... of the wrapped pipeline
-        return getattr(self.__dict__["pipe"], item)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # `par.scheduler = X.from_config(par.scheduler.config)` swaps the pipeline's scheduler, as on the pipeline
-        # (set on the wrapper, it was read back but never run)
-        if name in self._OWN:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.__dict__["pipe"], name, value)
 
     def _image_shape(self, batch_size: int) -> tuple[int, ...]:
         cfg = self.pipe.unet.config

@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
-from pcr_compile.diffusion.plans import _scheduler_name
+from pcr_compile.diffusion.loop import sampling_loop
+from pcr_compile.diffusion.pipelines import PipelineWrapper, _check_solver_options, parallel_denoise, rounds_bar
+from pcr_compile.diffusion.plans import SCHEDULERS, _scheduler_name
 
 log = logging.getLogger(__name__)
 
@@ -37,38 +39,22 @@ _SEQUENTIAL_ONLY = {"timesteps": None, "sigmas": None, "ip_adapter_image": None,
                     "callback_on_step_end": None, "callback": None, "callback_steps": None}
 
 
-class ParallelStableDiffusionPipeline:
+class ParallelStableDiffusionPipeline(PipelineWrapper):
     """A `StableDiffusionPipeline` whose denoising loop is one parallel solve; see the module docstring.
     `solver_options` go to `parallel_sample` (tol, rule, accel, jacobian, history, window, max_iters); the
     stats of the last call are in `.last_stats`."""
 
     def __init__(self, pipe: Any, **solver_options: Any):
-        from pcr_compile.diffusion.pipelines import _check_solver_options
-
         if type(pipe).__name__ != "StableDiffusionPipeline" or not type(pipe).__module__.startswith("diffusers."):
             raise NotImplementedError(f"ParallelStableDiffusionPipeline wraps diffusers' StableDiffusionPipeline, "
                                       f"got {type(pipe).__name__}")
         _check_solver_options(solver_options, "parallel_pipeline")
         self.pipe, self.options, self.last_stats = pipe, dict(solver_options), None
 
-    _OWN = ("pipe", "options", "last_stats")  # the wrapper's own attributes; every other one is the pipeline's
-
-    def __getattr__(self, item: str) -> Any:  # unet, scheduler, vae, progress_bar, ... of the wrapped pipeline
-        return getattr(self.__dict__["pipe"], item)
-
-    def __setattr__(self, name: str, value: Any) -> None:  # `fast.scheduler = ...` swaps the pipeline's
-        if name in self._OWN:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.__dict__["pipe"], name, value)
-
     def _sequential_reason(self, steps: int, guidance_scale: float, guidance_rescale: float, eta: float,
                            extra: dict[str, Any]) -> str | None:
         """Why this call cannot be one parallel solve, or None; decided before anything is drawn from the
         generator, so the sequential pipeline then draws what it would have drawn."""
-        from pcr_compile.diffusion.loop import sampling_loop
-        from pcr_compile.diffusion.plans import SCHEDULERS
-
         for name, default in _SEQUENTIAL_ONLY.items():
             if extra.get(name, default) is not default:
                 return f"{name} is given"
@@ -94,8 +80,6 @@ class ParallelStableDiffusionPipeline:
                  clip_skip: int | None = None, **extra: Any):
         from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
-
-        from pcr_compile.diffusion.pipelines import parallel_denoise, rounds_bar
 
         pipe = self.pipe
         accepted = set(inspect.signature(type(pipe).__call__).parameters)
