@@ -19,7 +19,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import vmap_compat
-from .chains import ChainMatch
+from .chains import ChainMatch, scalar_forms
 from .fx_utils import node_value
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ def build_template(match: ChainMatch) -> Template:
         args, kwargs = tree_unflatten(new_leaves, spec)
         if match.arg_refs[j] and match.arg_refs[j][0].kind == "submodule":
             env[j] = g.create_node("call_module", args[0], tuple(args[1:]), {}, name=f"n{j}")
+        elif any(r.kind == "lifted" for r in match.arg_refs[j]) and \
+                (form := scalar_forms.build(g, node, args, kwargs)) is not None:
+            env[j] = form  # a per-step number where the op takes none: its equivalent (chains/scalar_forms.py)
         else:
             env[j] = g.create_node(node.op, node.target, args, kwargs, name=f"n{j}")
     g.output(tuple(env[q] for q in match.state_positions))

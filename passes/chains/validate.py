@@ -24,6 +24,7 @@ from torch.fx import Graph, Node
 from torch.utils._pytree import tree_flatten
 
 from ..fx_utils import arg_leaves, is_tensor_node, node_value
+from . import scalar_forms
 from .eligibility import body_structure, ineligibility, inlinable_body
 from .match import ArgRef, ChainMatch
 
@@ -270,6 +271,8 @@ def _const_equal(a, b) -> bool:
 
 
 def _liftable(n: Node, leaf_index: int) -> bool:
+    if scalar_forms.liftable(n, leaf_index):  # a keyword number, or an op that needs an equivalent form
+        return True
     if n.kwargs:
         n_pos = len(tree_flatten(n.args)[0])
         if leaf_index >= n_pos:
@@ -380,11 +383,15 @@ def _outside_ref(blocks, j: int, li: int, nodes: tuple[Node, ...], inputs: _Inpu
     return ArgRef("per_step", inputs.index(inputs.per_step, nodes))
 
 
+def _op_name(n: Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
 def _const_ref(node0: Node, li: int, differs: bool, values: tuple, inputs: _Inputs) -> ArgRef:
     """A literal: the same in every step ("const"), or a number per step lifted to a per-step tensor."""
     if not differs:
         return ArgRef("const")
     if not (_liftable(node0, li) and all(type(v) in (int, float) for v in values)):
-        raise Split([], f"constant argument {li} of {node0.name} differs between steps and cannot be lifted to "
-                        "a tensor")
+        raise Split([], f"constant argument {li} of {node0.name} ({_op_name(node0)}) differs between steps and "
+                        "cannot be lifted to a tensor")
     return ArgRef("lifted", inputs.index(inputs.lifted, values))

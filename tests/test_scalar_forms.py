@@ -1,0 +1,113 @@
+"""Per-step numbers in arguments that take no tensor, or as keywords: lifted, through an equivalent form where
+the op needs one (passes/chains/scalar_forms.py). Values and gradients against eager in float64; the forms
+themselves against the ops at their ties (x = 0, x on a bound)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import PARALLEL, run_both
+from torch.fx import Graph, GraphModule
+
+import pcr_compile
+from pcr_compile.passes.chains import scalar_forms
+
+L = 10
+STEPS = {
+    "clamp-kw": lambda h, x, t, i: torch.clamp(h, min=-t, max=t),
+    "clamp-method-kw": lambda h, x, t, i: h.clamp(min=-t),
+    "clamp-positional": lambda h, x, t, i: torch.clip(h, -t, t),
+    "add-alpha": lambda h, x, t, i: torch.add(x, torch.tanh(h), alpha=t),
+    "sub-alpha-method": lambda h, x, t, i: x.sub(torch.tanh(h), alpha=t),
+    "add-number-alpha": lambda h, x, t, i: torch.add(torch.tanh(h), 0.5, alpha=t),
+    "addcmul-value": lambda h, x, t, i: torch.addcmul(x, torch.tanh(h), torch.sigmoid(h), value=t),
+    "lerp-weight": lambda h, x, t, i: torch.lerp(x, torch.tanh(h), t / 2),
+    "leaky-relu-kw": lambda h, x, t, i: F.leaky_relu(h, negative_slope=0.02 * (i + 1)),
+    "leaky-relu-positional": lambda h, x, t, i: F.leaky_relu(h, 0.02 * (i + 1)),
+    "leaky-relu-module": lambda h, x, t, i: torch.nn.LeakyReLU(0.02 * (i + 1))(h),
+    "elu-alpha": lambda h, x, t, i: F.elu(h, alpha=t),
+    "celu-alpha": lambda h, x, t, i: F.celu(h, alpha=t),
+    "hardtanh-bounds": lambda h, x, t, i: F.hardtanh(h, -t, t),
+}
+
+
+class PerStepNumbers(torch.nn.Module):
+    def __init__(self, step, width=6):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(L))
+        self.step = step
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = self.step(layer(x), x, 0.4 + 0.1 * i, i)
+        return x
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_per_step_number_lifted(name):
+    torch.manual_seed(0)
+    model = PerStepNumbers(STEPS[name]).double()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    y0, g0, y1, g1, solves = run_both(model, (x,), PARALLEL)
+    fwd = [s for s in solves if s.direction == "forward"]
+    assert [s.length for s in fwd] == [L] and all(s.converged and not s.fell_back for s in solves), solves
+    torch.testing.assert_close(y1, y0, rtol=1e-7, atol=1e-9)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_float32_keeps_dtype():
+    torch.manual_seed(0)
+    model = PerStepNumbers(STEPS["leaky-relu-kw"])
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        y = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+        ref = model(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_keyword_number_declined_with_op_name():
+    model = PerStepNumbers(lambda h, x, t, i: F.softplus(h, beta=t))
+    report = pcr_compile.explain(model, torch.randn(2, 6), options={"mode": "parallel"})
+    assert not report.chains
+    [declined] = [d for d in report.declined if "differs between steps" in d.reason]
+    assert "softplus" in declined.reason, declined.reason
+
+
+FORMS = [
+    (F.leaky_relu, {"negative_slope": 0.2}),
+    (F.elu, {"alpha": 0.7}),
+    (F.celu, {"alpha": 0.7}),
+    (F.hardtanh, {"min_val": -0.5, "max_val": 0.25}),
+]
+
+
+@pytest.mark.parametrize("op,kwargs", FORMS, ids=[f.__name__ for f, _ in FORMS])
+def test_form_matches_op_at_ties(op, kwargs):
+    """The equivalent form, with the numbers as 0-d tensors, against the op: values and gradients, at 0 and on
+    the bounds too (where a clamp's gradient and hardtanh's differ)."""
+    g = Graph()
+    x_ph = g.placeholder("x")
+    numbers = {k: g.placeholder(k) for k in kwargs}
+    node = g.call_function(op, (x_ph,), dict(numbers))
+    out = scalar_forms.build(g, node, (x_ph,), dict(numbers))
+    assert out is not None
+    g.output(out)
+    g.erase_node(node)
+    form = GraphModule(torch.nn.Module(), g)
+    x = torch.tensor([-2.0, -0.5, -0.1, 0.0, 0.1, 0.25, 0.3, 2.0], dtype=torch.float64, requires_grad=True)
+    want = op(x, **kwargs)
+    got = form(x, **{k: torch.tensor(v, dtype=torch.float64) for k, v in kwargs.items()})
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # (aten's celu gradient carries alpha and 1 / alpha rounded: a few 1e-8; a wrong branch is off by O(1))
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0],
+                               rtol=1e-7, atol=1e-12)
+
+
+def test_inplace_variant_not_covered():
+    g = Graph()
+    x = g.placeholder("x")
+    node = g.call_function(F.leaky_relu, (x, 0.1, True))
+    assert scalar_forms.bind(node) is None and not scalar_forms.liftable(node, 1)
