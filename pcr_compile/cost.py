@@ -17,6 +17,9 @@ from .kernels.settings import MAX_DENSE_W
 from .options import Options
 
 RESIDUAL_TARGETS = {operator.add, torch.add, "add", "__add__"}
+# A residual sum scaled by a number, `(x + g(x)) / output_scale_factor` (diffusers' ResnetBlock2D): still the
+# identity (times a constant) plus the branch's Jacobian.
+SCALE_TARGETS = {operator.truediv, operator.mul, torch.div, torch.mul, "div", "mul", "__truediv__", "__mul__"}
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,20 @@ def state_geometry(match) -> tuple[int, int]:
 
 def is_residual(match) -> bool:
     """Every carried state is updated as `state + g(state)`, possibly through several residual branches
-    (`x1 = x + a(x); x2 = x1 + m(x1)`, as in transformer blocks): the Jacobian is the identity plus the
-    branches' Jacobians, so Picard (identity) iterations fit."""
+    (`x1 = x + a(x); x2 = x1 + m(x1)`, as in transformer blocks), or such a sum scaled by a number
+    (`(x + g(x)) / c`): the Jacobian is the identity (times a constant) plus the branches' Jacobians, so
+    Picard (identity) iterations fit."""
     block = match.blocks[0]
 
     def residual_add(j: int, s: int, depth: int = 0) -> bool:
         node = block[j]
-        if node.target not in RESIDUAL_TARGETS or depth > len(block):
+        if depth > len(block):
+            return False
+        refs = match.arg_refs[j]
+        if node.target in SCALE_TARGETS and len(refs) == 2 and refs[0].kind == "internal" \
+                and refs[1].kind in ("const", "lifted") and type(node.args[1]) in (int, float):
+            return residual_add(refs[0].index, s, depth + 1)
+        if node.target not in RESIDUAL_TARGETS:
             return False
         for r in match.arg_refs[j][:2]:
             if r.kind == "state" and r.index == s:

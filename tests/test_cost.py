@@ -42,3 +42,26 @@ def test_auto_on_cuda_never_predicts_a_gain_for_a_short_picard_stack():
     m = _match(ResidualMLP(blocks=12, width=128), torch.randn(4, 128))
     d = decide(m, Options(mode="auto"), CUDA)
     assert d.jacobian == "identity" and d.decision == "sequential"
+
+
+class _ScaledResidual(torch.nn.Module):
+    """diffusers' ResnetBlock2D ends `(input + hidden) / output_scale_factor`: a scaled residual sum."""
+
+    def __init__(self, blocks, width, scale, op):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(blocks))
+        self.scale, self.op = scale, op
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = (x + torch.tanh(layer(x))) / self.scale if self.op == "div" else (x + torch.tanh(layer(x))) * self.scale
+        return x
+
+
+def test_scaled_residual_sum_is_residual():
+    for op, scale in (("div", 1.0), ("div", 2 ** 0.5), ("mul", 0.5)):
+        m = _match(_ScaledResidual(12, 128, scale, op), torch.randn(4, 128))
+        assert decide(m, Options(mode="parallel"), torch.device("cpu")).jacobian == "identity", (op, scale)
+    # a stack without a residual sum stays Jacobi at this width
+    plain = _match(DeepMLP(layers=12, width=128), torch.randn(4, 128))
+    assert decide(plain, Options(mode="parallel"), torch.device("cpu")).jacobian == "zero"
