@@ -9,6 +9,7 @@ mutation; afterwards the backend eliminates dead code, lints and recompiles once
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import operator
@@ -119,6 +120,21 @@ def lifted_values(match: ChainMatch, device) -> list[torch.Tensor]:
     return out
 
 
+def remap_match(match: ChainMatch, replaced: dict[Node, Node]) -> ChainMatch:
+    """`match` with the outside nodes it names (initial states, per-step inputs, invariants, symbolic sizes,
+    stacked sources) replaced per `replaced` (`rewrite_chain`'s record of an earlier rewrite in the graph)."""
+    if not replaced:
+        return match
+
+    def sub(n):
+        return replaced.get(n, n)
+
+    return dataclasses.replace(
+        match, initial=tuple(map(sub, match.initial)), per_step=tuple(tuple(map(sub, g)) for g in match.per_step),
+        invariants=tuple(map(sub, match.invariants)), sym_invariants=tuple(map(sub, match.sym_invariants)),
+        sliced=tuple((j, sub(src), start) for j, src, start in match.sliced))
+
+
 def groups(xs: list, sizes: list[int]):
     """`xs` cut into consecutive groups of `sizes[k]` items (the flat form of `rewrite_chain`'s group stack)."""
     at = 0
@@ -135,8 +151,13 @@ def stack_each(xs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
 
 def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: float, max_iters: int, jacobian: str,
                   window: int, kernels: str, save_trajectory: bool, const_prefix: str, adaptive: bool = False,
-                  stack_groups=stack_each, sampler_jacobian: str = "auto") -> Node:
+                  stack_groups=stack_each, sampler_jacobian: str = "auto", replaced: dict | None = None) -> Node:
     """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile.
+
+    `replaced`, when given, receives {node of the chain read outside it: the node now read instead}: matches
+    found in the same graph before this rewrite still name the old nodes (`remap_match` brings them up to date:
+    a later chain's initial state or per-step inputs may be this chain's outputs or exposed values, as a UNet's
+    up path reads its down path's skips).
 
     `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.runtime.ops``); the
     per-step groups enter stacked, all of them by one `stack_groups(flat, sizes) -> [stacked group, ...]` call
@@ -205,6 +226,8 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
 
     def reroute(old: Node, new: Node) -> None:
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in inside and u not in created)
+        if replaced is not None:
+            replaced[old] = new
 
     results = [read(call, s, out) for s, out in enumerate(outputs)]
     if match.exposed:

@@ -111,6 +111,37 @@ def test_values_of_earlier_steps_read_after_the_chain(make, inputs, loss):
     assert c.exposed_values >= 9 and c.decision == "parallel"
 
 
+class _SkipConnections(nn.Module):
+    """A UNet's shape: the up path reads the down path's every step (its skips, in reverse) and starts from its
+    last state. Both are chains; the up chain's per-step inputs and initial state are the down chain's outputs,
+    which the down chain's rewrite replaces by reads of its op's results."""
+
+    def __init__(self, layers=10, width=6):
+        super().__init__()
+        self.down = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.up = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x):
+        skips = []
+        for layer in self.down:
+            x = torch.tanh(layer(x))
+            skips.append(x)
+        for layer in self.up:
+            x = torch.tanh(layer(x) + skips.pop())
+        return x
+
+
+def test_a_chain_reading_an_earlier_chains_steps():
+    torch.manual_seed(0)
+    model = _SkipConnections().double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    y0, g0, y1, g1, solves = run_both(model, [x], loss=lambda y: y.pow(2).sum())
+    assert sorted((s.direction, s.length) for s in solves) == [("backward", 9), ("backward", 10), ("forward", 9),
+                                                              ("forward", 10)], solves
+    assert not any(s.fell_back for s in solves)
+    assert rel_err(y1, y0) < 1e-9 and grads_rel_err(g1, g0) < 1e-8
+
+
 def test_exposed_values_without_grad_and_with_a_window():
     torch.manual_seed(0)
     model = _CollectsPreActivations(layers=16)
