@@ -13,6 +13,7 @@ import torch
 from helpers import watch_solves
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import pcr_compile
 from pcr_compile.backend import capturing_backend
 from pcr_compile.models import DeepMLP
 from pcr_compile.options import Options
@@ -109,3 +110,29 @@ def test_per_step_groups_are_stacked_by_one_opaque_op_with_view_gradients():
     frozen = [torch.randn(2, dtype=torch.float64) for _ in range(3)]
     a, b = ops.stack_groups(xs + frozen, [4, 3])
     assert a.requires_grad and not b.requires_grad
+
+
+class _ChannelsLastSkips(torch.nn.Module):
+    """Per-step inputs in channels-last layout (as a UNet's skips come out of Inductor's convolutions): their
+    stack has torch.stack's strides, which the stack op's fake kernel must promise for Inductor's check."""
+
+    def __init__(self, layers=8, channels=4):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(channels, channels, 3, padding=1) for _ in range(layers))
+        self.side = torch.nn.ModuleList(torch.nn.Conv2d(channels, channels, 1) for _ in range(layers))
+
+    def forward(self, x, u):
+        skips = [side(u).contiguous(memory_format=torch.channels_last) for side in self.side]
+        for conv, s in zip(self.convs, skips):
+            x = torch.tanh(conv(x) + s)
+        return x
+
+
+def test_stack_of_channels_last_groups_keeps_its_strides():
+    torch.manual_seed(0)
+    model = _ChannelsLastSkips()
+    x, u = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    with pcr_compile.record_solves() as solves:
+        y = torch.compile(model, backend="deeppcr", options={"mode": "parallel", "strict": True})(x, u)
+    assert [(s.direction, s.length) for s in solves] == [("forward", 8)] and not solves[0].fell_back
+    torch.testing.assert_close(y, model(x, u), rtol=1e-5, atol=1e-6)
