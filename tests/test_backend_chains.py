@@ -178,7 +178,7 @@ class _LSTMSequence(nn.Module):
     def __init__(self, cell="lstm", features=4, hidden=6):
         super().__init__()
         self.kind, self.hidden = cell, hidden
-        self.cell = nn.LSTMCell(features, hidden) if cell == "lstm" else nn.GRUCell(features, hidden)
+        self.cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[cell](features, hidden)
         self.head = nn.Linear(hidden, 2)
 
     def forward(self, xs, h0, c0):
@@ -192,14 +192,20 @@ class _LSTMSequence(nn.Module):
         return torch.stack(outs, 1)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_recurrent_cells_over_a_sequence_are_solved_in_parallel(cell):
-    """nn.LSTMCell / nn.GRUCell unrolled over 12 time steps with per-step readouts: one parallel solve
-    (the cells' kernels are replaced by vmap-friendly compositions), values and gradients as eager's."""
+    """nn.LSTMCell / nn.GRUCell / nn.RNNCell unrolled over 12 time steps with per-step readouts: one parallel
+    solve (the cells' kernels are replaced by vmap-friendly compositions: no batched fallback's warning),
+    values and gradients as eager's."""
+    import warnings
+
     torch.manual_seed(0)
     model = _LSTMSequence(cell)
     xs, h0, c0 = torch.randn(3, 12, 4), torch.randn(3, 6), torch.randn(3, 6)
-    y0, g0, y1, g1, solves = run_both(model, [xs, h0, c0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y0, g0, y1, g1, solves = run_both(model, [xs, h0, c0])
+    assert not [w for w in caught if "batching rule" in str(w.message)], [str(w.message) for w in caught]
     assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
     # The LSTM's carried values are h and c (not the cell's tuple result), so its chain starts inside step 0.
     steps = 11 if cell == "lstm" else 12
