@@ -213,6 +213,39 @@ def test_recurrent_cells_over_a_sequence_are_solved_in_parallel(cell):
                                                                        ("backward", steps, False)]
 
 
+class _PaddedGRU(nn.Module):
+    """A GRU over padded sequences, the padding mask made in the step from the lengths: `lengths > t`."""
+
+    def __init__(self, form, features=3, hidden=6):
+        super().__init__()
+        self.cell, self.form = nn.GRUCell(features, hidden), form
+
+    def forward(self, xs, h, lengths):
+        for t in range(xs.shape[1]):
+            new = self.cell(xs[:, t], h)
+            if self.form == "where":
+                h = torch.where((t < lengths)[:, None], new, h)
+            else:
+                m = lengths.gt(t).unsqueeze(-1).to(h.dtype)
+                h = m * new + (1 - m) * h
+        return h
+
+
+@pytest.mark.parametrize("form", ["where", "blend"])
+def test_padding_mask_compared_with_the_step_index_is_lifted(form):
+    """The comparison with the step's Python int was not liftable: the recurrence was declined ("constant
+    argument 1 of gt differs between steps"). The index is a per-step input: one chain, eager's values."""
+    torch.manual_seed(0)
+    model = _PaddedGRU(form).double()
+    xs, h0 = torch.randn(4, 12, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    lengths = torch.tensor([12, 7, 3, 1])
+    y0, g0, y1, g1, solves = run_both(model, [xs, h0, lengths])
+    assert rel_err(y1, y0) < 1e-9 and grads_rel_err(g1, g0) < 1e-9
+    assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 12, False), ("backward", 12, False)]
+    # the padded rows keep their state from the step after their length on
+    torch.testing.assert_close(y1[3], model.cell(xs[3:4, 0], h0[3:4])[0], rtol=1e-9, atol=1e-9)
+
+
 class _ScalarRecurrence(nn.Module):
     """x <- tanh(a_i x + b_i) on a 0-d state, the coefficients indexed per step."""
 
