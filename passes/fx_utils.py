@@ -17,6 +17,8 @@ COMPUTE_OPS = ("call_function", "call_method", "call_module")
 INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                      operator.ipow, operator.imod, operator.iand, operator.ior, operator.ixor, operator.setitem,
                      operator.imatmul, operator.ilshift, operator.irshift}
+# Out-of-place operators whose names end in "_" (`a | b`, `a & b`, `not a`): not the in-place naming convention.
+OUT_OF_PLACE_OPERATORS = {operator.or_, operator.and_, operator.not_}
 
 
 def node_value(n: Node):
@@ -66,6 +68,8 @@ def mutates_in_place(n: Node) -> bool:
         return False
     if n.target in INPLACE_OPERATORS or n.kwargs.get("out") is not None:
         return True
+    if n.target in OUT_OF_PLACE_OPERATORS:
+        return False
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
         return True

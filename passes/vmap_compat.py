@@ -4,9 +4,9 @@ The chain op evaluates all steps of a template at once under `vmap`; a few ATen 
 formats that vmap does not support (`group_norm` on a non-contiguous input fails with "NYI: querying
 is_contiguous inside of vmap for memory_format other than torch.contiguous_format", as in diffusers'
 UNet attention blocks), and the recurrent cells have no batching rule at all (`lstm_cell` fails;
-`gru_cell` falls back to a loop over the batch). Templates call these compositions instead: the same
-math in plain tensor ops, equal to the kernels up to rounding. The sequential fallback runs the same
-template, so both paths agree.
+`gru_cell`, `rnn_tanh_cell` and `rnn_relu_cell` fall back to a loop over the batch). Templates call these
+compositions instead: the same math in plain tensor ops, equal to the kernels up to rounding. The sequential
+fallback runs the same template, so both paths agree.
 """
 
 from __future__ import annotations
@@ -52,8 +52,21 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     return n + z * (h - n)
 
 
+def rnn_tanh_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                  b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.rnn_tanh_cell` (the kernel of `nn.RNNCell`, nonlinearity="tanh"): tanh(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh).
+    """
+    return torch.tanh(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh))
+
+
+def rnn_relu_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                  b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.rnn_relu_cell` (`nn.RNNCell`, nonlinearity="relu")."""
+    return torch.relu(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh))
+
+
 SUBSTITUTES = {F.group_norm: group_norm, torch.group_norm: group_norm, torch.lstm_cell: lstm_cell,
-               torch.gru_cell: gru_cell}
+               torch.gru_cell: gru_cell, torch.rnn_tanh_cell: rnn_tanh_cell, torch.rnn_relu_cell: rnn_relu_cell}
 
 
 def substitute(graph: torch.fx.Graph) -> int:

@@ -209,7 +209,7 @@ class _LSTMSequence(nn.Module):
     def __init__(self, cell="lstm", features=4, hidden=6):
         super().__init__()
         self.kind, self.hidden = cell, hidden
-        self.cell = nn.LSTMCell(features, hidden) if cell == "lstm" else nn.GRUCell(features, hidden)
+        self.cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[cell](features, hidden)
         self.head = nn.Linear(hidden, 2)
 
     def forward(self, xs, h0, c0):
@@ -223,19 +223,58 @@ class _LSTMSequence(nn.Module):
         return torch.stack(outs, 1)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_recurrent_cells_over_a_sequence_are_solved_in_parallel(cell):
-    """nn.LSTMCell / nn.GRUCell unrolled over 12 time steps with per-step readouts: one parallel solve
-    (the cells' kernels are replaced by vmap-friendly compositions), values and gradients as eager's."""
+    """nn.LSTMCell / nn.GRUCell / nn.RNNCell unrolled over 12 time steps with per-step readouts: one parallel
+    solve (the cells' kernels are replaced by vmap-friendly compositions: no batched fallback's warning),
+    values and gradients as eager's."""
+    import warnings
+
     torch.manual_seed(0)
     model = _LSTMSequence(cell)
     xs, h0, c0 = torch.randn(3, 12, 4), torch.randn(3, 6), torch.randn(3, 6)
-    y0, g0, y1, g1, solves = run_both(model, [xs, h0, c0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y0, g0, y1, g1, solves = run_both(model, [xs, h0, c0])
+    assert not [w for w in caught if "batching rule" in str(w.message)], [str(w.message) for w in caught]
     assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
     # The LSTM's carried values are h and c (not the cell's tuple result), so its chain starts inside step 0.
     steps = 11 if cell == "lstm" else 12
     assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", steps, False),
                                                                        ("backward", steps, False)]
+
+
+class _PaddedGRU(nn.Module):
+    """A GRU over padded sequences, the padding mask made in the step from the lengths: `lengths > t`."""
+
+    def __init__(self, form, features=3, hidden=6):
+        super().__init__()
+        self.cell, self.form = nn.GRUCell(features, hidden), form
+
+    def forward(self, xs, h, lengths):
+        for t in range(xs.shape[1]):
+            new = self.cell(xs[:, t], h)
+            if self.form == "where":
+                h = torch.where((t < lengths)[:, None], new, h)
+            else:
+                m = lengths.gt(t).unsqueeze(-1).to(h.dtype)
+                h = m * new + (1 - m) * h
+        return h
+
+
+@pytest.mark.parametrize("form", ["where", "blend"])
+def test_padding_mask_compared_with_the_step_index_is_lifted(form):
+    """The comparison with the step's Python int was not liftable: the recurrence was declined ("constant
+    argument 1 of gt differs between steps"). The index is a per-step input: one chain, eager's values."""
+    torch.manual_seed(0)
+    model = _PaddedGRU(form).double()
+    xs, h0 = torch.randn(4, 12, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    lengths = torch.tensor([12, 7, 3, 1])
+    y0, g0, y1, g1, solves = run_both(model, [xs, h0, lengths])
+    assert rel_err(y1, y0) < 1e-9 and grads_rel_err(g1, g0) < 1e-9
+    assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 12, False), ("backward", 12, False)]
+    # the padded rows keep their state from the step after their length on
+    torch.testing.assert_close(y1[3], model.cell(xs[3:4, 0], h0[3:4])[0], rtol=1e-9, atol=1e-9)
 
 
 class _ScalarRecurrence(nn.Module):

@@ -128,6 +128,42 @@ def test_ineligible_blocks_are_declined_with_reason(inplace, reason):
     assert any(reason in d.reason for d in analysis.declined), analysis.declined
 
 
+class BooleanOperators(nn.Module):
+    """A step computing boolean masks with `|` and `&` (operator.or_ / operator.and_, out of place despite
+    their names' trailing underscore), beside a boolean flag carried from step to step."""
+
+    def __init__(self, flag=False, steps=12, width=6):
+        super().__init__()
+        self.lin, self.flag, self.steps = nn.Linear(width, width), flag, steps
+
+    def forward(self, x):
+        done = torch.zeros(x.shape[0], dtype=torch.bool)
+        for _ in range(self.steps):
+            y = torch.tanh(self.lin(x))
+            keep = ((y > 0.9) | (y < -0.9)) | ((y > 0) & (x > 0))
+            if self.flag:
+                keep = keep | done[:, None]
+                done = done | (y[:, 0] > 0.5)
+            x = torch.where(keep, x, y)
+        return x
+
+
+def test_boolean_or_and_are_not_in_place_ops():
+    """`a | b` and `a & b` were taken for in-place ops (names ending in "_"): the step was declined as
+    "in-place op or_". It is a chain, solved with eager's values; a carried boolean flag is declined for
+    what it is."""
+    x = torch.randn(4, 6, dtype=torch.float64)
+    [c] = find_chains(dynamo_graph(BooleanOperators().double(), x).graph, min_length=8).chains
+    assert c.length == 12
+    torch.manual_seed(0)
+    y0, g0, y1, g1, solves = run_both(BooleanOperators().double(), [x])
+    assert rel_err(y1, y0) < 1e-9 and grads_rel_err(g1, g0) < 1e-9
+    assert [(s.direction, s.fell_back) for s in solves] == [("forward", False), ("backward", False)]
+    analysis = find_chains(dynamo_graph(BooleanOperators(flag=True).double(), x).graph, min_length=8)
+    assert analysis.chains == ()
+    assert [d.reason for d in analysis.declined] == ["the carried state done is not a floating-point tensor"]
+
+
 class AttentionStack(nn.Module):
     """Self-attention blocks; `dropout_p` is the attention's own dropout (training mode, e.g. attn_pdrop)."""
 

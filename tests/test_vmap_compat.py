@@ -29,6 +29,30 @@ def test_recurrent_cell_compositions_equal_the_kernels_and_batch_under_vmap(bias
     torch.testing.assert_close(torch.vmap(lambda x, h: gru_cell(x, h, *gw))(x, h)[4], gru_cell(x[4], h[4], *gw))
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rnn_cell_compositions_equal_the_kernels_and_batch_under_vmap_without_a_fallback(nonlinearity, bias):
+    """`nn.RNNCell`'s kernels have no batching rule: vmap ran them in a loop over the steps (a performance
+    warning), so an RNNCell over a sequence was not evaluated in parallel."""
+    import warnings
+
+    from pcr_compile.passes.vmap_compat import rnn_relu_cell, rnn_tanh_cell
+
+    torch.manual_seed(0)
+    rnn = nn.RNNCell(4, 6, bias=bias, nonlinearity=nonlinearity).double()
+    kernel, mine = ((torch.rnn_tanh_cell, rnn_tanh_cell) if nonlinearity == "tanh"
+                    else (torch.rnn_relu_cell, rnn_relu_cell))
+    assert SUBSTITUTES[kernel] is mine
+    x, h = (torch.randn(5, 3, n, dtype=torch.float64) for n in (4, 6))
+    w = (rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh)
+    for i in range(5):
+        torch.testing.assert_close(mine(x[i], h[i], *w), rnn(x[i], h[i]), rtol=1e-12, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the batched fallback's performance warning
+        got = torch.vmap(lambda x, h: mine(x, h, *w))(x, h)
+    torch.testing.assert_close(got[3], kernel(x[3], h[3], *w), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_norm_equals_torch_and_batches_non_contiguous_inputs_under_vmap(affine):
     torch.manual_seed(0)

@@ -33,9 +33,13 @@ LIFTABLE_TARGETS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.mod,
     operator.getitem, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.pow, torch.where,
     torch.maximum, torch.minimum,
+    # comparisons with the step index (`lengths > t`: a padding mask per step); bool results, as for a number
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
+    torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,
 }
 LIFTABLE_METHODS = {"add", "sub", "mul", "div", "pow", "__getitem__", "__add__", "__mul__", "__sub__",
-                    "__truediv__", "__radd__", "__rmul__", "__rsub__", "__rtruediv__"}
+                    "__truediv__", "__radd__", "__rmul__", "__rsub__", "__rtruediv__",
+                    "gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__"}
 # Tensor factories whose per-step variants are folded into a per-step input (computed once at rewrite).
 FOLDABLE_TARGETS = {torch.tensor, torch.full, torch.ones, torch.zeros, torch.arange, torch.as_tensor,
                     torch.scalar_tensor, torch.linspace, torch.empty, torch.eye}
