@@ -8,8 +8,9 @@ before the node). Tracing one step instead of L is what makes the first call of 
 unrolled graphs, so in the backend's prepared copy such a node becomes L copies of the body, step `i` reading
 `torch.select(x, 0, i)` of each `xs`: the form the finder already takes as a stacked per-step input (kind
 "layers": the stacked tensor is passed to the chain op as it is). Per-step outputs that the graph reads
-become one `torch.stack` of the steps' values. When no chain is rewritten the backend hands Inductor the
-unrolled copy (below).
+become one `torch.stack` of the steps' values. The body's reads of its inputs' sizes (symbolic under dynamic
+shapes) are made once, before the steps, from the scan's arguments (`_hoisted_sizes`). When no chain is
+rewritten the backend hands Inductor the unrolled copy (below).
 
 Left alone (the node stays, and Inductor compiles it): a scan whose body reads attributes of its own
 (`get_attr`), with other arguments than the four above, or whose outputs are used other than by index.
@@ -68,15 +69,40 @@ def _unrollable(gm: GraphModule, node: Node):
     return body, list(init), list(xs), list(additional), length, slice_meta
 
 
-def _inline_step(graph: Graph, body: GraphModule, inputs: list) -> list:
-    """Copy `body`'s nodes into `graph` at the insertion point, its placeholders bound to `inputs`; returns
-    the nodes (or values) of its outputs."""
+def _hoisted_sizes(graph: Graph, body: GraphModule, carry: list, xs: list, additional: list) -> dict:
+    """The body's reads of its inputs' sizes (`aten.sym_size.int(input, d)`, symbolic under dynamic shapes), each
+    made once before the loop from the scan's own arguments: a carry keeps its shape through a scan (the init's
+    size), and a step's slice of `xs` has the sizes of `xs` after dim 0. Read inside every unrolled step, such a
+    size would be read off the chain's state or per-step input, which `vmap` cannot batch (every solve fell
+    back to sequential evaluation)."""
+    places = [n for n in body.graph.nodes if n.op == "placeholder"]
+    sources = {p: (src, shift) for p, src, shift in zip(places, [*carry, *xs, *additional],
+                                                        [0] * len(carry) + [1] * len(xs) + [0] * len(additional))}
+    hoisted: dict[Node, Node] = {}
+    for n in body.graph.nodes:
+        if not (n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and len(n.args) == 2
+                and n.args[0] in sources and isinstance(n.args[1], int) and isinstance(sources[n.args[0]][0], Node)):
+            continue
+        src, shift = sources[n.args[0]]
+        dim = n.args[1] + shift if n.args[1] >= 0 else n.args[1]
+        h = graph.call_function(torch.ops.aten.sym_size.int, (src, dim))
+        h.meta.update({k: v for k, v in n.meta.items() if k in ("example_value", "val")})
+        hoisted[n] = h
+    return hoisted
+
+
+def _inline_step(graph: Graph, body: GraphModule, inputs: list, hoisted: dict | None = None) -> list:
+    """Copy `body`'s nodes into `graph` at the insertion point, its placeholders bound to `inputs` and the
+    nodes of `hoisted` to their values there; returns the nodes (or values) of its outputs."""
     env: dict[Node, object] = {}
     places = iter(inputs)
     out = None
+    hoisted = hoisted or {}
     for n in body.graph.nodes:
         if n.op == "placeholder":
             env[n] = next(places)
+        elif n in hoisted:
+            env[n] = hoisted[n]
         elif n.op == "output":
             out = n.args[0]
         else:
@@ -100,13 +126,14 @@ def unroll_scans(graph: Graph) -> int:
         read = {u.args[1] for u in node.users}  # output indices read: carries, then per-step outputs
         ys: dict[int, list] = {k: [] for k in read if k >= n_c}
         with graph.inserting_before(node):
+            hoisted = _hoisted_sizes(graph, body, carry, xs, additional)
             for i in range(length):
                 sliced = []
                 for x, meta in zip(xs, slice_meta):
                     s = graph.call_function(torch.select, (x, 0, i))
                     s.meta.update({k: v for k, v in meta.items() if k in ("example_value", "val", "tensor_meta")})
                     sliced.append(s)
-                out = _inline_step(graph, body, [*carry, *sliced, *additional])
+                out = _inline_step(graph, body, [*carry, *sliced, *additional], hoisted)
                 carry = out[:n_c]
                 for k in ys:
                     ys[k].append(out[k])

@@ -247,7 +247,15 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
             new.recompile()
         compiled = new.forward
     else:
-        compiled = compile_fx(new, example_inputs, config_patches=patches)
+        try:
+            compiled = compile_fx(new, example_inputs, config_patches=patches)
+        except Exception:
+            if opts.strict or not names:
+                raise
+            # AOTAutograd traces the chain ops' forward and backward here: a defect there must not cost the compile.
+            log.warning("deeppcr: compiling the rewritten graph failed; compiling the original graph with Inductor",
+                        exc_info=True)
+            return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.process_group is not None and names:  # issue 17: chains solved across the group's ranks
         from .distributed.chain_op import resolve, wrap_compiled
 

@@ -26,7 +26,9 @@ The layers must have the same class, the same parameter and buffer names, shapes
 `requires_grad`; a layer's forward takes the carried tensor first (extra arguments, the same for every
 layer, pass through `forward(x, *args, **kwargs)`). The template is a copy of the first layer on the `meta`
 device: it holds the structure (its hyper-parameters and submodules), never the values, so a layer whose
-forward reads a tensor attribute that is neither a parameter nor a buffer is rejected.
+forward reads a tensor attribute that is neither a parameter nor a buffer is rejected, and so are layers with
+hooks (forward, forward pre-, backward: the template would run layer 0's for every layer) and layers that share a
+tensor (a tied weight would be stacked as separate rows).
 """
 
 from __future__ import annotations
@@ -79,6 +81,25 @@ class StackedLayers(nn.Module):
                     if (x.shape, x.dtype, x.device, x.requires_grad) != (y.shape, y.dtype, y.device, y.requires_grad):
                         raise ValueError(f"StackedLayers: {what} {n!r} of layer {i} differs from layer 0's "
                                          "(shape, dtype, device or requires_grad)")
+        # One template runs every layer, on its own copies of the values: per-layer hooks would not run (the
+        # first layer's would run for all), and a tensor two layers share would be stacked as two rows (its
+        # gradients and updates no longer shared).
+        hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        for i, m in enumerate(layers):
+            for sub_name, sub in m.named_modules():
+                kinds = [h[1:].replace("_", " ") for h in hooks if getattr(sub, h, None)]
+                if kinds:
+                    where = f"its submodule {sub_name!r}" if sub_name else "it"
+                    raise ValueError(f"StackedLayers: layer {i} has {' and '.join(kinds)} (on {where}); one template "
+                                     "module runs every layer, so per-layer hooks cannot run: remove them, or keep "
+                                     "the layers separate")
+        owner: dict[int, tuple[int, str]] = {}
+        for i, (ps, bs) in enumerate(tensors):
+            for n, t in (*ps.items(), *bs.items()):
+                j, other = owner.setdefault(id(t), (i, n))
+                if j != i:
+                    raise ValueError(f"StackedLayers: layer {i}'s {n!r} is layer {j}'s {other!r} (one tensor, "
+                                     "tied); stacking would untie it: keep tied layers separate")
         params, buffers = torch.func.stack_module_state(layers)  # (L, ...) each; new leaves, detached
         self.parameter_names, self.buffer_names = list(params), list(buffers)
         for n, t in params.items():

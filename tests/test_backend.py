@@ -203,6 +203,32 @@ def test_internal_error_falls_back_to_inductor(monkeypatch, caplog):
         torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
 
 
+def test_a_failed_compile_of_the_rewritten_graph_falls_back_to_the_original(monkeypatch, caplog):
+    """AOTAutograd traces the chain ops' forward and backward inside Inductor's compile: a failure there (as the
+    backward's gradient structure for symbolic sizes once did) compiles the original graph instead of raising,
+    unless strict."""
+    import torch._inductor.compile_fx as inductor
+
+    real = inductor.compile_fx
+
+    def failing_on_chains(gm, *a, **k):
+        if any(n.op == "call_function" and getattr(n.target, "namespace", None) == "pcr_compile"
+               for n in gm.graph.nodes):
+            raise RuntimeError("synthetic trace failure")
+        return real(gm, *a, **k)
+
+    monkeypatch.setattr(inductor, "compile_fx", failing_on_chains)
+    model = nn.Sequential(DeepMLP(layers=8, width=3), nn.Linear(3, 1))  # a head: Inductor compiles the graph
+    x = torch.randn(2, 3)
+    with caplog.at_level("WARNING", logger="pcr_compile.backend"), pcr_compile.record_solves() as solves:
+        y = torch.compile(model, backend="deeppcr", options={"mode": "parallel"})(x)
+    torch.testing.assert_close(y, model(x))
+    assert not solves and "rewritten graph failed" in caplog.text and "synthetic trace failure" in caplog.text
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="synthetic trace failure"):
+        torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+
+
 @pytest.mark.parametrize("how", ["torch.compile mode", "option"])
 def test_inductor_mode_reaches_inductor(monkeypatch, how):
     """torch.compile's `mode` (or the `inductor_mode` option) becomes Inductor's config patches for the graph

@@ -349,3 +349,38 @@ def test_floats_made_dynamic_by_a_recompile_are_batched_not_read_on_the_host():
             y = compiled(x, alphas)
         assert [(s.direction, s.fell_back) for s in solves] == [("forward", False)]
         assert rel_err(y, loop(x, alphas)) < 1e-9
+
+
+class _SizedBlock(nn.Module):
+    """A block that builds a tensor of the state's batch size (symbolic under dynamic=True): the template reads it."""
+
+    def __init__(self, width=6):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x):
+        n = x.shape[0]
+        ramp = torch.arange(n, dtype=x.dtype, device=x.device)[:, None] / n
+        return torch.tanh(self.lin(x)) + 0.1 * ramp
+
+
+def test_training_a_chain_whose_template_reads_symbolic_sizes():
+    """A chain reading symbolic sizes (a causal mask over a dynamic sequence length; here `arange(x.shape[0])`
+    under dynamic=True) passes them as `syms`. torch.library flattens a list of SymInts as one leaf, and the op's
+    backward returned a list of Nones for it: AOTAutograd's trace of the backward failed ("Expected the return
+    from backward to be of the same structure as the inputs") and the compile raised. Values and gradients
+    against eager, three sizes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_SizedBlock() for _ in range(9)]).double()
+    # A head around the chain: the graph goes through AOTAutograd (solves_only skips it).
+    compiled = torch.compile(lambda x: model(x).sum(1), backend="deeppcr", options=PARALLEL, dynamic=True)
+    params = list(model.parameters())
+    for rows in (5, 4, 3):
+        x = torch.randn(rows, 6, dtype=torch.float64)
+        with pcr_compile.record_solves() as solves:
+            y = compiled(x)
+            g = torch.autograd.grad(y.square().sum(), params)
+        y0 = model(x).sum(1)
+        g0 = torch.autograd.grad(y0.square().sum(), params)
+        assert [(s.direction, s.fell_back) for s in solves] == [("forward", False), ("backward", False)]
+        assert rel_err(y, y0) < 1e-9 and grads_rel_err(g, g0) < 1e-9

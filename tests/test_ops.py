@@ -136,3 +136,43 @@ def test_stack_of_channels_last_groups_keeps_its_strides():
         y = torch.compile(model, backend="deeppcr", options={"mode": "parallel", "strict": True})(x, u)
     assert [(s.direction, s.length) for s in solves] == [("forward", 8)] and not solves[0].fell_back
     torch.testing.assert_close(y, model(x, u), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_parameters_stack_in_their_own_layout():
+    """Conv weights in channels_last stack channels_last (torch.stack keeps the inputs' layout); the fake kernel
+    promised a contiguous stack, so Inductor's stride check on the real output failed at the first call of a
+    channels_last conv stack with anything around the chain."""
+    from helpers import PARALLEL
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return x + 0.5 * torch.tanh(self.conv(x))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(*[Block() for _ in range(8)])
+
+        def forward(self, x):
+            return self.blocks(x * 2).mean((2, 3))  # ops around the chain: Inductor compiles the graph
+
+    torch.manual_seed(0)
+    model = Net().double().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w = [b.conv.weight for b in model.blocks]
+    (stacked,) = ops.stack_groups(w, [len(w)])
+    assert stacked.stride() == torch.stack(w).stride()
+    with torch._subclasses.FakeTensorMode() as mode:
+        (fake,) = ops.stack_groups([mode.from_tensor(t) for t in w], [len(w)])
+    assert fake.stride() == stacked.stride()
+    y0 = model(x)
+    g0 = torch.autograd.grad(y0.square().sum(), w)
+    y1 = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+    g1 = torch.autograd.grad(y1.square().sum(), w)
+    torch.testing.assert_close(y1, y0, rtol=1e-8, atol=1e-10)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

@@ -92,3 +92,39 @@ def test_a_scan_whose_per_step_outputs_are_read_gives_them_stacked():
         final0, ys0 = ref(x, W, b)
         torch.testing.assert_close(final, final0, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ys, ys0, rtol=1e-5, atol=1e-5)
+
+
+def test_sizes_read_in_the_body_under_dynamic_shapes_are_read_once_before_the_loop():
+    """A body reading its carry's or slice's size (`arange(x.shape[0])`: `aten.sym_size.int` under dynamic=True)
+    read it in every unrolled step off the chain's state, which vmap cannot batch: every solve fell back to
+    sequential evaluation. The sizes are read once from the scan's arguments; the chain is solved, with eager's
+    values and gradients, at the first batch size and at the later ones (a dynamic batch after the recompile)."""
+    _, W, b = _data(L=10, dtype=torch.float64)
+    W.requires_grad_()
+
+    def step(x, wb):
+        w, bias = wb
+        n, k = x.shape[0], w.shape[1]
+        ramp = torch.arange(n, dtype=x.dtype)[:, None] / (n * k)
+        return torch.tanh(x @ w.T + bias) + ramp, torch.empty(0)
+
+    def f(x, W, b):
+        return scan(step, x, (W, b))[0]
+
+    def eager(x, W, b):
+        for i in range(W.shape[0]):
+            x = step(x, (W[i], b[i]))[0]
+        return x
+
+    compiled = torch.compile(f, backend="deeppcr", options=PARALLEL)
+    for rows in (4, 3, 5):
+        x = torch.randn(rows, 5, dtype=torch.float64)
+        with pcr_compile.record_solves() as solves:
+            y = compiled(x, W, b)
+            (g,) = torch.autograd.grad(y.square().sum(), W)
+        y0 = eager(x, W, b)
+        (g0,) = torch.autograd.grad(y0.square().sum(), W)
+        assert [(s.direction, s.length, s.fell_back) for s in solves] == [("forward", 10, False),
+                                                                          ("backward", 10, False)]
+        torch.testing.assert_close(y, y0, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(g, g0, rtol=1e-8, atol=1e-10)

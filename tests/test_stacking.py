@@ -208,3 +208,25 @@ def test_scan_with_buffers_in_training_mode_runs_the_loop(backend):
     st.eval(), ref.eval()
     torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-6)
     assert sum(n.target is torch.ops.higher_order.scan for n in _dynamo_graph_nodes(st, x)) == 1
+
+
+def test_hooked_or_tied_layers_are_refused_not_silently_changed():
+    """One template runs every layer on its own copies of the values: layers with hooks (per-layer hooks never
+    ran; layer 0's ran for every layer: 0.7 off the layers' own output) or tensors tied between layers (stacked as
+    separate rows: no longer one gradient, one update) are clear errors naming the layer."""
+    x = torch.randn(2, 3)
+    hooked = [nn.Linear(3, 3) for _ in range(4)]
+    for i, layer in enumerate(hooked):
+        layer.register_forward_hook(lambda mod, inp, out, i=i: out * (1 + i))
+    with pytest.raises(ValueError, match="layer 0 has forward hooks"):
+        StackedLayers(hooked)
+    inner = [nn.Sequential(nn.Linear(3, 3), nn.Tanh()) for _ in range(3)]
+    inner[2][1].register_forward_pre_hook(lambda mod, inp: (inp[0] * 2,))
+    with pytest.raises(ValueError, match="layer 2 has forward pre hooks .*'1'"):
+        StackedLayers(inner)
+    tied = [nn.Sequential(nn.Linear(3, 3), nn.Tanh()) for _ in range(3)]
+    tied[2][0].weight = tied[0][0].weight
+    with pytest.raises(ValueError, match="layer 2's '0.weight' is layer 0's '0.weight'"):
+        StackedLayers(tied)
+    plain = [nn.Sequential(nn.Linear(3, 3), nn.Tanh()) for _ in range(3)]
+    torch.testing.assert_close(StackedLayers(plain)(x), nn.Sequential(*plain)(x))

@@ -292,8 +292,10 @@ def _define(name: str):
                                     kernels=a.kernels, adaptive=a.adaptive))
         d_states, flat = flat[:n_s], flat[n_s:]
         d_stacked, d_inv = flat[:n_p], flat[n_p:]
+        # The gradients' structure must be the inputs' as torch.library flattens them: a list holding anything
+        # but tensors (the symbolic sizes) is one leaf, so its gradient is one None; an empty list stays a list.
         grads_in = ChainArgs(states=d_states, stacked=d_stacked, consts=[None] * n_c, invariants=d_inv,
-                             syms=[None] * len(a.syms), **{k: None for k in ChainArgs._fields[5:]})
+                             syms=None if a.syms else [], **{k: None for k in ChainArgs._fields[5:]})
         return tuple(grads_in)
 
     chain.register_autograd(backward, setup_context=setup_context)
