@@ -176,8 +176,11 @@ def defer_running_stat_updates(graph: Graph) -> int:
     w, b, True, momentum, eps)`, and `running_mean.lerp_(mean(x.detach()), momentum)` /
     `running_var.lerp_(var(x.detach(), unbiased), momentum)` (what the kernel computes) and the
     `num_batches_tracked` bump are emitted before the output. A chain then reads `x` back from its
-    solved trajectory for them. Cumulative averaging (`momentum=None`) is left alone. Returns how many
-    calls were changed.
+    solved trajectory for them. Cumulative averaging (`momentum=None`) is left alone. A statistic may also be
+    one row `buf[i]` of a stacked buffer (`StackedLayers` holds each layer's running statistics as rows of
+    one `(L, C)` buffer) when the buffer is read only row by row, each row once, each by one such call:
+    the rows are disjoint, so their writes move just the same (the row is taken again at the end). Returns
+    how many calls were changed.
     """
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     changed = 0
@@ -189,7 +192,7 @@ def defer_running_stat_updates(graph: Graph) -> int:
         x, rm, rv, momentum = args["input"], args["running_mean"], args["running_var"], args["momentum"]
         if args["training"] is not True or not isinstance(momentum, float) or not isinstance(x, Node):
             continue
-        if not all(isinstance(b, Node) and b.op == "placeholder" and set(b.users) == {n} for b in (rm, rv)):
+        if not all(_private_buffer(b, n, _is_training_batch_norm) for b in (rm, rv)):
             continue
         xv = node_value(x)
         if not isinstance(xv, torch.Tensor) or xv.dim() < 2:
@@ -198,23 +201,74 @@ def defer_running_stat_updates(graph: Graph) -> int:
         args["running_mean"] = args["running_var"] = None
         n.args, n.kwargs = bound.args, bound.kwargs
         with graph.inserting_before(output):
+            bufs = [_retake(graph, b) for b in (rm, rv)]  # a stacked buffer's row: taken again here
             # Not differentiated, and in the buffers' precision (the kernel accumulates in float for half).
             detached = graph.call_method("detach", (x,))
             data = graph.call_method("to", (detached, node_value(rm).dtype))
             mean = graph.call_method("mean", (data, dims))
             var = graph.call_method("var", (data, dims), {"unbiased": True})
-            updates = [graph.call_method("lerp_", (buf, stat, momentum)) for buf, stat in ((rm, mean), (rv, var))]
+            updates = [graph.call_method("lerp_", (buf, stat, momentum)) for buf, stat in zip(bufs, (mean, var))]
         for node, like in ((mean, rm), (var, rv), *zip(updates, (rm, rv))):  # example values, for later passes
             node.meta["example_value"] = node_value(like)
-        for node in (detached, data, mean, var, *updates):
+        for node in (detached, data, mean, var, *updates, *bufs):
             node.meta[DEFERRED_META] = True
+        for b in (rm, rv):
+            if b.op != "placeholder":  # the row read in the chain's step, now read by no one
+                graph.erase_node(b)
         changed += 1
     if changed:
-        # nn.BatchNorm's `num_batches_tracked.add_(1)`: an in-place bump of an integer buffer nobody reads.
+        # nn.BatchNorm's `num_batches_tracked.add_(1)`: an in-place bump of an integer buffer nobody reads (or of
+        # one row of a stacked one, read only by such bumps).
         for n in list(graph.nodes):
             if n.op == "call_method" and n.target == "add_" and not n.users and isinstance(n.args[0], Node) \
-                    and n.args[0].op == "placeholder" and set(n.args[0].users) == {n} \
+                    and _private_buffer(n.args[0], n, _is_bump) \
                     and getattr(node_value(n.args[0]), "dtype", None) == torch.long:
+                if n.args[0].op != "placeholder":
+                    output.prepend(n.args[0])
+                    n.args[0].meta[DEFERRED_META] = True
                 output.prepend(n)
                 n.meta[DEFERRED_META] = True
     return changed
+
+
+def _is_training_batch_norm(n: Node) -> bool:
+    bound = bound_arguments(n) if n.op == "call_function" and n.target is F.batch_norm else None
+    return bound is not None and bound.arguments["training"] is True
+
+
+def _is_bump(n: Node) -> bool:
+    return n.op == "call_method" and n.target == "add_" and not n.users
+
+
+def _row(b: Node) -> int | None:
+    """i, when `b` is `buf[i]` (a non-negative int index) of a graph input `buf`."""
+    if b.op == "call_function" and b.target is operator.getitem and len(b.args) == 2 and not b.kwargs \
+            and isinstance(b.args[0], Node) and b.args[0].op == "placeholder" and type(b.args[1]) is int \
+            and b.args[1] >= 0:
+        return b.args[1]
+    return None
+
+
+def _private_buffer(b, user: Node, kind) -> bool:
+    """Whether `user` alone reads buffer `b`: a graph input read by `user` only, or one row `buf[i]` of a
+    graph input read only row by row, each row once, each row by one node of `kind` or one already moved to
+    the end (`user` reading `b`)."""
+    if not isinstance(b, Node) or set(b.users) != {user}:
+        return False
+    if b.op == "placeholder":
+        return True
+    if _row(b) is None:
+        return False
+    rows = list(b.args[0].users)
+    indices = [_row(r) for r in rows]
+    return None not in indices and len(set(indices)) == len(indices) and all(  # rows already moved count
+        len(r.users) == 1 and (kind(u := next(iter(r.users))) or u.meta.get(DEFERRED_META)) for r in rows)
+
+
+def _retake(graph: Graph, b: Node) -> Node:
+    """`b` itself when it is a graph input, else a new `buf[i]` (inserted where the graph is inserting)."""
+    if b.op == "placeholder":
+        return b
+    new = graph.call_function(operator.getitem, b.args)
+    new.meta["example_value"] = node_value(b)
+    return new

@@ -347,3 +347,56 @@ def test_running_statistics_read_in_the_graph_keep_their_writes_in_place():
     y1, g1, b1 = _train_step(compiled_model, x, compiled=options)
     assert rel_err(y1, y0) < 1e-5 and grads_rel_err(g1, g0) < 1e-4
     assert all(rel_err(b1[k], b0[k]) < 1e-5 for k in b0)
+
+
+class BatchNormMLPBlock(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x):
+        return x + 0.3 * torch.tanh(self.bn(self.fc(x)))
+
+
+class StackedBatchNorm(nn.Module):
+    def __init__(self, blocks=9, reads_row=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = pcr_compile.StackedLayers([BatchNormMLPBlock() for _ in range(blocks)])
+        self.reads_row = reads_row
+
+    def forward(self, x):
+        y = self.blocks(x)
+        return y + self.blocks.bn__running_mean[4].sum() if self.reads_row else y
+
+
+@pytest.mark.parametrize("reads_row", [False, True])
+def test_stacked_layers_batch_norm_in_training_is_a_chain_with_eager_statistics(reads_row):
+    """`StackedLayers` holds the running statistics as rows of one `(L, C)` buffer, each layer writing its row
+    `buf[i]`: those writes move after the chain as a plain buffer's do (the stack in training mode was
+    declined). A graph that reads a row keeps the writes in place. Two SGD steps and an eval call: eager's
+    outputs, parameters and buffers."""
+    import copy
+
+    x = torch.randn(5, 6)
+    eager = StackedBatchNorm(reads_row=reads_row).train()
+    compiled_model = copy.deepcopy(eager)
+    report = pcr_compile.explain(copy.deepcopy(eager), x, options=PARALLEL)
+    assert [c.length for c in report.chains] == ([] if reads_row else [9])
+    compiled = torch.compile(compiled_model, backend="deeppcr", options=PARALLEL)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, compiled_model)]
+    with pcr_compile.record_solves() as solves:
+        for step in range(2):
+            for f, opt in zip((eager, compiled), opts):
+                opt.zero_grad()
+                f(x + step).pow(2).mean().backward()
+                opt.step()
+    assert len(solves) == (0 if reads_row else 4) and not any(s.fell_back for s in solves)
+    for (name, t0), t1 in zip([*eager.named_parameters(), *eager.named_buffers()],
+                              [*compiled_model.parameters(), *compiled_model.buffers()]):
+        assert rel_err(t1.double(), t0.double()) < 1e-5 and t1.grad_fn is None, name
+    assert compiled_model.blocks.bn__num_batches_tracked.tolist() == [2] * 9
+    eager.eval(), compiled_model.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), eager(x)) < 1e-5
