@@ -154,10 +154,11 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
                   stack_groups=stack_each, sampler_jacobian: str = "auto", replaced: dict | None = None) -> Node:
     """Replace `match` in `gm.graph` by one call of `op`; returns the op node. Does not recompile.
 
-    `replaced`, when given, receives {node of the chain read outside it: the node now read instead}: matches
-    found in the same graph before this rewrite still name the old nodes (`remap_match` brings them up to date:
-    a later chain's initial state or per-step inputs may be this chain's outputs or exposed values, as a UNet's
-    up path reads its down path's skips).
+    `replaced`: one dict shared by the rewrites of one graph's chains, {node read outside its chain: the node
+    now read instead}. Every match was found before the first rewrite, so a later chain may name nodes an
+    earlier rewrite replaced (its initial state or per-step inputs may be that chain's outputs or exposed
+    values, as a UNet's up path reads its down path's skips): the match is brought up to date from it first
+    (`remap_match`), and this rewrite's reroutes are added to it.
 
     `call_args(**kw)` orders the op's arguments (the op's own argument list, ``pcr_compile.runtime.ops``); the
     per-step groups enter stacked, all of them by one `stack_groups(flat, sizes) -> [stacked group, ...]` call
@@ -169,6 +170,8 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
     from those; other exposed nodes are recomputed after the call from the states before their step (a
     copy of their block's nodes, outside the op, where autograd and Inductor see them as usual).
     """
+    if replaced:
+        match = remap_match(match, replaced)
     graph = gm.graph
     outputs = match.outputs
     device = match.state_values()[0].device

@@ -23,7 +23,7 @@ from pcr_compile.passes.fills import rewritable_fill
 from pcr_compile.passes.fx_utils import cleanup, mutates_in_place, node_value
 from pcr_compile.passes.pipeline import PREPARE, PassContext, run_passes
 from pcr_compile.passes.random_draws import has_random_draws
-from pcr_compile.passes.rewrite import build_template, remap_match, rewrite_chain
+from pcr_compile.passes.rewrite import build_template, rewrite_chain
 from pcr_compile.passes.scalars import has_tensor_scalars
 from pcr_compile.passes.scan import scan_nodes
 from pcr_compile.passes.structure import linear_pointwise
@@ -146,12 +146,11 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
         chosen = [pc for pc in plan.chains if pc.decision.decision == "parallel"]
     specs = [chain_spec(pc.match) for pc in chosen]  # every check before the first mutation
     names = []
-    replaced: dict = {}  # nodes an earlier rewrite rerouted, which later matches may name (remap_match)
+    replaced: dict = {}  # nodes an earlier rewrite rerouted, which later matches may name
     for i, (pc, spec) in enumerate(zip(chosen, specs)):
         op = ops.get_chain_op(spec)
-        rewrite_chain(new, remap_match(pc.match, replaced), op, ops.chain_call_args, tol=options.tol or 0.0,
-                      max_iters=options.max_iters, jacobian=pc.decision.jacobian, window=options.window,
-                      sampler_jacobian=options.sampler_jacobian,
+        rewrite_chain(new, pc.match, op, ops.chain_call_args, tol=options.tol or 0.0, max_iters=options.max_iters,
+                      jacobian=pc.decision.jacobian, window=options.window, sampler_jacobian=options.sampler_jacobian,
                       kernels=options.kernels, save_trajectory=_needs_grad(pc.match),
                       const_prefix=f"_pcr_chain{i}_const", adaptive=options.mode == "auto",
                       stack_groups=ops.STACK_GROUPS_OP, replaced=replaced)

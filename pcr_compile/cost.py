@@ -100,8 +100,8 @@ def is_residual(match) -> bool:
         if depth > len(block):
             return False
         refs = match.arg_refs[j]
-        if node.target in SCALE_TARGETS and len(refs) == 2 and refs[0].kind == "internal" \
-                and refs[1].kind in ("const", "lifted") and type(node.args[1]) in (int, float):
+        if node.target in SCALE_TARGETS and len(refs) == len(node.args) == 2 and refs[0].kind == "internal" \
+                and type(node.args[1]) in (int, float):  # (block 0's number, when it is lifted)
             return residual_add(refs[0].index, s, depth + 1)
         if node.target not in RESIDUAL_TARGETS:
             return False

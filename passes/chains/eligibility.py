@@ -23,14 +23,15 @@ RANDOM_NAMES = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_
                 "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu", "native_dropout"}
 
 
-def _name(n: Node) -> str:
+def target_name(n: Node) -> str:
+    """The op's name: a method's name, a function's `__name__` (its string form where it has none)."""
     return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
 
 
 def random_reason(n: Node) -> str | None:
     """Why `n` draws random numbers ("random op ..."), or None when it does not (dropout in eval mode or
     with p = 0 does not)."""
-    name = _name(n)
+    name = target_name(n)
     if name in RANDOM_NAMES or (isinstance(name, str) and name.startswith("rand")):
         if name.startswith("dropout") or name in ("alpha_dropout", "feature_alpha_dropout", "rrelu"):
             training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
@@ -49,7 +50,7 @@ def ineligibility(n: Node) -> str | None:
     """Why a node cannot be part of a chain solved out of order, or None."""
     if n.op == "call_module":
         return f"call_module node {n.name} (module calls are not inlined)"
-    name = _name(n)
+    name = target_name(n)
     why = random_reason(n)
     if why:
         return why

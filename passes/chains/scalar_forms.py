@@ -11,6 +11,7 @@ one (the same values and the same derivative everywhere, ties included), used in
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 from typing import NamedTuple
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
+REQUIRED = inspect.Parameter.empty
+
 
 class ScalarForm(NamedTuple):
-    params: tuple[str, ...]  # the op's parameters in positional order (the tensor first)
+    params: tuple[tuple[str, object], ...]  # the op's (parameter, default) in positional order, tensor first
     liftable: frozenset[str]  # those that may carry a per-step number
     # (graph, bound arguments by name) -> the equivalent node; None where the op takes a 0-d tensor itself
     build: Callable[[Graph, dict], Node] | None = None
@@ -32,7 +35,9 @@ def _fn(g: Graph, target, *args) -> Node:
     return g.call_function(target, args)
 
 
-# operator.* rather than torch.*: an operand may be a number (`torch.add(x, 2.0, alpha=dt)`)
+def _signature(fn) -> tuple[tuple[str, object], ...]:
+    """(parameter, default) of a Python function (`torch.nn.functional`'s), from its own signature."""
+    return tuple((p.name, p.default) for p in inspect.signature(fn).parameters.values())
 
 
 def _leaky_relu(g: Graph, a: dict) -> Node:
@@ -63,6 +68,7 @@ def _hardtanh(g: Graph, a: dict) -> Node:
     return _fn(g, torch.where, inside, x, _fn(g, torch.Tensor.detach, clamped))
 
 
+# operator.* rather than torch.*: an operand may be a number (`torch.add(x, 2.0, alpha=dt)`)
 def _add_alpha(sign: int) -> Callable[[Graph, dict], Node]:
     def build(g: Graph, a: dict) -> Node:
         scaled = _fn(g, operator.mul, a["other"], a["alpha"])
@@ -75,10 +81,18 @@ def _addcmul(g: Graph, a: dict) -> Node:
     return _fn(g, operator.add, a["input"], prod)
 
 
-_CLAMP = ScalarForm(("input", "min", "max"), frozenset({"min", "max"}))
-_LERP = ScalarForm(("input", "end", "weight"), frozenset({"weight"}))
-_ADD, _SUB = (ScalarForm(("input", "other", "alpha"), frozenset({"alpha"}), _add_alpha(s)) for s in (1, -1))
-_NOT_INPLACE = (("inplace", False),)
+# Builtins (no Python signature to read): their parameters and defaults spelled out.
+_CLAMP = ScalarForm((("input", REQUIRED), ("min", None), ("max", None)), frozenset({"min", "max"}))
+_LERP = ScalarForm((("input", REQUIRED), ("end", REQUIRED), ("weight", REQUIRED)), frozenset({"weight"}))
+_ADD, _SUB = (ScalarForm((("input", REQUIRED), ("other", REQUIRED), ("alpha", 1)), frozenset({"alpha"}),
+                         _add_alpha(s)) for s in (1, -1))
+_ADDCMUL = ScalarForm((("input", REQUIRED), ("tensor1", REQUIRED), ("tensor2", REQUIRED), ("value", 1)),
+                      frozenset({"value"}), _addcmul)
+
+
+def _functional(fn, liftable: set[str], build) -> ScalarForm:
+    return ScalarForm(_signature(fn), frozenset(liftable), build, fixed=(("inplace", False),))
+
 
 # keyed by (node.op, node.target)
 FORMS: dict[tuple[str, object], ScalarForm] = {
@@ -90,17 +104,12 @@ FORMS: dict[tuple[str, object], ScalarForm] = {
     ("call_method", "add"): _ADD,
     ("call_function", torch.sub): _SUB,
     ("call_method", "sub"): _SUB,
-    ("call_function", torch.addcmul): ScalarForm(("input", "tensor1", "tensor2", "value"), frozenset({"value"}),
-                                                 _addcmul),
-    ("call_function", F.leaky_relu): ScalarForm(("input", "negative_slope", "inplace"),
-                                                frozenset({"negative_slope"}), _leaky_relu, _NOT_INPLACE),
-    ("call_function", F.elu): ScalarForm(("input", "alpha", "inplace"), frozenset({"alpha"}), _elu, _NOT_INPLACE),
-    ("call_function", F.celu): ScalarForm(("input", "alpha", "inplace"), frozenset({"alpha"}), _celu, _NOT_INPLACE),
-    ("call_function", F.hardtanh): ScalarForm(("input", "min_val", "max_val", "inplace"),
-                                              frozenset({"min_val", "max_val"}), _hardtanh, _NOT_INPLACE),
+    ("call_function", torch.addcmul): _ADDCMUL,
+    ("call_function", F.leaky_relu): _functional(F.leaky_relu, {"negative_slope"}, _leaky_relu),
+    ("call_function", F.elu): _functional(F.elu, {"alpha"}, _elu),
+    ("call_function", F.celu): _functional(F.celu, {"alpha"}, _celu),
+    ("call_function", F.hardtanh): _functional(F.hardtanh, {"min_val", "max_val"}, _hardtanh),
 }
-DEFAULTS = {"min": None, "max": None, "alpha": 1, "value": 1, "negative_slope": 0.01, "min_val": -1.0,
-            "max_val": 1.0, "inplace": False}
 
 
 def bind(n: Node, args=None, kwargs=None) -> dict | None:
@@ -109,15 +118,18 @@ def bind(n: Node, args=None, kwargs=None) -> dict | None:
     form = FORMS.get((n.op, n.target))
     args = n.args if args is None else args
     kwargs = n.kwargs if kwargs is None else kwargs
-    if form is None or len(args) > len(form.params) or not set(kwargs) <= set(form.params):
+    if form is None:
         return None
-    bound = dict(zip(form.params, args))
+    names = [p for p, _ in form.params]
+    if len(args) > len(names) or not set(kwargs) <= set(names):
+        return None
+    bound = dict(zip(names, args))
     if set(bound) & set(kwargs):
         return None
     bound.update(kwargs)
-    for p in form.params[1:]:
-        bound.setdefault(p, DEFAULTS.get(p))
-    if any(bound.get(p) != v for p, v in form.fixed):
+    for p, default in form.params:
+        bound.setdefault(p, default)
+    if any(v is REQUIRED for v in bound.values()) or any(bound[p] != v for p, v in form.fixed):
         return None
     return bound
 
@@ -127,7 +139,7 @@ def liftable(n: Node, leaf_index: int) -> bool:
     form = FORMS.get((n.op, n.target))
     if form is None or bind(n) is None:
         return False
-    names = [*form.params[:len(n.args)], *n.kwargs]
+    names = [*(p for p, _ in form.params[:len(n.args)]), *n.kwargs]
     return leaf_index < len(names) and names[leaf_index] in form.liftable
 
 

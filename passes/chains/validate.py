@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..fx_utils import arg_leaves, is_tensor_node, node_value
 from . import scalar_forms
-from .eligibility import body_structure, ineligibility, inlinable_body
+from .eligibility import body_structure, ineligibility, inlinable_body, target_name
 from .match import ArgRef, ChainMatch
 
 # Targets where a Python scalar argument may be replaced by a 0-d tensor with the same result.
@@ -387,15 +387,11 @@ def _outside_ref(blocks, j: int, li: int, nodes: tuple[Node, ...], inputs: _Inpu
     return ArgRef("per_step", inputs.index(inputs.per_step, nodes))
 
 
-def _op_name(n: Node) -> str:
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-
-
 def _const_ref(node0: Node, li: int, differs: bool, values: tuple, inputs: _Inputs) -> ArgRef:
     """A literal: the same in every step ("const"), or a number per step lifted to a per-step tensor."""
     if not differs:
         return ArgRef("const")
     if not (_liftable(node0, li) and all(type(v) in (int, float) for v in values)):
-        raise Split([], f"constant argument {li} of {node0.name} ({_op_name(node0)}) differs between steps and "
+        raise Split([], f"constant argument {li} of {node0.name} ({target_name(node0)}) differs between steps and "
                         "cannot be lifted to a tensor")
     return ArgRef("lifted", inputs.index(inputs.lifted, values))
