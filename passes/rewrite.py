@@ -49,6 +49,10 @@ def build_template(match: ChainMatch) -> Template:
     folded = [g.placeholder(f"const_{n_lift + i}") for i in range(len(match.folded))]
     invariants = [g.placeholder(f"shared_{i}") for i in range(len(match.invariants))]
     syms = [g.placeholder(f"size_{i}") for i in range(len(match.sym_invariants))]
+    # The autocast contexts the steps ran in (a region around the chain, or around the compiled call): the
+    # template enters them itself, so every evaluation of a step (solve, Jacobians, adjoint, sequential
+    # fallback) casts as eager does, whatever autocast state the chain op is called in.
+    contexts = [g.call_function(torch.amp._enter_autocast, tuple(vals)) for vals in match.autocast]
     # Inlined bodies (activation checkpointing): block 0's, copied into the template's module, with the
     # same vmap-friendly substitutions; the checkpoint itself is dropped (a plain call of the body).
     root = torch.nn.Module()
@@ -82,6 +86,8 @@ def build_template(match: ChainMatch) -> Template:
             env[j] = form  # a per-step number where the op takes none: its equivalent (chains/scalar_forms.py)
         else:
             env[j] = g.create_node(node.op, node.target, args, kwargs, name=f"n{j}")
+    for ctx in reversed(contexts):
+        g.call_function(torch.amp._exit_autocast, (ctx,))
     g.output(tuple(env[q] for q in match.state_positions))
     gm = GraphModule(root, g, class_name="ChainStep")
     gm.graph.eliminate_dead_code()  # (call_module purity checks need the owning module)

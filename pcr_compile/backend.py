@@ -19,6 +19,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
+from pcr_compile.passes.chains.validate import autocast_states
 from pcr_compile.passes.fills import rewritable_fill
 from pcr_compile.passes.fx_utils import cleanup, mutates_in_place, node_value
 from pcr_compile.passes.pipeline import PREPARE, PassContext, run_passes
@@ -94,7 +95,24 @@ def chain_spec(match: ChainMatch) -> ChainSpec:
     name = "chain_" + hashlib.sha1(f"{t.key}/{ops.SCHEMA_KEY}".encode()).hexdigest()[:16]
     return ChainSpec(name=name, template=t.gm, n_state=t.n_state, n_per_step=t.n_per_step,
                      n_consts=t.n_consts, n_invariants=t.n_invariants, n_syms=t.n_syms, kind=match.kind,
-                     lp=linear_pointwise(t.gm, t.n_state, t.n_per_step))
+                     lp=linear_pointwise(t.gm, t.n_state, t.n_per_step), compute_dtype=autocast_dtype(match, t.gm))
+
+
+def autocast_dtype(match: ChainMatch, template: GraphModule) -> torch.dtype | None:
+    """The lowest precision torch.autocast computes any op of one step in, on the states' device (each op's
+    innermost autocast context for that device type, from the template's own region markers: the contexts
+    around the chain and those a step opens itself), None where autocast is off for all of them."""
+    state = node_value(match.initial[0]) if match.initial else None
+    device = state.device.type if isinstance(state, torch.Tensor) else "cpu"
+    found = None
+    for n, contexts in autocast_states(template.graph, ambient=False).items():
+        mine = [(dt, enabled) for dev, dt, enabled, *_ in contexts if dev == device]
+        if n.op not in ("call_function", "call_method", "call_module") or not mine or not mine[-1][1]:
+            continue
+        dt = mine[-1][0] if mine[-1][0] is not None else torch.get_autocast_dtype(device)
+        if found is None or torch.finfo(dt).eps > torch.finfo(found).eps:
+            found = dt
+    return found
 
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:
@@ -202,6 +220,11 @@ def capturing_backend(options: Options, sink: list[dict]):
     return backend
 
 
+# Dynamo's signals to trace the frame again (say, with a float specialised: TensorifyScalarRestartAnalysis
+# from AOTAutograd): control flow, not failures, so they pass through the fallbacks below untouched.
+RESTARTS = (torch._dynamo.exc.RestartAnalysis,)
+
+
 def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """The backend function (registered as "deeppcr" through the torch_dynamo_backends entry point).
 
@@ -228,8 +251,8 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
     patches = list_mode_options(opts.inductor_mode) if opts.inductor_mode else None
     try:
         new, plan, names = rewrite(gm, opts)
-    except Exception:
-        if opts.strict:
+    except Exception as e:
+        if opts.strict or isinstance(e, RESTARTS):
             raise
         log.warning("deeppcr: internal error while rewriting chains; compiling the original graph with Inductor",
                     exc_info=True)
@@ -248,8 +271,8 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
     else:
         try:
             compiled = compile_fx(new, example_inputs, config_patches=patches)
-        except Exception:
-            if opts.strict or not names:
+        except Exception as e:
+            if opts.strict or not names or isinstance(e, RESTARTS):
                 raise
             # AOTAutograd traces the chain ops' forward and backward here: a defect there must not cost the compile.
             log.warning("deeppcr: compiling the rewritten graph failed; compiling the original graph with Inductor",

@@ -27,7 +27,8 @@ class Options:
         "sequential" (find chains, rewrite none: the same code as Inductor).
     tol: tolerance of every step's residual relative to that step's own size, row by row
         (|z_l - f_l(z_{l-1})| <= tol * |f_l(z_{l-1})|; solver/residual.py); None: by dtype
-        (float64 1e-10, float32 1e-6, float16 2e-3, bfloat16 1e-2).
+        (float64 1e-10, float32 1e-6, float16 2e-3, bfloat16 1e-2; at least bfloat16 2e-3 / float16 2.4e-4
+        for steps that compute in that dtype under torch.autocast).
     max_iters: Newton / Picard iterations before finishing sequentially from the converged prefix.
     min_chain_length: shorter repeats are left alone.
     jacobian: "auto" (by block structure and state size), "dense", "diagonal", "identity", "zero".

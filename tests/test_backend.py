@@ -355,3 +355,33 @@ def test_a_backend_that_changes_nothing_copies_nothing(monkeypatch):
     new, plan, names = backend.rewrite(gm, Options(mode="parallel"))  # a rewrite works on a copy
     assert new is not gm and names and len(copies) == 1
     assert [(n.op, n.target, n.args) for n in gm.graph.nodes] == before
+
+
+class ScaledResidual(nn.Module):
+    """Residual tanh steps scaled by a float attribute, with an op after the chain (so the graph goes
+    through AOTAutograd and Inductor)."""
+
+    def __init__(self, scale: float, layers: int = 10):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+        self.scale = scale
+
+    def forward(self, x):
+        for lin in self.lins:
+            x = x + self.scale * torch.tanh(lin(x))
+        return x.sin()
+
+
+def test_dynamo_restarts_pass_through_the_fallback(caplog):
+    """A second instance with another float attribute makes AOTAutograd ask Dynamo to trace the frame again
+    (TensorifyScalarRestartAnalysis): a signal, not a failure. The fallback took it for one, compiled the
+    original graph with Inductor and the chain was never solved."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    for scale in (0.3, 1.0):
+        model = ScaledResidual(scale)
+        with torch.no_grad(), pcr_compile.record_solves() as solves:
+            y = torch.compile(model, backend="deeppcr", options={"mode": "parallel"})(x)
+        assert len(solves) == 1, f"scale={scale}: the chain was not solved"
+        assert rel_err(y, model(x)) < 1e-5
+    assert "compiling the rewritten graph failed" not in caplog.text

@@ -60,7 +60,7 @@ def ineligibility(n: Node) -> str | None:
     collective = collective_name(n)  # FSDP's per-layer gathers and other collectives (issue 17)
     if collective is not None:
         return f"{collective_reason(collective)} (node {n.name})"
-    if n.is_impure():
+    if n.is_impure() and not is_autocast_marker(n):
         return f"op with side effects {name} (node {n.name})"
     body = inlinable_body(n)
     if body is not None:
@@ -72,6 +72,13 @@ def ineligibility(n: Node) -> str | None:
                 if why:
                     return f"{why} inside {n.args[0].target}"
     return None
+
+
+def is_autocast_marker(n: Node) -> bool:
+    """Dynamo's `torch.autocast` region markers (`torch.amp._enter_autocast` / `_exit_autocast`): side effects
+    on the autocast state only, which a step may open and close within itself (the template copies them)."""
+    return n.op == "call_function" and n.target in (getattr(torch.amp, "_enter_autocast", None),
+                                                    getattr(torch.amp, "_exit_autocast", None))
 
 
 def inlinable_body(n: Node):

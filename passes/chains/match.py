@@ -56,6 +56,9 @@ class ChainMatch:
     # `W.unbind(0)[i]` with i = start + step): (block position, the stacked tensor's node, start). Each is a
     # per-step input passed as `source[start:start + L]` itself, no copy; its gradient is one (L, ...) tensor.
     sliced: tuple[tuple[int, Node, int], ...] = ()
+    # The torch.autocast contexts every step runs in, outermost first (``validate.autocast_states``): the
+    # template enters them, so the chain op's evaluations cast as eager's do. () outside autocast.
+    autocast: tuple[tuple, ...] = ()
 
     @property
     def length(self) -> int:

@@ -1,6 +1,6 @@
 """Step 3 of the finder: validate a candidate's blocks as a chain, in named steps, or say why not.
 
-1. :func:`_check_eligible`: every node may run out of order (``eligibility.py``), outside autocast regions;
+1. :func:`_check_eligible`: every node may run out of order (``eligibility.py``), all in the same autocast contexts;
 2. :func:`_reference_tags`: where each argument leaf of each block's nodes comes from, as :class:`Tag`\\ s;
    :func:`_check_same_references`: every block references the same positions of its own block and of the
    previous one (block 0 reads the initial state there), or reads two steps back (a :class:`Lagged` run);
@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..fx_utils import arg_leaves, is_tensor_node, node_value
 from . import scalar_forms
-from .eligibility import body_structure, ineligibility, inlinable_body, target_name
+from .eligibility import body_structure, ineligibility, inlinable_body, is_autocast_marker, target_name
 from .match import ArgRef, ChainMatch
 
 # Targets where a Python scalar argument may be replaced by a 0-d tensor with the same result.
@@ -49,7 +49,7 @@ SLICE_TARGETS = {operator.getitem, torch.select, "__getitem__", "select"}
 
 class Split(Exception):
     """`pieces`: the sub-ranges of steps worth trying; `every_period`: the reason holds for any period of
-    the same region (an ineligible op, autocast), so a multiple of the period is not worth trying."""
+    the same region (an ineligible op), so a multiple of the period is not worth trying."""
 
     def __init__(self, pieces: list[tuple[int, int]], reason: str, every_period: bool = False):
         super().__init__(reason)
@@ -79,34 +79,52 @@ class Tag(NamedTuple):
 OUTSIDE, CONST = Tag("outside"), Tag("const")
 
 
-def _ambient_autocast() -> bool:
-    """Whether an autocast region is open around the compiled call (Dynamo's graph then has no _enter_autocast
-    node: autocast is global state, which Dynamo guards, so this graph only ever runs inside it)."""
+# Autocast devices whose ambient state is read (the device types torch.autocast accepts on this machine).
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+# One `torch.autocast` context: (device_type, dtype, enabled, cache_enabled), the arguments of
+# `torch.amp._enter_autocast` as Dynamo records them (None: the device's default).
+AutocastContext = tuple
+
+
+def _ambient_autocast() -> tuple[AutocastContext, ...]:
+    """The autocast contexts open around the compiled call (Dynamo's graph has no _enter_autocast node for
+    them: autocast is global state, which Dynamo guards, so this graph only ever runs inside them)."""
     any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
-    if any_enabled is not None:
-        return bool(any_enabled())
-    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    if any_enabled is not None and not any_enabled():
+        return ()
+    out = []
+    for dev in AUTOCAST_DEVICES:
+        try:
+            if torch.is_autocast_enabled(dev):
+                out.append((dev, torch.get_autocast_dtype(dev), True, torch.is_autocast_cache_enabled()))
+        except (RuntimeError, TypeError, AttributeError):  # a device type this build does not know
+            continue
+    return tuple(out)
 
 
-def autocast_nodes(graph: Graph) -> set[Node]:
-    """Nodes inside `torch.autocast` regions (between Dynamo's _enter_autocast and _exit_autocast), and every
-    node when the graph is analysed inside an autocast region opened around the compiled call."""
-    if _ambient_autocast():
-        return set(graph.nodes)
-    inside, depth = set(), 0
+def autocast_states(graph: Graph, ambient: bool = True) -> dict[Node, tuple[AutocastContext, ...]]:
+    """The autocast contexts each node of `graph` runs in, outermost first: those open around the compiled
+    call (with `ambient`), then the `torch.autocast` regions of the graph itself (Dynamo's _enter_autocast /
+    _exit_autocast nodes; an exit closes the region its argument entered). Nodes outside every region map
+    to ()."""
+    enter, exit_ = getattr(torch.amp, "_enter_autocast", None), getattr(torch.amp, "_exit_autocast", None)
+    ambient = _ambient_autocast() if ambient else ()
+    stack: list[tuple[Node, AutocastContext]] = []
+    states: dict[Node, tuple[AutocastContext, ...]] = {}
     for n in graph.nodes:
-        if n.op == "call_function" and n.target is getattr(torch.amp, "_enter_autocast", None):
-            depth += 1
-        elif n.op == "call_function" and n.target is getattr(torch.amp, "_exit_autocast", None):
-            depth = max(depth - 1, 0)
-        elif depth:
-            inside.add(n)
-    return inside
+        states[n] = ambient + tuple(vals for _, vals in stack)
+        if n.op == "call_function" and n.target is enter and enter is not None:
+            stack.append((n, tuple(n.args)))
+        elif n.op == "call_function" and n.target is exit_ and exit_ is not None and n.args:
+            stack = [(m, vals) for m, vals in stack if m is not n.args[0]]
+    return states
 
 
-def validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset()) -> ChainMatch:
-    """Validate blocks as a chain or raise :class:`Split` with the sub-ranges worth trying and the reason."""
-    _check_eligible(blocks, in_autocast)
+def validate(blocks: list[tuple[Node, ...]], autocast: dict[Node, tuple] | None = None) -> ChainMatch:
+    """Validate blocks as a chain or raise :class:`Split` with the sub-ranges worth trying and the reason.
+    `autocast`: the autocast contexts of each node (:func:`autocast_states`); none when omitted."""
+    contexts = _check_eligible(blocks, autocast or {})
     where = {n: (i, j) for i, blk in enumerate(blocks) for j, n in enumerate(blk)}
     tags = [_reference_tags(blocks, i, where) for i in range(len(blocks))]
     _check_same_references(blocks, tags)
@@ -127,20 +145,34 @@ def validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset(
         exposed=tuple(exposed),
         submodules=tuple(inputs.submodules),
         sliced=tuple(inputs.sliced),
+        autocast=contexts,
     )
 
 
 # --- 1. eligibility ---------------------------------------------------------------------------------------
 
 
-def _check_eligible(blocks, in_autocast: set[Node]) -> None:
+def _check_eligible(blocks, autocast: dict[Node, tuple]) -> tuple:
+    """Every node may run out of order, and every step runs in the same autocast contexts (returned: the
+    template enters them, so that the chain op evaluates its steps with the casts eager applies)."""
     for n in blocks[0]:
         why = ineligibility(n)
         if why:
             raise Split([], f"block contains {why}", every_period=True)
-    if any(n in in_autocast for blk in (blocks[0], blocks[-1]) for n in blk):
-        # The chain op would run its steps without the autocast context that eager applies to them.
-        raise Split([], "inside a torch.autocast region (not supported yet; left to Inductor)", every_period=True)
+    members = set(blocks[0])
+    for n in blocks[0]:
+        if is_autocast_marker(n) and n.target is torch.amp._exit_autocast and n.args[0] not in members:
+            raise Split([], "a torch.autocast region crosses the steps' boundaries", every_period=False)
+    # Every step runs in the contexts of step 0, position by position (a region a step opens and closes
+    # itself is copied into the template with the step; the contexts around the steps are entered by it).
+    ref = [autocast.get(n, ()) for n in blocks[0]]
+    for i, blk in enumerate(blocks):
+        if [autocast.get(n, ()) for n in blk] != ref:
+            # a region opens or closes at step i: the steps on either side are tried on their own
+            whole = len({autocast.get(n, ()) for n in blk}) == 1
+            raise Split([(0, i), (i if whole else i + 1, len(blocks))],
+                        f"a torch.autocast region opens or closes at step {i}")
+    return ref[0] if ref else ()
 
 
 # --- 2. references ----------------------------------------------------------------------------------------

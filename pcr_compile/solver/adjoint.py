@@ -83,7 +83,7 @@ def _run_backward(spec, trajs, states, stacked, consts, invariants, grads, lengt
     call = ChainCall(spec, states, stacked, consts, invariants, length, syms)
     lay = call.layout
     sd = call.solve_dtype
-    tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
+    tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype, spec.compute_dtype)
     z0 = lay.pack(call.states, lead=0, dtype=sd)
     Z = lay.pack(list(trajs), lead=1, dtype=sd)
     Zprev = torch.cat([z0.unsqueeze(0), Z[:-1]], dim=0)

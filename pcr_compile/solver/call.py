@@ -46,6 +46,7 @@ class ChainSpec:
     n_syms: int = 0
     kind: str = "layers"
     lp: LinearPointwise | None = None  # set when one step is act(z W^T + b) (+ z): cheap exact diagonal
+    compute_dtype: torch.dtype | None = None  # torch.autocast's dtype for the steps (the template enters it)
 
 
 def packed_geometry(shapes: list[tuple[int, ...]]) -> tuple[bool, int, list[int]]:

@@ -92,7 +92,7 @@ def _run_forward(spec, states, stacked, consts, invariants, length, tol, max_ite
     call = ChainCall(spec, states, stacked, consts, invariants, length, syms)
     lay = call.layout
     z0 = lay.pack(call.states, lead=0, dtype=call.solve_dtype)
-    tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype)
+    tol = tol if tol > 0 else newton.default_tol(call.states[0].dtype, spec.compute_dtype)
     structure = call.structure_for(jacobian)
     for name, route in routes.FORWARD if jacobian != "sequential" else ():  # layer-parallel, say
         over = route(spec, call, z0, structure, tol, max_iters)

@@ -43,8 +43,21 @@ log = logging.getLogger(__name__)
 DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def default_tol(dtype: torch.dtype) -> float:
-    return DEFAULT_TOL.get(dtype, 1e-5)
+# Steps that compute in a lower precision than their state (a float32 state under torch.autocast): the
+# residual of an exact solve is then as large as the casts' rounding, which batched evaluation does not
+# reproduce bit for bit, so a float32 tolerance is met only by chance (Newton creeps one step per iteration).
+# Half the compute dtype's unit roundoff bounds the solve's error by about half of eager's own rounding
+# (residual.py). Measured on 64-step residual MLPs (x + s tanh(W x + b), autocast to the dtype on CPU):
+# bfloat16, s = 0.3: 3 Newton iterations, 3.3e-3 error against float32 math, eager's autocast 3.0e-3
+# (float32's 1e-6: 39 iterations); s = 1: 11 iterations, 1.3e-2 (eager 1.6e-2). RESULTS.md.
+AUTOCAST_TOL = {dt: torch.finfo(dt).eps / 4 for dt in (torch.bfloat16, torch.float16)}
+
+
+def default_tol(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> float:
+    """The default tolerance of a state of `dtype` whose steps compute in `compute_dtype` (torch.autocast's
+    dtype; None outside autocast): the looser of the two dtypes' tolerances."""
+    tol = DEFAULT_TOL.get(dtype, 1e-5)
+    return max(tol, AUTOCAST_TOL.get(compute_dtype, 0.0)) if compute_dtype is not None else tol
 
 
 @dataclass
