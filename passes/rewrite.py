@@ -52,7 +52,10 @@ def build_template(match: ChainMatch) -> Template:
     # The autocast contexts the steps ran in (a region around the chain, or around the compiled call): the
     # template enters them itself, so every evaluation of a step (solve, Jacobians, adjoint, sequential
     # fallback) casts as eager does, whatever autocast state the chain op is called in.
-    contexts = [g.call_function(torch.amp._enter_autocast, tuple(vals)) for vals in match.autocast]
+    # Their weight-cast cache is off: a cast cached inside the solve's vmap / jacrev would outlive the
+    # template's call in a region opened around the compiled call (the cache is cleared when the outermost
+    # region closes); casting again is the same value.
+    contexts = [g.call_function(torch.amp._enter_autocast, _uncached(vals)) for vals in match.autocast]
     # Inlined bodies (activation checkpointing): block 0's, copied into the template's module, with the
     # same vmap-friendly substitutions; the checkpoint itself is dropped (a plain call of the body).
     root = torch.nn.Module()
@@ -85,6 +88,8 @@ def build_template(match: ChainMatch) -> Template:
                 (form := scalar_forms.build(g, node, args, kwargs)) is not None:
             env[j] = form  # a per-step number where the op takes none: its equivalent (chains/scalar_forms.py)
         else:
+            if node.target is torch.amp._enter_autocast:  # a region the step opens itself: uncached too
+                args = _uncached(args)
             env[j] = g.create_node(node.op, node.target, args, kwargs, name=f"n{j}")
     for ctx in reversed(contexts):
         g.call_function(torch.amp._exit_autocast, (ctx,))
@@ -97,6 +102,12 @@ def build_template(match: ChainMatch) -> Template:
     code = gm.code + "".join(getattr(root, b).code for b in body_names)
     key = hashlib.sha1((code + repr(layout)).encode()).hexdigest()[:16]
     return Template(gm, key, *layout)
+
+
+def _uncached(vals) -> tuple:
+    """`torch.amp._enter_autocast`'s arguments (device_type, dtype, enabled, cache_enabled) with the cache off."""
+    vals = tuple(vals) + (None,) * (4 - len(vals))
+    return (*vals[:3], False, *vals[4:])
 
 
 def _rows(n: Node) -> int | None:
