@@ -35,6 +35,7 @@ class ChainReport:
     decision: str  # "parallel" | "sequential"
     reason: str
     exposed_values: int = 0  # values of earlier steps read after the chain (from the solved trajectory)
+    autocast: str = ""  # the dtype torch.autocast runs the steps in on the state's device ("" outside autocast)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class Report:
         return json.dumps(self.to_dict(), **kw)
 
     def chain_table(self, graph: int | None = None) -> str:
-        rows = [[c.graph, c.first, c.last, c.length, c.nodes_per_step, c.kind, "x".join(map(str, c.state_shape)),
+        rows = [[c.graph, c.first, c.last, c.length, c.nodes_per_step,
+                 c.kind + (f" (autocast {c.autocast})" if c.autocast else ""), "x".join(map(str, c.state_shape)),
                  c.per_step_inputs + c.lifted_constants, c.jacobian, c.decision, c.reason]
                 for c in self.chains if graph is None or c.graph == graph]
         if not rows:
@@ -118,4 +120,16 @@ def chain_report(graph_index: int, planned) -> ChainReport:
                        per_step_inputs=len(m.per_step) + len(m.sliced) + len(m.folded),
                        lifted_constants=len(m.lifted),
                        invariant_inputs=len(m.invariants), jacobian=d.jacobian, decision=d.decision,
-                       reason=d.reason, exposed_values=len(m.exposed))
+                       reason=d.reason, exposed_values=len(m.exposed), autocast=_autocast_name(m))
+
+
+def _autocast_name(m) -> str:
+    """The dtype of the innermost autocast context around the steps for their state's device, by name."""
+    state = m.state_values()[0] if m.initial else None
+    device = state.device.type if isinstance(state, torch.Tensor) else "cpu"
+    name = ""
+    for dev, dtype, enabled, *_ in m.autocast:
+        if dev == device:
+            name = str(dtype if dtype is not None else torch.get_autocast_dtype(dev)).removeprefix("torch.") \
+                if enabled else ""
+    return name

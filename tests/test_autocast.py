@@ -202,3 +202,12 @@ def test_autocast_states_follow_nested_regions():
     [softmax] = [n for n in gm.graph.nodes if n.target is F.softmax][:1]
     assert states[softmax] == (outer, inner)
     assert states[next(n for n in gm.graph.nodes if n.op == "output")] == ()
+
+
+def test_explain_names_the_autocast_dtype():
+    report = pcr_compile.explain(TanhStack(), torch.randn(4, 8), options={"mode": "parallel"})
+    [chain] = report.chains
+    assert chain.autocast == "bfloat16" and "(autocast bfloat16)" in report.chain_table()
+    assert report.to_dict()["chains"][0]["autocast"] == "bfloat16"
+    [plain] = pcr_compile.explain(ResidualStack(region=False), torch.randn(4, 8)).chains
+    assert plain.autocast == ""

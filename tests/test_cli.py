@@ -193,7 +193,8 @@ def test_json_schema(runs):
     [c] = rep["chains"]
     types = {"graph": int, "first": str, "last": str, "length": int, "nodes_per_step": int, "kind": str,
              "state_shape": list, "state_shapes": list, "per_step_inputs": int, "lifted_constants": int,
-             "invariant_inputs": int, "jacobian": str, "decision": str, "reason": str, "exposed_values": int}
+             "invariant_inputs": int, "jacobian": str, "decision": str, "reason": str, "exposed_values": int,
+             "autocast": str}
     assert set(c) == set(types) and all(isinstance(c[k], t) for k, t in types.items())
     assert (c["length"], c["kind"], c["decision"], c["state_shape"]) == (8, "sampler", "parallel", [3, 2])
     assert c["lifted_constants"] > 0

@@ -28,7 +28,7 @@ changed). The JSON schema:
                                  #   graph_count, graph_break_count, graph_breaks [str], graphs [{index, nodes,
                                  #   ops {op: count}}], chains [{graph, first, last, length, nodes_per_step, kind,
                                  #   state_shape, state_shapes, per_step_inputs, lifted_constants,
-                                 #   invariant_inputs, jacobian, decision, reason, exposed_values}],
+                                 #   invariant_inputs, jacobian, decision, reason, exposed_values, autocast}],
                                  #   declined [{graph, first, last, length, nodes_per_step, reason}], options
   "graph_break_locations": [str],   # "file:line in function" per graph break (same order as graph_breaks)
   "rewrite": [{"graph": int, "rewritten": bool, "chain_ops": [str], "error": str | null,
