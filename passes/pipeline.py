@@ -17,7 +17,8 @@ analyse the graph twice).
 5. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
 6. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
    tensors where their users take tensors (a chain's per-step scalars are then batched);
-7. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
+7. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between;
+8. ``defer_integer_states`` (``defer.py``): integer states counted beside a floating chain move after it.
 
 After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
 by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
@@ -33,6 +34,7 @@ from torch.fx import Graph, GraphModule
 
 from .carry import carry_lagged_values
 from .chains import Analysis
+from .defer import defer_integer_states
 from .fills import rewrite_fills
 from .functionalize import defer_running_stat_updates, functionalize_inplace
 from .random_draws import hoist_random_draws
@@ -65,6 +67,12 @@ def _carry(gm: GraphModule, ctx: PassContext) -> int:
     return carried
 
 
+def _defer_integers(gm: GraphModule, ctx: PassContext) -> int:
+    moved, analysis = defer_integer_states(gm.graph, min_length=ctx.min_length, analysis=ctx.analysis)
+    ctx.analysis = None if moved else analysis
+    return moved
+
+
 PREPARE: tuple[GraphPass, ...] = (
     on_graph("unroll_scans", unroll_scans),
     on_graph("rewrite_fills", rewrite_fills),
@@ -73,6 +81,7 @@ PREPARE: tuple[GraphPass, ...] = (
     on_graph("functionalize_inplace", functionalize_inplace),
     on_graph("tensor_scalars", tensor_scalars),
     GraphPass("carry_lagged_values", _carry),
+    GraphPass("defer_integer_states", _defer_integers),
 )
 
 

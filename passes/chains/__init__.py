@@ -33,8 +33,8 @@ Prior art: `torch/_dynamo/graph_region_tracker.py` (repeated regions), `torch/fx
 from .eligibility import body_structure, ineligibility, inlinable_body
 from .finder import find_chains
 from .kinds import chain_kind
-from .match import REF_KINDS, Analysis, ArgRef, ChainMatch, Declined, LaggedRun
+from .match import REF_KINDS, Analysis, ArgRef, ChainMatch, Declined, IntegerRun, LaggedRun
 from .signatures import node_signature
 
-__all__ = ["REF_KINDS", "Analysis", "ArgRef", "ChainMatch", "Declined", "LaggedRun", "body_structure", "chain_kind",
-           "find_chains", "ineligibility", "inlinable_body", "node_signature"]
+__all__ = ["REF_KINDS", "Analysis", "ArgRef", "ChainMatch", "Declined", "IntegerRun", "LaggedRun", "body_structure",
+           "chain_kind", "find_chains", "ineligibility", "inlinable_body", "node_signature"]

@@ -11,10 +11,10 @@ from torch.fx import Graph, Node
 
 from ..functionalize import DEFERRED_META
 from ..fx_utils import COMPUTE_OPS
-from .match import Analysis, ChainMatch, Declined, LaggedRun
+from .match import Analysis, ChainMatch, Declined, IntegerRun, LaggedRun
 from .periods import _best_phase, _candidate_runs
 from .signatures import node_signature
-from .validate import Lagged, Split, autocast_states, validate
+from .validate import IntegerState, Lagged, Split, autocast_states, validate
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _describe(blocks, reason: str) -> Declined:
 
 
 def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: int, chains: list,
-                     declined: list[_Decline], autocast: dict, lagged: list) -> None:
+                     declined: list[_Decline], autocast: dict, deferred: list) -> None:
     blocks = [tuple(seq[start + i * p: start + (i + 1) * p]) for i in range(k)]
     span = (start, start + p * k)
     if k < min_length:
@@ -48,14 +48,17 @@ def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: in
         chains.append(validate(blocks, autocast))
     except Lagged as e:
         declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=True))
-        lagged.append(LaggedRun(tuple(e.blocks), tuple(e.slots)))
+        deferred.append(LaggedRun(tuple(e.blocks), tuple(e.slots)))
+    except IntegerState as e:  # reported as declined unless passes/defer.py moves the integer part out
+        declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=True))
+        deferred.append(IntegerRun(tuple(e.blocks), tuple(e.positions)))
     except Split as e:
         useful = [(a, b) for a, b in e.pieces if b - a >= min_length]
         if not useful:
             declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=e.every_period))
         log.debug("candidate %s..%s (%d steps) split: %s", blocks[0][0].name, blocks[-1][-1].name, k, e.reason)
         for a, b in useful:
-            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, autocast, lagged)
+            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, autocast, deferred)
 
 
 def _summarise_declined(declined: list[_Decline], chain_spans: list[tuple[int, int]],
@@ -101,7 +104,7 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
     blanket = [False] * len(seq)  # declined for every period: multiples of the period are not tried there
     chains: list[ChainMatch] = []
     declined: list[_Decline] = []
-    lagged: list = []
+    deferred: list = []
     for tier, runs in enumerate(_candidate_runs(sig_ids, shortest)):
         cands = []
         for p, a, end in runs:
@@ -114,7 +117,7 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
                 continue
             found: list[ChainMatch] = []
             n_declined = len(declined)
-            _validate_region(seq, start, p, k, min_length, found, declined, autocast, lagged)
+            _validate_region(seq, start, p, k, min_length, found, declined, autocast, deferred)
             for i, d in enumerate(declined[n_declined:], n_declined):
                 declined[i] = dataclasses.replace(d, multiple=bool(tier))
                 if d.blanket:
@@ -133,4 +136,5 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
         log.debug("chain %s..%s: %d steps of %d nodes", c.first.name, c.last.name, c.length, c.nodes_per_step)
     spans = [(order[c.first], order[c.last] + 1) for c in chains]
     return Analysis(chains=tuple(chains), declined=_summarise_declined(declined, spans, min_length),
-                    lagged=tuple(lagged))
+                    lagged=tuple(r for r in deferred if isinstance(r, LaggedRun)),
+                    integer_runs=tuple(r for r in deferred if isinstance(r, IntegerRun)))

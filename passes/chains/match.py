@@ -108,6 +108,8 @@ class Analysis:
     chains: tuple[ChainMatch, ...]
     declined: tuple[Declined, ...]
     lagged: tuple[LaggedRun, ...] = ()  # declined candidates that read a value from two steps back
+    # declined candidates that carry an integer or boolean state beside a floating one (passes/defer.py)
+    integer_runs: tuple[IntegerRun, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,3 +119,12 @@ class LaggedRun:
 
     blocks: tuple[tuple[Node, ...], ...]
     slots: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class IntegerRun:
+    """A candidate that carries integer or boolean states (at block positions ``positions``) beside floating
+    ones: a chain of the floating part once ``passes/defer.py`` moves the integer part after it."""
+
+    blocks: tuple[tuple[Node, ...], ...]
+    positions: tuple[int, ...]

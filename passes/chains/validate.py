@@ -66,6 +66,15 @@ class Lagged(Split):
         self.blocks, self.slots = blocks, slots
 
 
+class IntegerState(Split):
+    """The blocks carry integer or boolean states at block `positions` beside floating ones: a chain of the
+    floating part where no floating value depends on them (``passes/defer.py`` moves them after it)."""
+
+    def __init__(self, blocks, positions: tuple[int, ...], name: str):
+        super().__init__([], f"the carried state {name} is not a floating-point tensor")
+        self.blocks, self.positions = blocks, positions
+
+
 class Tag(NamedTuple):
     """Where one argument leaf of a block's node comes from, before it is classified: a node of the same
     block ("internal", at position `pos`), of the previous one ("state"), of `lag` blocks back ("far"),
@@ -253,8 +262,12 @@ def _initial_states(blocks, ref) -> tuple[tuple[int, ...], tuple[Node, ...]]:
     for q, node in initial.items():
         if not is_tensor_node(node) or not _same_tensor_meta(node, blocks[0][q]):
             raise Split([(1, k)], f"the initial value {node.name} is not a tensor of the state's shape and dtype")
-        if not node_value(node).is_floating_point():
-            raise Split([], f"the carried state {node.name} is not a floating-point tensor")
+    integer = tuple(q for q in state_positions if not node_value(initial[q]).is_floating_point())
+    if integer:
+        name = initial[integer[0]].name
+        if len(integer) == len(state_positions):
+            raise Split([], f"the carried state {name} is not a floating-point tensor")
+        raise IntegerState(blocks, integer, name)
     return state_positions, tuple(initial[q] for q in state_positions)
 
 

@@ -1,0 +1,65 @@
+"""Move the integer part of a step after the chain, so that the floating part of the steps forms one.
+
+A loop that counts while it computes -- `h = cell(x[:, t], h); n = n + (h[:, 0] > 0).long()` (an RNN's
+active steps, a halting counter) -- carries an integer state beside the floating one. The solve is
+Newton's on floating states, so the finder declines such a run (`Analysis.integer_runs`: the blocks and
+the integer states' block positions). Where no floating value of the run depends on the integer states,
+this pass moves every node that does (the integer states' own updates, and what reads them) after the
+run's last node, in their order. The floating part is then a chain; the integer part reads its per-step
+values (`(h[:, 0] > 0).long()`, or `h` itself) after it, as any later reader of a chain's earlier steps
+does (the rewrite recomputes them from the solved trajectory), and is evaluated there as ordinary graph
+code. Runs whose floating part reads an integer state (a step that indexes with its counter) are left as
+they are: still declined, for the same reason.
+"""
+
+from __future__ import annotations
+
+from torch.fx import Graph, Node
+
+from .chains import Analysis, find_chains
+
+
+def _integer_part(blocks, positions) -> set[Node] | None:
+    """The nodes of the run that depend on its integer states (the states' nodes and what reads them, in
+    the run), or None when a node outside that set reads one of them (the floating part needs them)."""
+    members = [n for blk in blocks for n in blk]
+    part = {blk[q] for blk in blocks for q in positions}
+    for n in members:  # blocks are contiguous and in graph order: readers come after what they read
+        if n not in part and any(a in part for a in n.all_input_nodes):
+            part.add(n)
+    inside = set(members)
+    for n in members:
+        if n in part:
+            continue
+        if any(a in part for a in n.all_input_nodes):
+            return None
+    # every reader of the integer part inside the run must be in it (true by construction) and nothing the
+    # floating part reads may be in it
+    if any(u in inside and u not in part for n in part for u in n.users):
+        return None
+    return part
+
+
+def defer_integer_states(graph: Graph, min_length: int = 8, analysis: Analysis | None = None) -> tuple[int, Analysis]:
+    """Move the integer part of every run `find_chains` reports as carrying integer states after the run.
+    Returns how many runs were changed and the analysis it used, which still holds for `graph` when none
+    was."""
+    analysis = analysis if analysis is not None else find_chains(graph, min_length=min_length)
+    changed = 0
+    done: set[Node] = set()
+    for run in analysis.integer_runs:
+        blocks = run.blocks
+        if any(n in done for blk in blocks for n in blk):
+            continue  # overlaps a run already changed
+        part = _integer_part(blocks, run.positions)
+        if not part:
+            continue
+        anchor = blocks[-1][-1]
+        while anchor in part:  # the run's last floating node: the integer part goes after it
+            anchor = anchor.prev
+        for n in [m for blk in blocks for m in blk if m in part]:
+            anchor.append(n)
+            anchor = n
+        done.update(n for blk in blocks for n in blk)
+        changed += 1
+    return changed, analysis
