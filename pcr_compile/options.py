@@ -69,7 +69,7 @@ class Options:
         if not isinstance(options, dict):
             raise ValueError(f"options must be a dict, got {type(options).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - known, key=str)  # keys of any type: the message must not fail to sort them
         if unknown:
             raise ValueError(f"unknown deeppcr option(s) {unknown}; accepted options: {sorted(known)}")
         o = cls(**options)

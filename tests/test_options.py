@@ -39,6 +39,8 @@ def test_each_bad_value_is_named_with_what_it_accepts(key, value, says):
 def test_unknown_keys_and_non_dicts_are_errors():
     with pytest.raises(ValueError, match=r"unknown deeppcr option\(s\) \['tolerance'\]; accepted options"):
         Options.parse({"tolerance": 1e-6})
+    with pytest.raises(ValueError, match=r"unknown deeppcr option\(s\) \[1, 'tolerance'\]"):  # keys of two types:
+        Options.parse({1: 2, "tolerance": 1e-6})  # sorting them for the message raised TypeError
     with pytest.raises(ValueError, match="options must be a dict, got list"):
         Options.parse([("mode", "parallel")])
 
