@@ -14,7 +14,7 @@ from ..fx_utils import COMPUTE_OPS
 from .match import Analysis, ChainMatch, Declined, LaggedRun
 from .periods import _best_phase, _candidate_runs
 from .signatures import node_signature
-from .validate import Lagged, Split, autocast_nodes, validate
+from .validate import Lagged, Split, region_nodes, validate
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,14 @@ def _describe(blocks, reason: str) -> Declined:
 
 
 def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: int, chains: list,
-                     declined: list[_Decline], in_autocast: set[Node], lagged: list) -> None:
+                     declined: list[_Decline], in_region: dict[Node, str], lagged: list) -> None:
     blocks = [tuple(seq[start + i * p: start + (i + 1) * p]) for i in range(k)]
     span = (start, start + p * k)
     if k < min_length:
         declined.append(_Decline(_describe(blocks, f"{k} steps < min_chain_length={min_length}"), *span, short=True))
         return
     try:
-        chains.append(validate(blocks, in_autocast))
+        chains.append(validate(blocks, in_region))
     except Lagged as e:
         declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=True))
         lagged.append(LaggedRun(tuple(e.blocks), tuple(e.slots)))
@@ -55,7 +55,7 @@ def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: in
             declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=e.every_period))
         log.debug("candidate %s..%s (%d steps) split: %s", blocks[0][0].name, blocks[-1][-1].name, k, e.reason)
         for a, b in useful:
-            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, in_autocast, lagged)
+            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, in_region, lagged)
 
 
 def _summarise_declined(declined: list[_Decline], chain_spans: list[tuple[int, int]],
@@ -96,7 +96,7 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
     sig_ids = [interned.setdefault(node_signature(n), len(interned)) for n in seq]
     # Repeats from 3 steps up are candidates, so that shorter ones are reported as declined.
     shortest = min(3, min_length)
-    in_autocast = autocast_nodes(graph)
+    in_region = region_nodes(graph)
     occupied = [False] * len(seq)
     blanket = [False] * len(seq)  # declined for every period: multiples of the period are not tried there
     chains: list[ChainMatch] = []
@@ -114,7 +114,7 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
                 continue
             found: list[ChainMatch] = []
             n_declined = len(declined)
-            _validate_region(seq, start, p, k, min_length, found, declined, in_autocast, lagged)
+            _validate_region(seq, start, p, k, min_length, found, declined, in_region, lagged)
             for i, d in enumerate(declined[n_declined:], n_declined):
                 declined[i] = dataclasses.replace(d, multiple=bool(tier))
                 if d.blanket:

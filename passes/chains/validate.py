@@ -1,6 +1,7 @@
 """Step 3 of the finder: validate a candidate's blocks as a chain, in named steps, or say why not.
 
-1. :func:`_check_eligible`: every node may run out of order (``eligibility.py``), outside autocast regions;
+1. :func:`_check_eligible`: every node may run out of order (``eligibility.py``), outside autocast regions
+   and torch.func transforms;
 2. :func:`_reference_tags`: where each argument leaf of each block's nodes comes from, as :class:`Tag`\\ s;
    :func:`_check_same_references`: every block references the same positions of its own block and of the
    previous one (block 0 reads the initial state there), or reads two steps back (a :class:`Lagged` run);
@@ -88,25 +89,51 @@ def _ambient_autocast() -> bool:
     return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
-def autocast_nodes(graph: Graph) -> set[Node]:
-    """Nodes inside `torch.autocast` regions (between Dynamo's _enter_autocast and _exit_autocast), and every
-    node when the graph is analysed inside an autocast region opened around the compiled call."""
+AUTOCAST = "inside a torch.autocast region (not supported yet; left to Inductor)"
+# Dynamo traces torch.func.grad / vjp / jvp / vmap into the graph between these calls (torch._C._functorch's);
+# the values inside are functorch-wrapped tensors at that level, which the chain op's solve cannot take.
+FUNCTORCH_LEVELS = {f"_{kind}_{edge}_nesting": edge == "increment" for kind in ("grad", "jvp", "vmap", "func")
+                    for edge in ("increment", "decrement")}
+TRANSFORM = "inside a torch.func transform traced into the graph ({}; not supported; left to Inductor)"
+
+
+def _level_edge(n: Node) -> bool | None:
+    """True where `n` opens a functorch transform level, False where it closes one, None elsewhere."""
+    if n.op != "call_function":
+        return None
+    return FUNCTORCH_LEVELS.get(getattr(n.target, "__name__", None))
+
+
+def region_nodes(graph: Graph) -> dict[Node, str]:
+    """Nodes inside regions a chain op cannot run in, each with the reason: `torch.autocast` regions (between
+    Dynamo's _enter_autocast and _exit_autocast; every node when the graph is analysed inside an autocast
+    region opened around the compiled call) and torch.func transforms (`torch.compile(torch.func.grad(f))`:
+    between functorch's `_grad_increment_nesting` and `_grad_decrement_nesting`, and their vmap / jvp kin)."""
     if _ambient_autocast():
-        return set(graph.nodes)
-    inside, depth = set(), 0
+        return dict.fromkeys(graph.nodes, AUTOCAST)
+    inside: dict[Node, str] = {}
+    depth, levels = 0, []  # open autocast regions; open transform levels, by the op that opened each
     for n in graph.nodes:
+        edge = _level_edge(n)
         if n.op == "call_function" and n.target is getattr(torch.amp, "_enter_autocast", None):
             depth += 1
         elif n.op == "call_function" and n.target is getattr(torch.amp, "_exit_autocast", None):
             depth = max(depth - 1, 0)
+        elif edge:
+            levels.append(n.target.__name__)
+        elif edge is False:
+            del levels[-1:]
+        elif levels:
+            inside[n] = TRANSFORM.format(levels[-1])
         elif depth:
-            inside.add(n)
+            inside[n] = AUTOCAST
     return inside
 
 
-def validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset()) -> ChainMatch:
-    """Validate blocks as a chain or raise :class:`Split` with the sub-ranges worth trying and the reason."""
-    _check_eligible(blocks, in_autocast)
+def validate(blocks: list[tuple[Node, ...]], in_region: dict[Node, str] | None = None) -> ChainMatch:
+    """Validate blocks as a chain or raise :class:`Split` with the sub-ranges worth trying and the reason;
+    `in_region`: nodes a chain op cannot run among, with the reason (:func:`region_nodes`)."""
+    _check_eligible(blocks, in_region or {})
     where = {n: (i, j) for i, blk in enumerate(blocks) for j, n in enumerate(blk)}
     tags = [_reference_tags(blocks, i, where) for i in range(len(blocks))]
     _check_same_references(blocks, tags)
@@ -133,14 +160,16 @@ def validate(blocks: list[tuple[Node, ...]], in_autocast: set[Node] = frozenset(
 # --- 1. eligibility ---------------------------------------------------------------------------------------
 
 
-def _check_eligible(blocks, in_autocast: set[Node]) -> None:
+def _check_eligible(blocks, in_region: dict[Node, str]) -> None:
     for n in blocks[0]:
         why = ineligibility(n)
         if why:
             raise Split([], f"block contains {why}", every_period=True)
-    if any(n in in_autocast for blk in (blocks[0], blocks[-1]) for n in blk):
-        # The chain op would run its steps without the autocast context that eager applies to them.
-        raise Split([], "inside a torch.autocast region (not supported yet; left to Inductor)", every_period=True)
+    for n in (*blocks[0], *blocks[-1]):
+        # The chain op would run its steps without the autocast context that eager applies to them, or on a
+        # torch.func transform's wrapped tensors.
+        if n in in_region:
+            raise Split([], in_region[n], every_period=True)
 
 
 # --- 2. references ----------------------------------------------------------------------------------------
