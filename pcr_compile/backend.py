@@ -80,6 +80,13 @@ def _trace_plan(plan: GraphPlan, names: list[str]) -> None:
 
 
 def _needs_grad(match: ChainMatch) -> bool:
+    """Whether autograd may flow back through the chain. Its results' example values say so where they are known:
+    they carry the grad mode at the chain's place in the graph, which a `torch.enable_grad()` / `no_grad()` block
+    inside the compiled code sets apart from the mode around the call (an enable_grad block compiled under
+    no_grad was rewritten without its trajectory, and Inductor's compile failed on the op's backward)."""
+    vals = [node_value(n) for n in match.outputs]
+    if vals and all(isinstance(v, torch.Tensor) for v in vals):
+        return any(v.requires_grad for v in vals)
     if not torch.is_grad_enabled():
         return False
     nodes = [*match.initial, *(n for g in match.per_step for n in g), *(src for _, src, _ in match.sliced),

@@ -9,7 +9,10 @@ from conftest import grads_rel_err, rel_err
 from helpers import PARALLEL, call_targets, capture_graphs, run_both
 
 import pcr_compile
+from pcr_compile.backend import capturing_backend
 from pcr_compile.models import DeepMLP, ResidualMLP
+from pcr_compile.options import Options
+from pcr_compile.runtime import ops
 
 
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
@@ -355,3 +358,46 @@ def test_a_backend_that_changes_nothing_copies_nothing(monkeypatch):
     new, plan, names = backend.rewrite(gm, Options(mode="parallel"))  # a rewrite works on a copy
     assert new is not gm and names and len(copies) == 1
     assert [(n.op, n.target, n.args) for n in gm.graph.nodes] == before
+
+
+class _GradBlocks(nn.Module):
+    """A chain in an enable_grad block (an energy model's inner loop) beside one in a no_grad block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = DeepMLP(layers=9, width=4), DeepMLP(layers=9, width=4)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            y = self.a(x)
+        with torch.no_grad():
+            z = self.b(x)
+        return y, z
+
+
+def test_grad_mode_blocks_inside_the_compiled_code_decide_the_trajectory():
+    """Whether a chain keeps its trajectory for backward is read at its place in the graph: an enable_grad block
+    compiled under no_grad was rewritten without it, and Inductor's compile failed on the op's backward (a
+    warning, then the original graph; strict raised). The enable_grad chain trains with eager's gradients; the
+    no_grad one keeps no trajectory."""
+    torch.manual_seed(0)
+    model = _GradBlocks()
+    x = torch.randn(3, 4)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    params = list(model.a.parameters())
+    with torch.no_grad(), pcr_compile.record_solves() as solves:
+        y, z = compiled(x)
+    assert y.requires_grad and not z.requires_grad and [s.direction for s in solves] == ["forward", "forward"]
+    g = torch.autograd.grad(y.pow(2).sum(), params)
+    y0, z0 = model(x)
+    g0 = torch.autograd.grad(y0.pow(2).sum(), params)
+    torch.testing.assert_close((y, z), (y0, z0), rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    graphs: list[dict] = []
+    torch._dynamo.reset()
+    torch.compile(model, backend=capturing_backend(Options.parse(PARALLEL), graphs))(x)
+    calls = [n for g in graphs for n in g["dynamo"].graph.nodes if "pcr_compile.chain_" in str(n.target)]
+    saves = [ops.ChainArgs(*n.args).save_trajectory for n in calls]
+    assert sorted(saves) == [False, True]
+
