@@ -401,3 +401,37 @@ def test_grad_mode_blocks_inside_the_compiled_code_decide_the_trajectory():
     saves = [ops.ChainArgs(*n.args).save_trajectory for n in calls]
     assert sorted(saves) == [False, True]
 
+
+@pytest.mark.parametrize("context", ["save_on_cpu", "checkpoint"])
+def test_saved_tensor_hooks_around_the_call_keep_the_parallel_solve(context):
+    """Saved-tensor hooks open around a compiled call (`save_on_cpu()`, non-reentrant checkpoint of a compiled
+    model) made every torch.func call of the solve raise, and each solve fell back to sequential evaluation with
+    a warning. They are set aside for the solve and put back: the solve runs in parallel, the hooks still see
+    the graph's own saved tensors, and the values and gradients are eager's."""
+    torch.manual_seed(0)
+    model = DeepMLP(layers=10, width=4)
+    x = torch.randn(3, 4, requires_grad=True)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    params = [*model.parameters(), x]
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    with pcr_compile.record_solves() as solves:
+        if context == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = compiled(x)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = torch.utils.checkpoint.checkpoint(compiled, x, use_reentrant=False)
+        g = torch.autograd.grad(y.pow(2).sum(), params)
+    assert solves and not any(s.fell_back for s in solves) and "backward" in [s.direction for s in solves]
+    assert packed or context == "checkpoint"  # checkpoint's own hooks are innermost: they take the saves
+    assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None  # all popped again on exit
+    y0 = model(x)
+    g0 = torch.autograd.grad(y0.pow(2).sum(), params)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
