@@ -30,10 +30,12 @@ class Options:
     tol: tolerance of every step's residual relative to that step's own size, row by row
         (|z_l - f_l(z_{l-1})| <= tol * |f_l(z_{l-1})|; solver/residual.py); None: by dtype
         (float64 1e-10, float32 1e-6, float16 2e-3, bfloat16 1e-2).
-    max_iters: Newton / Picard iterations before finishing sequentially from the converged prefix.
+    max_iters: Newton / Picard iterations (per window length of progress) before finishing sequentially from the
+        converged prefix; 0: sequential evaluation at once.
     min_chain_length: shorter repeats are left alone.
     jacobian: "auto" (by block structure and state size), "dense", "diagonal", "identity", "zero".
-    window: steps evaluated per batched call by sampler solves (0: the whole chain).
+    window: steps iterated at a time, in every chain (a sliding window, as ParaDiGMS; 0: the whole chain; a window
+        longer than the chain is the whole chain).
     sampler_jacobian: the update of a sampler chain solved matrix-free (jacobian "identity": a large state, or
         forced; pcr_compile/solver/sampler.py, full window): "auto" (the default, as `parallel_sample`: scalar
         Newton and Picard + Anderson raced side by side for the first rounds, then the one whose step
