@@ -227,6 +227,10 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
                              f"'deeppcr', got {mode!r}")
         options = {"inductor_mode": mode}
     opts = Options.parse(options)
+    if opts.process_group is not None:  # an unknown name is an error now, whether or not a chain is rewritten
+        from .distributed.chain_op import resolve
+
+        resolve(opts.process_group)
     from .distributed.ddp import compile_under_ddp  # DDP: split the graph keeping chains whole (issue 17)
 
     routed = compile_under_ddp(gm, example_inputs, opts, lambda g, inputs: deeppcr(g, inputs, options=opts))
@@ -263,8 +267,7 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
                         exc_info=True)
             return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.process_group is not None and names:  # issue 17: chains solved across the group's ranks
-        from .distributed.chain_op import resolve, wrap_compiled
+        from .distributed.chain_op import wrap_compiled
 
-        resolve(opts.process_group)  # an unknown name is an error now, not at the first call
         return wrap_compiled(compiled, opts.process_group)
     return compiled

@@ -435,3 +435,14 @@ def test_saved_tensor_hooks_around_the_call_keep_the_parallel_solve(context):
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
     for a, b in zip(g, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_process_group_is_an_error_whether_or_not_a_chain_is_rewritten():
+    """A process_group name never registered was an error only when a chain was rewritten: with mode "auto" on
+    the CPU (nothing rewritten) or a model without chains it was accepted silently."""
+    for options, model in (({"process_group": "bogus"}, DeepMLP(layers=9, width=4)),
+                           ({"mode": "parallel", "process_group": "bogus"}, nn.Linear(4, 4))):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="option 'process_group' must be 'world' or a name registered") as e:
+            torch.compile(model, backend="deeppcr", options=options)(torch.randn(2, 4))
+        assert isinstance(e.value.__cause__ or e.value, ValueError) or "ValueError" in str(e.value)
