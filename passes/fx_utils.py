@@ -84,9 +84,19 @@ def mutates_in_place(n: Node) -> bool:
     return bool(training) and args.get("running_mean") is not None
 
 
+# Modules of the functions that move functorch's and autograd's state: Dynamo traces torch.func.grad / vmap /
+# jvp into the graph as calls of these (`_grad_increment_nesting`, `_wrap_for_grad`, `_unwrap_for_grad`,
+# `_saved_tensors_hooks_disable`, ...), often with no users, and FX's purity check does not know them.
+STATE_MODULES = ("torch._C._functorch", "torch._C._autograd", "torch._functorch")
+
+
 def keep_in_graph(n: Node) -> bool:
     """`is_impure_node` for dead-code elimination: FX's own check misses in-place methods and operators,
-    whose results are often unused (`x.mul_(s)` as a statement) but whose effect is not."""
+    whose results are often unused (`x.mul_(s)` as a statement) but whose effect is not, and functorch's and
+    autograd's state calls (a traced torch.func transform's levels: with them removed, Inductor's compile of the
+    graph fails functorch's assert on its level stack)."""
+    if n.op == "call_function" and (getattr(n.target, "__module__", None) or "").startswith(STATE_MODULES):
+        return True
     return n.is_impure() or mutates_in_place(n)
 
 

@@ -52,6 +52,8 @@ def explain(model, *example_inputs, options: dict | None = None, **example_kwarg
     table. Nothing is compiled and the model is not changed; like `torch._dynamo.explain`, it resets Dynamo's
     caches (compiled functions are recompiled on their next call).
     """
+    if not callable(model):
+        raise TypeError(f"explain: model must be callable (an nn.Module or a function), got {type(model).__name__}")
     opts = Options.parse(options)
     out = torch._dynamo.explain(model)(*example_inputs, **example_kwargs)
     report = Report(options=opts.as_dict())

@@ -81,6 +81,13 @@ def _trace_plan(plan: GraphPlan, names: list[str]) -> None:
 
 
 def _needs_grad(match: ChainMatch) -> bool:
+    """Whether autograd may flow back through the chain. Its results' example values say so where they are known:
+    they carry the grad mode at the chain's place in the graph, which a `torch.enable_grad()` / `no_grad()` block
+    inside the compiled code sets apart from the mode around the call (an enable_grad block compiled under
+    no_grad was rewritten without its trajectory, and Inductor's compile failed on the op's backward)."""
+    vals = [node_value(n) for n in match.outputs]
+    if vals and all(isinstance(v, torch.Tensor) for v in vals):
+        return any(v.requires_grad for v in vals)
     if not torch.is_grad_enabled():
         return False
     nodes = [*match.initial, *(n for g in match.per_step for n in g), *(src for _, src, _ in match.sliced),
@@ -244,6 +251,10 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
                              f"'deeppcr', got {mode!r}")
         options = {"inductor_mode": mode}
     opts = Options.parse(options)
+    if opts.process_group is not None:  # an unknown name is an error now, whether or not a chain is rewritten
+        from .distributed.chain_op import resolve
+
+        resolve(opts.process_group)
     from .distributed.ddp import compile_under_ddp  # DDP: split the graph keeping chains whole (issue 17)
 
     routed = compile_under_ddp(gm, example_inputs, opts, lambda g, inputs: deeppcr(g, inputs, options=opts))
@@ -280,8 +291,7 @@ def deeppcr(gm: GraphModule, example_inputs, options: dict | None = None, mode: 
                         exc_info=True)
             return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.process_group is not None and names:  # issue 17: chains solved across the group's ranks
-        from .distributed.chain_op import resolve, wrap_compiled
+        from .distributed.chain_op import wrap_compiled
 
-        resolve(opts.process_group)  # an unknown name is an error now, not at the first call
         return wrap_compiled(compiled, opts.process_group)
     return compiled

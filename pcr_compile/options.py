@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import numbers
+from dataclasses import asdict, dataclass, fields, replace
 
 from .kernels import IMPLS
 
@@ -10,6 +11,7 @@ MODES = ("auto", "parallel", "sequential")
 JACOBIANS = ("auto", "dense", "diagonal", "identity", "zero")
 KERNELS = IMPLS  # the kernels option takes the kernels package's impl values
 SAMPLER_JACOBIANS = ("auto", "scalar", "identity")  # pcr_compile.solver.sampler.JACOBIANS, the default first
+INT_OPTIONS = {"max_iters": 0, "min_chain_length": 2, "window": 0, "dense_budget": 1}  # each with its least value
 
 
 def inductor_modes() -> tuple[str, ...]:
@@ -29,10 +31,12 @@ class Options:
         (|z_l - f_l(z_{l-1})| <= tol * |f_l(z_{l-1})|; solver/residual.py); None: by dtype
         (float64 1e-10, float32 1e-6, float16 2e-3, bfloat16 1e-2; at least bfloat16 2e-3 / float16 2.4e-4
         for steps that compute in that dtype under torch.autocast).
-    max_iters: Newton / Picard iterations before finishing sequentially from the converged prefix.
+    max_iters: Newton / Picard iterations (per window length of progress) before finishing sequentially from the
+        converged prefix; 0: sequential evaluation at once.
     min_chain_length: shorter repeats are left alone.
     jacobian: "auto" (by block structure and state size), "dense", "diagonal", "identity", "zero".
-    window: steps evaluated per batched call by sampler solves (0: the whole chain).
+    window: steps iterated at a time, in every chain (a sliding window, as ParaDiGMS; 0: the whole chain; a window
+        longer than the chain is the whole chain).
     sampler_jacobian: the update of a sampler chain solved matrix-free (jacobian "identity": a large state, or
         forced; pcr_compile/solver/sampler.py, full window): "auto" (the default, as `parallel_sample`: scalar
         Newton and Picard + Anderson raced side by side for the first rounds, then the one whose step
@@ -65,17 +69,20 @@ class Options:
     def parse(cls, options: dict | Options | None) -> Options:
         if options is None:
             return cls()
-        if isinstance(options, Options):
+        if isinstance(options, Options):  # made directly, so never checked
+            options.check()
             return options
         if not isinstance(options, dict):
             raise ValueError(f"options must be a dict, got {type(options).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - known, key=str)  # keys of any type: the message must not fail to sort them
         if unknown:
             raise ValueError(f"unknown deeppcr option(s) {unknown}; accepted options: {sorted(known)}")
         o = cls(**options)
         o.check()
-        return o
+        # numbers of other types that passed (numpy's float32 / int64, say) are held as Python numbers
+        ints = {k: int(getattr(o, k)) for k in INT_OPTIONS}
+        return replace(o, tol=None if o.tol is None else float(o.tol), **ints)
 
     def check(self) -> None:
         def bad(key, accepted):
@@ -89,12 +96,12 @@ class Options:
             bad("sampler_jacobian", f"one of {SAMPLER_JACOBIANS}")
         if self.kernels not in KERNELS:
             bad("kernels", f"one of {KERNELS}")
-        if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
+        if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real)
                                      or not 0 < self.tol < 1):
             bad("tol", "None or a number in (0, 1)")
-        for key, lo in (("max_iters", 0), ("min_chain_length", 2), ("window", 0), ("dense_budget", 1)):
+        for key, lo in INT_OPTIONS.items():
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
                 bad(key, f"an int >= {lo}")
         if not isinstance(self.strict, bool):
             bad("strict", "a bool")

@@ -15,7 +15,8 @@ unrolled graph when it rewrites nothing. Other backends get the scan itself, and
 fails to compile some scans (`DataDependentOutputException`, "scan might be aliasing"), so the default is
 the plain loop, which every backend compiles. Layers with buffers in training mode run the plain loop even
 with `scan=True`: a scan's body may not write its inputs, and such layers may (BatchNorm's running
-statistics).
+statistics). So do calls with a Python float among the extra arguments: after the float changes between calls,
+Dynamo's recompile reads it with `.item()` inside the body, and a scan refuses data-dependent reads.
 
     blocks = StackedLayers(model.blocks)          # model.blocks: an nn.ModuleList of identical blocks
     model.blocks = blocks                          # forward: x = blocks(x) instead of a loop over the list
@@ -59,6 +60,12 @@ class StackedLayers(nn.Module):
         if not isinstance(scan, bool):
             raise TypeError(f"StackedLayers: scan must be a bool, got {type(scan).__name__}")
         self.scan = scan
+        if isinstance(layers, (dict, nn.ModuleDict)):  # iterating one gives its keys
+            raise TypeError(f"StackedLayers: layers is a {type(layers).__name__}, whose iteration gives its keys; "
+                            "pass its modules in order: StackedLayers(list(layers.values()))")
+        if isinstance(layers, torch.Tensor) or not isinstance(layers, Iterable):
+            raise TypeError("StackedLayers: layers must be an nn.ModuleList, an nn.Sequential or another iterable of "
+                            f"nn.Module, got {type(layers).__name__}")
         layers = list(layers)
         if not layers:
             raise ValueError("StackedLayers: layers is empty")
@@ -136,9 +143,12 @@ class StackedLayers(nn.Module):
             return functional_call(self._template, dict(zip(stacked, rows)), (carry, *args), kwargs, strict=True)
 
         # A scan's body may not mutate its inputs (Dynamo refuses the whole scan, under every backend), and a
-        # layer in training mode may write its buffers (BatchNorm's running statistics): those run the loop.
-        if self.scan and _scan is not None and torch.compiler.is_compiling() and not (self.training and
-                                                                                       self.buffer_names):
+        # layer in training mode may write its buffers (BatchNorm's running statistics): those run the loop. So do
+        # calls with a Python float among the extra arguments: when it changes between calls Dynamo recompiles with
+        # the float unspecialised, read with `.item()` inside the body, which a scan refuses (data-dependent).
+        floats = any(type(a) is float for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+        if self.scan and _scan is not None and torch.compiler.is_compiling() and not floats and not (
+                self.training and self.buffer_names):
             # One step traced, not L (passes/scan.py unrolls it for the chain finder, and hands Inductor the
             # unrolled steps when no chain is rewritten).
             return _scan(lambda carry, rows: (layer(carry, rows), ()), x, list(stacked.values()))[0]
@@ -147,17 +157,20 @@ class StackedLayers(nn.Module):
         return x
 
     def unstack(self) -> list[nn.Module]:
-        """The layers as separate modules again (copies holding the current values)."""
+        """The layers as separate modules again (copies holding the current values, in the stack's current
+        dtypes and devices: after `.double()` or `.to(device)` on the stack, the layers are float64 / there)."""
         stacked = self._stacked()
         device = next(iter(stacked.values())).device if stacked else "cpu"
         out = []
         for i in range(self.length):
             m = copy.deepcopy(self._template).to_empty(device=device)
-            with torch.no_grad():
-                for n, t in stacked.items():
-                    own = m.get_parameter(n) if n in self.parameter_names else m.get_buffer(n)
-                    own.copy_(t[i])
-                    own.requires_grad_(t.requires_grad)
+            for n, t in stacked.items():  # each tensor replaced, not copied into: the template keeps the dtypes
+                prefix, _, leaf = n.rpartition(".")  # the layers had when stacked, the stack may have changed since
+                owner, row = m.get_submodule(prefix), t[i].detach().clone()
+                if n in self.parameter_names:
+                    setattr(owner, leaf, nn.Parameter(row, requires_grad=t.requires_grad))
+                else:
+                    owner._buffers[leaf] = row  # in place in the dict: a non-persistent buffer stays one
             out.append(m)
         return out
 

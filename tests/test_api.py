@@ -3,6 +3,7 @@
 import json
 import threading
 
+import pytest
 import torch
 from cli_target_model import make_with_kwargs
 
@@ -106,3 +107,8 @@ def test_explain_with_keyword_inputs_reports_the_compiled_graph():
     # without them, the report is on another graph: no mask, every layer's output returned
     [other] = pcr_compile.explain(model, *args, options=options).chains
     assert (other.nodes_per_step, other.exposed_values) == (2, 8)
+
+
+def test_explain_of_something_not_callable_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="explain: model must be callable .* got int"):
+        pcr_compile.explain(3, torch.randn(2))

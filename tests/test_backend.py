@@ -9,7 +9,10 @@ from conftest import grads_rel_err, rel_err
 from helpers import PARALLEL, call_targets, capture_graphs, run_both
 
 import pcr_compile
+from pcr_compile.backend import capturing_backend
 from pcr_compile.models import DeepMLP, ResidualMLP
+from pcr_compile.options import Options
+from pcr_compile.runtime import ops
 
 
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
@@ -385,3 +388,91 @@ def test_dynamo_restarts_pass_through_the_fallback(caplog):
         assert len(solves) == 1, f"scale={scale}: the chain was not solved"
         assert rel_err(y, model(x)) < 1e-5
     assert "compiling the rewritten graph failed" not in caplog.text
+
+
+class _GradBlocks(nn.Module):
+    """A chain in an enable_grad block (an energy model's inner loop) beside one in a no_grad block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = DeepMLP(layers=9, width=4), DeepMLP(layers=9, width=4)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            y = self.a(x)
+        with torch.no_grad():
+            z = self.b(x)
+        return y, z
+
+
+def test_grad_mode_blocks_inside_the_compiled_code_decide_the_trajectory():
+    """Whether a chain keeps its trajectory for backward is read at its place in the graph: an enable_grad block
+    compiled under no_grad was rewritten without it, and Inductor's compile failed on the op's backward (a
+    warning, then the original graph; strict raised). The enable_grad chain trains with eager's gradients; the
+    no_grad one keeps no trajectory."""
+    torch.manual_seed(0)
+    model = _GradBlocks()
+    x = torch.randn(3, 4)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    params = list(model.a.parameters())
+    with torch.no_grad(), pcr_compile.record_solves() as solves:
+        y, z = compiled(x)
+    assert y.requires_grad and not z.requires_grad and [s.direction for s in solves] == ["forward", "forward"]
+    g = torch.autograd.grad(y.pow(2).sum(), params)
+    y0, z0 = model(x)
+    g0 = torch.autograd.grad(y0.pow(2).sum(), params)
+    torch.testing.assert_close((y, z), (y0, z0), rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    graphs: list[dict] = []
+    torch._dynamo.reset()
+    torch.compile(model, backend=capturing_backend(Options.parse(PARALLEL), graphs))(x)
+    calls = [n for g in graphs for n in g["dynamo"].graph.nodes if "pcr_compile.chain_" in str(n.target)]
+    saves = [ops.ChainArgs(*n.args).save_trajectory for n in calls]
+    assert sorted(saves) == [False, True]
+
+
+@pytest.mark.parametrize("context", ["save_on_cpu", "checkpoint"])
+def test_saved_tensor_hooks_around_the_call_keep_the_parallel_solve(context):
+    """Saved-tensor hooks open around a compiled call (`save_on_cpu()`, non-reentrant checkpoint of a compiled
+    model) made every torch.func call of the solve raise, and each solve fell back to sequential evaluation with
+    a warning. They are set aside for the solve and put back: the solve runs in parallel, the hooks still see
+    the graph's own saved tensors, and the values and gradients are eager's."""
+    torch.manual_seed(0)
+    model = DeepMLP(layers=10, width=4)
+    x = torch.randn(3, 4, requires_grad=True)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    params = [*model.parameters(), x]
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    with pcr_compile.record_solves() as solves:
+        if context == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = compiled(x)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = torch.utils.checkpoint.checkpoint(compiled, x, use_reentrant=False)
+        g = torch.autograd.grad(y.pow(2).sum(), params)
+    assert solves and not any(s.fell_back for s in solves) and "backward" in [s.direction for s in solves]
+    assert packed or context == "checkpoint"  # checkpoint's own hooks are innermost: they take the saves
+    assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None  # all popped again on exit
+    y0 = model(x)
+    g0 = torch.autograd.grad(y0.pow(2).sum(), params)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_process_group_is_an_error_whether_or_not_a_chain_is_rewritten():
+    """A process_group name never registered was an error only when a chain was rewritten: with mode "auto" on
+    the CPU (nothing rewritten) or a model without chains it was accepted silently."""
+    for options, model in (({"process_group": "bogus"}, DeepMLP(layers=9, width=4)),
+                           ({"mode": "parallel", "process_group": "bogus"}, nn.Linear(4, 4))):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="option 'process_group' must be 'world' or a name registered") as e:
+            torch.compile(model, backend="deeppcr", options=options)(torch.randn(2, 4))
+        assert isinstance(e.value.__cause__ or e.value, ValueError) or "ValueError" in str(e.value)

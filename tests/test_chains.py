@@ -220,6 +220,27 @@ def test_sampler_loop_compiled_matches_eager():
     assert rel_err(y1, y0) < 1e-4
 
 
+def test_chains_inside_a_torch_func_transform_are_declined_and_the_rest_solved():
+    """`torch.compile(torch.func.grad(f))`: Dynamo traces the transform into the graph (between functorch's
+    _grad_increment_nesting and _grad_decrement_nesting, calls with no users). The rewrite's dead-code elimination
+    removed those calls, and Inductor's compile of the rewritten graph failed (functorch's INTERNAL ASSERT on its
+    level stack; without strict, a warning and the original graph). A chain inside the transform is declined,
+    naming it (the chain op cannot take its wrapped tensors); a chain outside it is solved (strict: no fallback)."""
+    torch.manual_seed(0)
+    model = DeepMLP(layers=10, width=4)
+    x = torch.randn(3, 4)
+    inner = torch.func.grad(lambda x: model(x).sum())
+    [d] = pcr_compile.explain(inner, x, options=PARALLEL).declined
+    assert "torch.func transform" in d.reason and "_grad_increment_nesting" in d.reason
+    both = pcr_compile.explain(lambda x: model(x) + inner(x), x, options=PARALLEL)
+    assert [c.length for c in both.chains] == [10] and len(both.declined) == 1
+    torch._dynamo.reset()
+    with pcr_compile.record_solves() as solves:
+        y = torch.compile(lambda x: model(x) + inner(x), backend="deeppcr", options=PARALLEL)(x)
+    assert [s.direction for s in solves] == ["forward"]
+    torch.testing.assert_close(y, model(x) + inner(x), rtol=1e-5, atol=1e-6)
+
+
 class PreNormTransformerish(nn.Module):
     """Two residual branches per block (x1 = x + a(x); x2 = x1 + m(x1)) over a wide state."""
 

@@ -251,3 +251,12 @@ def test_triton_chunked_newton_at_widths_over_32(w, residual):
                                                  check_every=2)
     assert conv and len(residuals) == it + 1
     torch.testing.assert_close(Z, sequential(z0, W, bias, "tanh", residual), atol=1e-9, rtol=1e-9)
+
+
+def test_triton_on_a_cpu_state_without_the_interpreter_is_a_clear_error(monkeypatch):
+    """kernels="triton" with a CPU state and no interpreter: Triton's own error was "0 active drivers ([])" (the
+    solve falls back to sequential evaluation with that reason); it names the option and what it needs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    z0, W, bias = torch.randn(2, 3), torch.randn(4, 3, 3) * 0.3, torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="kernels='triton' needs CUDA tensors or TRITON_INTERPRET=1.*on cpu"):
+        newton_linear_pointwise(z0, W, bias, activation="tanh", tol=1e-6, max_iters=6, impl="triton")

@@ -93,6 +93,14 @@ def test_bad_layers_are_clear_errors():
         StackedLayers([nn.Linear(2, 2), nn.Linear(2, 2).eval()])
     with pytest.raises(TypeError, match="scan must be a bool"):
         StackedLayers([nn.Linear(2, 2)], scan="yes")
+    # containers that are not sequences of layers: one layer, a number, a tensor (was Python's "'Linear' object is
+    # not iterable"), and a ModuleDict, whose iteration gives its keys (was "every layer must be an nn.Module, got
+    # ['str']")
+    for bad in (nn.Linear(2, 2), 3, torch.randn(2, 2)):
+        with pytest.raises(TypeError, match=f"layers must be an nn.ModuleList, .* got {type(bad).__name__}"):
+            StackedLayers(bad)
+    with pytest.raises(TypeError, match=r"ModuleDict, whose iteration gives its keys.*list\(layers.values\(\)\)"):
+        StackedLayers(nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}))
 
     class Loose(nn.Module):
         def __init__(self):
@@ -230,3 +238,46 @@ def test_hooked_or_tied_layers_are_refused_not_silently_changed():
         StackedLayers(tied)
     plain = [nn.Sequential(nn.Linear(3, 3), nn.Tanh()) for _ in range(3)]
     torch.testing.assert_close(StackedLayers(plain)(x), nn.Sequential(*plain)(x))
+
+
+def test_unstack_keeps_the_dtype_the_stack_was_moved_to():
+    """`.double()` on the stack makes its stacked tensors float64; the layers unstacked must be float64 too (they
+    were rebuilt in the dtype the layers had when stacked, the values rounded to float32 in the copy)."""
+    blocks = _tanh_blocks(L=4, w=3)
+    st = StackedLayers(blocks).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    back = st.unstack()
+    assert {p.dtype for layer in back for p in layer.parameters()} == {torch.float64}
+    torch.testing.assert_close(nn.Sequential(*back)(x), st(x), rtol=0, atol=0)
+    frozen = StackedLayers([nn.Linear(3, 3) for _ in range(2)])
+    frozen.get_parameter("weight").requires_grad_(False)
+    assert [p.requires_grad for p in frozen.unstack()[1].parameters()] == [False, True]
+
+
+@pytest.mark.parametrize("backend", ["eager", "deeppcr"])
+def test_scan_with_a_float_argument_that_changes_between_calls(backend):
+    """A Python float among the extra arguments, changed between calls: Dynamo recompiles with it unspecialised,
+    read with `.item()` inside the scan's body, and raised UncapturedHigherOrderOpError under every backend; such
+    calls run the loop, with eager's values and gradients."""
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, *, shift=0.0):
+            return torch.tanh(self.lin(x) + shift)
+
+    torch.manual_seed(5)
+    st = StackedLayers([Shifted() for _ in range(9)], scan=True)
+    torch._dynamo.reset()
+    options = {"options": PARALLEL} if backend == "deeppcr" else {}
+    compiled = torch.compile(st, backend=backend, **options)
+    x = torch.randn(2, 3)
+    for shift in (0.1, 0.2, 0.3):
+        y = compiled(x, shift=shift)
+        g = torch.autograd.grad(y.pow(2).sum(), list(st.parameters()))
+        y0 = st(x, shift=shift)
+        g0 = torch.autograd.grad(y0.pow(2).sum(), list(st.parameters()))
+        torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g, g0):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

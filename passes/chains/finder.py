@@ -14,7 +14,7 @@ from ..fx_utils import COMPUTE_OPS
 from .match import Analysis, ChainMatch, Declined, IntegerRun, LaggedRun
 from .periods import _best_phase, _candidate_runs
 from .signatures import node_signature
-from .validate import IntegerState, Lagged, Split, autocast_states, validate
+from .validate import IntegerState, Lagged, Split, autocast_states, transform_nodes, validate
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,14 @@ def _describe(blocks, reason: str) -> Declined:
 
 
 def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: int, chains: list,
-                     declined: list[_Decline], autocast: dict, deferred: list) -> None:
+                     declined: list[_Decline], regions: tuple[dict, dict], deferred: list) -> None:
     blocks = [tuple(seq[start + i * p: start + (i + 1) * p]) for i in range(k)]
     span = (start, start + p * k)
     if k < min_length:
         declined.append(_Decline(_describe(blocks, f"{k} steps < min_chain_length={min_length}"), *span, short=True))
         return
     try:
-        chains.append(validate(blocks, autocast))
+        chains.append(validate(blocks, *regions))
     except Lagged as e:
         declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=True))
         deferred.append(LaggedRun(tuple(e.blocks), tuple(e.slots)))
@@ -58,7 +58,7 @@ def _validate_region(seq: list[Node], start: int, p: int, k: int, min_length: in
             declined.append(_Decline(_describe(blocks, e.reason), *span, blanket=e.every_period))
         log.debug("candidate %s..%s (%d steps) split: %s", blocks[0][0].name, blocks[-1][-1].name, k, e.reason)
         for a, b in useful:
-            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, autocast, deferred)
+            _validate_region(seq, start + a * p, p, b - a, min_length, chains, declined, regions, deferred)
 
 
 def _summarise_declined(declined: list[_Decline], chain_spans: list[tuple[int, int]],
@@ -99,7 +99,7 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
     sig_ids = [interned.setdefault(node_signature(n), len(interned)) for n in seq]
     # Repeats from 3 steps up are candidates, so that shorter ones are reported as declined.
     shortest = min(3, min_length)
-    autocast = autocast_states(graph)
+    regions = (autocast_states(graph), transform_nodes(graph))  # each node's autocast contexts; transforms
     occupied = [False] * len(seq)
     blanket = [False] * len(seq)  # declined for every period: multiples of the period are not tried there
     chains: list[ChainMatch] = []
@@ -117,7 +117,7 @@ def find_chains(graph: Graph, min_length: int = 8) -> Analysis:
                 continue
             found: list[ChainMatch] = []
             n_declined = len(declined)
-            _validate_region(seq, start, p, k, min_length, found, declined, autocast, deferred)
+            _validate_region(seq, start, p, k, min_length, found, declined, regions, deferred)
             for i, d in enumerate(declined[n_declined:], n_declined):
                 declined[i] = dataclasses.replace(d, multiple=bool(tier))
                 if d.blanket:

@@ -1,6 +1,7 @@
 """Step 3 of the finder: validate a candidate's blocks as a chain, in named steps, or say why not.
 
-1. :func:`_check_eligible`: every node may run out of order (``eligibility.py``), all in the same autocast contexts;
+1. :func:`_check_eligible`: every node may run out of order (``eligibility.py``), outside torch.func transforms,
+   all in the same autocast contexts;
 2. :func:`_reference_tags`: where each argument leaf of each block's nodes comes from, as :class:`Tag`\\ s;
    :func:`_check_same_references`: every block references the same positions of its own block and of the
    previous one (block 0 reads the initial state there), or reads two steps back (a :class:`Lagged` run);
@@ -130,10 +131,43 @@ def autocast_states(graph: Graph, ambient: bool = True) -> dict[Node, tuple[Auto
     return states
 
 
-def validate(blocks: list[tuple[Node, ...]], autocast: dict[Node, tuple] | None = None) -> ChainMatch:
+# Dynamo traces torch.func.grad / vjp / jvp / vmap into the graph between these calls (torch._C._functorch's);
+# the values inside are functorch-wrapped tensors at that level, which the chain op's solve cannot take.
+FUNCTORCH_LEVELS = {f"_{kind}_{edge}_nesting": edge == "increment" for kind in ("grad", "jvp", "vmap", "func")
+                    for edge in ("increment", "decrement")}
+TRANSFORM = "inside a torch.func transform traced into the graph ({}; not supported; left to Inductor)"
+
+
+def _level_edge(n: Node) -> bool | None:
+    """True where `n` opens a functorch transform level, False where it closes one, None elsewhere."""
+    if n.op != "call_function":
+        return None
+    return FUNCTORCH_LEVELS.get(getattr(n.target, "__name__", None))
+
+
+def transform_nodes(graph: Graph) -> dict[Node, str]:
+    """Nodes inside torch.func transforms traced into the graph (`torch.compile(torch.func.grad(f))`: between
+    functorch's `_grad_increment_nesting` and `_grad_decrement_nesting`, and their vmap / jvp kin), each with
+    the reason a chain op cannot run there."""
+    inside: dict[Node, str] = {}
+    levels: list[str] = []  # open transform levels, by the op that opened each
+    for n in graph.nodes:
+        edge = _level_edge(n)
+        if edge:
+            levels.append(n.target.__name__)
+        elif edge is False:
+            del levels[-1:]
+        elif levels:
+            inside[n] = TRANSFORM.format(levels[-1])
+    return inside
+
+
+def validate(blocks: list[tuple[Node, ...]], autocast: dict[Node, tuple] | None = None,
+             in_transform: dict[Node, str] | None = None) -> ChainMatch:
     """Validate blocks as a chain or raise :class:`Split` with the sub-ranges worth trying and the reason.
-    `autocast`: the autocast contexts of each node (:func:`autocast_states`); none when omitted."""
-    contexts = _check_eligible(blocks, autocast or {})
+    `autocast`: the autocast contexts of each node (:func:`autocast_states`); `in_transform`: nodes inside
+    torch.func transforms, with the reason (:func:`transform_nodes`); none when omitted."""
+    contexts = _check_eligible(blocks, autocast or {}, in_transform or {})
     where = {n: (i, j) for i, blk in enumerate(blocks) for j, n in enumerate(blk)}
     tags = [_reference_tags(blocks, i, where) for i in range(len(blocks))]
     _check_same_references(blocks, tags)
@@ -161,13 +195,17 @@ def validate(blocks: list[tuple[Node, ...]], autocast: dict[Node, tuple] | None 
 # --- 1. eligibility ---------------------------------------------------------------------------------------
 
 
-def _check_eligible(blocks, autocast: dict[Node, tuple]) -> tuple:
-    """Every node may run out of order, and every step runs in the same autocast contexts (returned: the
-    template enters them, so that the chain op evaluates its steps with the casts eager applies)."""
+def _check_eligible(blocks, autocast: dict[Node, tuple], in_transform: dict[Node, str]) -> tuple:
+    """Every node may run out of order, outside torch.func transforms, and every step runs in the same
+    autocast contexts (returned: the template enters them, so that the chain op evaluates its steps with the
+    casts eager applies)."""
     for n in blocks[0]:
         why = ineligibility(n)
         if why:
             raise Split([], f"block contains {why}", every_period=True)
+    for n in (*blocks[0], *blocks[-1]):  # the chain op's solve cannot take a transform's wrapped tensors
+        if n in in_transform:
+            raise Split([], in_transform[n], every_period=True)
     members = set(blocks[0])
     for n in blocks[0]:
         if is_autocast_marker(n) and n.target is torch.amp._exit_autocast and n.args[0] not in members:

@@ -20,6 +20,7 @@ approximation otherwise, which the residual checks of both solves catch (the ans
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -204,15 +205,29 @@ _CLEARED_KEYS = ("FuncTorchDynamicLayerBackMode", "FuncTorchDynamicLayerFrontMod
                  "PreDispatch", "Tracer")
 
 
+@contextlib.contextmanager
 def _functorch_ready():
-    """A dispatch-key guard under which torch.func transforms work inside the op.
+    """A context under which torch.func transforms work inside the op.
 
     Compiled graphs call custom ops with most dispatch keys excluded (functorch's among them), which
     breaks `vmap`/`vjp` ("Cannot access storage of TensorWrapper"); re-allow those keys for the solve.
+    Saved-tensor hooks open around the call (`torch.autograd.graph.save_on_cpu()`, non-reentrant
+    `torch.utils.checkpoint` around a compiled model) make every `vjp` raise ("torch.func ... don't yet support
+    saved tensor hooks"), and the solve fell back to sequential evaluation: they are set aside for the solve,
+    whose own autograd graphs never leave it, and put back after.
     """
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for name in _CLEARED_KEYS:
         key = getattr(torch._C.DispatchKey, name, None)
         if key is not None and exclude.has(key):
             exclude = exclude.remove(key)
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+    hooks = []  # the default hooks' stack, top first
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+        hooks.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+            yield
+    finally:
+        for pack, unpack in reversed(hooks):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -132,6 +133,10 @@ def newton_linear_pointwise(
     if use_triton and w > MAX_FUSED_W:
         log.debug("fused Newton: w=%d > %d, PyTorch path", w, MAX_FUSED_W)
         use_triton = False
+    if use_triton and not (z0.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):  # as triton_pcr's check;
+        # Triton's own error here was "0 active drivers ([])"
+        raise RuntimeError(f"kernels='triton' needs CUDA tensors or TRITON_INTERPRET=1 (CPU interpreter); the chain's "
+                           f"state is on {z0.device}")
     if use_triton:
         from pcr_compile.kernels.triton_newton import fused_newton_launch  # lazily: needs Triton
 
