@@ -15,9 +15,11 @@ analyse the graph twice).
 4. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
    end of the graph, out of the blocks;
 5. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
-6. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
+6. ``defer_slice_writes`` (``functionalize.py``): writes into a preallocated output (`out[:, t] = h`) move
+   down to the output's first reader, out of the steps;
+7. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
    tensors where their users take tensors (a chain's per-step scalars are then batched);
-7. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
+8. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between.
 
 After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
 by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
@@ -34,7 +36,7 @@ from torch.fx import Graph, GraphModule
 from .carry import carry_lagged_values
 from .chains import Analysis
 from .fills import rewrite_fills
-from .functionalize import defer_running_stat_updates, functionalize_inplace
+from .functionalize import defer_running_stat_updates, defer_slice_writes, functionalize_inplace
 from .random_draws import hoist_random_draws
 from .scalars import tensor_scalars
 from .scan import unroll_scans
@@ -71,6 +73,7 @@ PREPARE: tuple[GraphPass, ...] = (
     on_graph("hoist_random_draws", hoist_random_draws),
     on_graph("defer_running_stat_updates", defer_running_stat_updates),
     on_graph("functionalize_inplace", functionalize_inplace),
+    on_graph("defer_slice_writes", defer_slice_writes),
     on_graph("tensor_scalars", tensor_scalars),
     GraphPass("carry_lagged_values", _carry),
 )
