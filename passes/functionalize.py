@@ -272,3 +272,56 @@ def _retake(graph: Graph, b: Node) -> Node:
     new = graph.call_function(operator.getitem, b.args)
     new.meta["example_value"] = node_value(b)
     return new
+
+
+def _is_slice_write(n: Node, buf: Node) -> bool:
+    return n.op == "call_function" and n.target is operator.setitem and len(n.args) == 3 and n.args[0] is buf
+
+
+def defer_slice_writes(graph: Graph) -> int:
+    """Move the writes into a preallocated output (`out[:, t] = h` in a loop over time) down to its first reader.
+
+    A recurrent loop that fills a buffer made before the loop (`out = x.new_empty(B, T, H)`, then
+    `out[:, t] = h` every step) writes it in place in every step, which makes every step ineligible. When
+    nothing reads the buffer between its first write and a later reader (a view of it, any other use, or the
+    graph's output), the writes can happen just before that reader, in their order: the steps then only compute
+    `h`, and a chain reads each step's `h` back from its solved trajectory for them. A buffer is moved only when
+    it is made in the graph and is no view of an earlier value, and only when no node between a write and the
+    reader writes in place to a tensor the write reads (its value or index), so each write stores what it
+    stored before. Returns how many writes moved.
+    """
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    groups: dict[object, list[Node]] = defaultdict(list)
+    for n in nodes:
+        for s in _storages(n):
+            if s is not None and n.op != "output":
+                groups[s].append(n)
+    mutators = [n for n in nodes if mutates_in_place(n) and n.args and isinstance(n.args[0], Node)]
+    moved = 0
+    for buf in nodes:
+        writes = sorted((u for u in buf.users if _is_slice_write(u, buf)), key=pos.__getitem__)
+        if not writes or buf.op not in ("call_function", "call_method") or len(_storages(buf)) != 1:
+            continue
+        [storage] = _storages(buf)
+        if storage is None or groups[storage][0] is not buf:
+            continue
+        first = pos[writes[0]]
+        readers = [m for m in (*groups[storage], *buf.users) if pos[m] > first and not _is_slice_write(m, buf)]
+        stop = min(readers, key=pos.__getitem__) if readers else next(n for n in reversed(nodes) if n.op == "output")
+        batch = [w for w in writes if pos[w] < pos[stop]]
+        if len(batch) < 2 or not all(_keeps_reads(w, stop, pos, mutators) for w in batch):
+            continue
+        for w in batch:
+            stop.prepend(w)
+            w.meta[DEFERRED_META] = True
+        moved += len(batch)
+    return moved
+
+
+def _keeps_reads(w: Node, stop: Node, pos: dict, mutators: list[Node]) -> bool:
+    """Whether no node between write `w` and `stop` writes in place to a tensor `w` reads (besides its buffer)."""
+    read = {s for a in w.all_input_nodes[1:] for s in _storages(a) if s is not None}
+    if any(s is None for a in w.all_input_nodes[1:] for s in _storages(a)):
+        return False
+    return not any(pos[w] < pos[m] < pos[stop] and read & set(_storages(m.args[0])) for m in mutators)

@@ -10,15 +10,19 @@ analyse the graph twice).
    slice of the scanned tensors;
 2. ``rewrite_fills`` (``fills.py``): `full_like(x, t)` / `x.new_full(size, t)` become a zero fill plus `t`,
    so a value that differs per step (an ODE's time) lifts like any other operand;
-3. ``hoist_random_draws`` (``random_draws.py``): noise drawn from shapes alone (`randn_like(x)` in a
+3. ``unit_slices_as_indices`` (``slices.py``): `x[:, t:t + 1]` becomes `x[:, t, None]`, so a step's `t`
+   lifts as an index does;
+4. ``hoist_random_draws`` (``random_draws.py``): noise drawn from shapes alone (`randn_like(x)` in a
    stochastic sampler's step) moves to the top of the graph, in order, when every draw can;
-4. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
+5. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
    end of the graph, out of the blocks;
-5. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
-6. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
+6. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
+7. ``defer_slice_writes`` (``functionalize.py``): writes into a preallocated output (`out[:, t] = h`) move
+   down to the output's first reader, out of the steps;
+8. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
    tensors where their users take tensors (a chain's per-step scalars are then batched);
-7. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between;
-8. ``defer_integer_states`` (``defer.py``): integer states counted beside a floating chain move after it.
+9. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between;
+10. ``defer_integer_states`` (``defer.py``): integer states counted beside a floating chain move after it.
 
 After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
 by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
@@ -36,10 +40,11 @@ from .carry import carry_lagged_values
 from .chains import Analysis
 from .defer import defer_integer_states
 from .fills import rewrite_fills
-from .functionalize import defer_running_stat_updates, functionalize_inplace
+from .functionalize import defer_running_stat_updates, defer_slice_writes, functionalize_inplace
 from .random_draws import hoist_random_draws
 from .scalars import tensor_scalars
 from .scan import unroll_scans
+from .slices import unit_slices_as_indices
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +81,11 @@ def _defer_integers(gm: GraphModule, ctx: PassContext) -> int:
 PREPARE: tuple[GraphPass, ...] = (
     on_graph("unroll_scans", unroll_scans),
     on_graph("rewrite_fills", rewrite_fills),
+    on_graph("unit_slices_as_indices", unit_slices_as_indices),
     on_graph("hoist_random_draws", hoist_random_draws),
     on_graph("defer_running_stat_updates", defer_running_stat_updates),
     on_graph("functionalize_inplace", functionalize_inplace),
+    on_graph("defer_slice_writes", defer_slice_writes),
     on_graph("tensor_scalars", tensor_scalars),
     GraphPass("carry_lagged_values", _carry),
     GraphPass("defer_integer_states", _defer_integers),

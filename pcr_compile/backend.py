@@ -27,6 +27,7 @@ from pcr_compile.passes.random_draws import has_random_draws
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
 from pcr_compile.passes.scalars import has_tensor_scalars
 from pcr_compile.passes.scan import scan_nodes
+from pcr_compile.passes.slices import rewritable_slice
 from pcr_compile.passes.structure import linear_pointwise
 
 from .cost import Decision, decide
@@ -131,18 +132,19 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
 
 def prepared(gm: GraphModule, options: Options, copy: bool = True) -> tuple[GraphModule, GraphPlan]:
     """The copy of a Dynamo graph that chains are found in, and its plan. In the copy, BatchNorm's
-    running-statistics updates are moved to the end and private in-place ops rewritten out of place
-    (`passes/functionalize.py`), values read two steps back are carried through the step between
-    (`passes/carry.py`), integer states counted beside a chain moved after it (`passes/defer.py`), scan
-    nodes unrolled (`passes/scan.py`), literal fills made adds (`passes/fills.py`), shape-only random draws
-    moved to the top (`passes/random_draws.py`) and floats read back from 0-d tensors kept as tensors
-    (`passes/scalars.py`): the passes of `passes/pipeline.py`. With `copy=False`, a graph that none of those
-    passes would change (no in-place op, no scan node, no fill, no random draw, no `.item()` of a float, no
-    read two steps back, no integer state beside a chain) is analysed where it is, read only, and returned
-    itself: deciding to change nothing then costs no copy of the graph (half the backend's time on a
-    1,000-node graph)."""
+    running-statistics updates are moved to the end, private in-place ops rewritten out of place and writes into
+    a preallocated output moved to its first reader (`passes/functionalize.py`), values read two steps back are
+    carried through the step between (`passes/carry.py`), integer states counted beside a chain moved after it
+    (`passes/defer.py`), scan nodes unrolled (`passes/scan.py`), literal fills made adds (`passes/fills.py`),
+    unit slices by a number made indices (`passes/slices.py`), shape-only random draws moved to the top
+    (`passes/random_draws.py`) and floats read back from 0-d tensors kept as tensors (`passes/scalars.py`): the
+    passes of `passes/pipeline.py`. With `copy=False`, a graph that none of those passes would change (no
+    in-place op, no scan node, no fill, no unit slice, no random draw, no `.item()` of a float, no read two steps
+    back, no integer state beside a chain) is analysed where it is, read only, and returned itself: deciding to
+    change nothing then costs no copy of the graph (half the backend's time on a 1,000-node graph)."""
+    rewritable = (mutates_in_place, rewritable_fill, rewritable_slice)
     if not copy and not scan_nodes(gm.graph) and not has_random_draws(gm.graph) and not has_tensor_scalars(
-            gm.graph) and not any(mutates_in_place(n) or rewritable_fill(n) for n in gm.graph.nodes):
+            gm.graph) and not any(f(n) for n in gm.graph.nodes for f in rewritable):
         analysis = find_chains(gm.graph, min_length=options.min_chain_length)
         if not analysis.lagged and not analysis.integer_runs:
             return gm, plan_graph(gm, options, analysis)

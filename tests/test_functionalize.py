@@ -400,3 +400,58 @@ def test_stacked_layers_batch_norm_in_training_is_a_chain_with_eager_statistics(
     eager.eval(), compiled_model.eval()
     with torch.no_grad():
         assert rel_err(compiled(x), eager(x)) < 1e-5
+
+
+class FilledBuffer(nn.Module):
+    """A GRU loop storing each step's state in a preallocated output, `out[:, t] = h` (seq2seq tutorials' form);
+    `read_back` also reads the buffer inside the loop (the writes then stay, and the block is declined)."""
+
+    def __init__(self, read_back=False, steps=10):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cell, self.head, self.read_back, self.steps = nn.GRUCell(3, 4), nn.Linear(4, 2), read_back, steps
+
+    def forward(self, x, h):
+        out = x.new_empty(x.shape[0], self.steps, 4)
+        logits = torch.zeros(self.steps, x.shape[0], 2, dtype=x.dtype)
+        for t in range(self.steps):
+            h = self.cell(x[:, t] + (out[:, t - 1, :3] if self.read_back and t else 0), h)
+            out[:, t] = h
+            logits[t] = self.head(h)  # not a state: read back from the solved trajectory
+        return out, logits.transpose(0, 1).softmax(-1)
+
+
+@pytest.mark.parametrize("read_back", [False, True])
+def test_writes_into_a_preallocated_output_move_out_of_the_steps(read_back):
+    model = FilledBuffer(read_back).double()
+    x, h = torch.randn(2, 10, 3, dtype=torch.double, requires_grad=True), torch.randn(2, 4, dtype=torch.double)
+    report = pcr_compile.explain(model, x, h, options=PARALLEL)
+    if read_back:
+        assert report.chains == [] and "setitem" in report.declined[0].reason
+    else:
+        [chain] = report.chains
+        assert chain.length == 10 and chain.kind == "recurrence"
+    loss = lambda ys: ys[0].pow(2).mean() + ys[1][..., 0].sum()  # noqa: E731
+    y0, g0, y1, g1, solves = run_both(model, [x, h], loss=loss)
+    assert max(rel_err(a, b) for a, b in zip(y1, y0)) < 1e-9 and grads_rel_err(g1, g0) < 1e-9
+    assert [s.direction for s in solves] == ([] if read_back else ["forward", "backward"])
+
+
+def test_slice_writes_stay_where_a_value_they_store_is_written_in_place_before_the_reader():
+    """`out[t] = src; src.add_(1)` on the caller's tensor: moved down, the write would store the bumped value."""
+    from pcr_compile.passes.functionalize import defer_slice_writes
+
+    def f(src):
+        out = torch.zeros(3, 2)
+        for t in range(3):
+            out[t] = src
+            src.add_(1.0)
+        return out * 1.0
+
+    gm = dynamo_graph(f, torch.zeros(2))
+    before = [n.name for n in gm.graph.nodes]
+    assert defer_slice_writes(gm.graph) == 0 and [n.name for n in gm.graph.nodes] == before
+    compiled = torch.compile(f, backend="deeppcr", options=PARALLEL)
+    a, b = torch.zeros(2), torch.zeros(2)
+    torch.testing.assert_close(compiled(a), f(b))
+    torch.testing.assert_close(a, b)

@@ -31,9 +31,10 @@ class InPlaceStack(nn.Module):
 
 
 def test_the_pipeline_is_declared_in_order_with_one_signature():
-    assert [p.name for p in PREPARE] == ["unroll_scans", "rewrite_fills", "hoist_random_draws",
-                                       "defer_running_stat_updates", "functionalize_inplace", "tensor_scalars",
-                                       "carry_lagged_values", "defer_integer_states"]
+    assert [p.name for p in PREPARE] == ["unroll_scans", "rewrite_fills", "unit_slices_as_indices",
+                                       "hoist_random_draws", "defer_running_stat_updates", "functionalize_inplace",
+                                       "defer_slice_writes", "tensor_scalars", "carry_lagged_values",
+                                       "defer_integer_states"]
     assert all(isinstance(p, GraphPass) and callable(p.run) for p in PREPARE)
 
 

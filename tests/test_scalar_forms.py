@@ -4,6 +4,8 @@ themselves against the ops at their ties (x = 0, x on a bound)."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +113,65 @@ def test_inplace_variant_not_covered():
     x = g.placeholder("x")
     node = g.call_function(F.leaky_relu, (x, 0.1, True))
     assert scalar_forms.bind(node) is None and not scalar_forms.liftable(node, 1)
+
+
+class SlicedInputLoop(torch.nn.Module):
+    """A recurrence reading its step's input with the time dimension kept: `u[:, t:t + width]`."""
+
+    def __init__(self, width=1, steps=L):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.rec, self.width, self.steps = torch.nn.Linear(width, 4), torch.nn.Linear(4, 4), width, steps
+
+    def forward(self, u, v):
+        h = u.new_zeros(u.shape[0], 4)
+        for t in range(self.steps):
+            h = torch.tanh(self.rec(h) + self.inp(u[:, t:t + self.width]) * v[t:t + 1, 0:1])
+        return h
+
+
+def test_unit_slice_by_the_step_lifts_as_an_index():
+    """`u[:, t:t + 1]` is rewritten `u[:, t, None]` (passes/slices.py), whose `t` lifts: one chain, eager's values
+    and gradients; before, the slice's bounds differed per step and no candidate was even reported."""
+    model = SlicedInputLoop().double()
+    u = torch.randn(3, L, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(L, 2, dtype=torch.float64, requires_grad=True)
+    [chain] = pcr_compile.explain(model, u, v, options=PARALLEL).chains
+    assert chain.length == L and chain.kind == "recurrence"
+    wrt = (u, v, *model.parameters())
+    y0 = model(u, v)
+    g0 = torch.autograd.grad(y0.pow(2).sum(), wrt)
+    with pcr_compile.record_solves() as solves:
+        y1 = torch.compile(model, backend="deeppcr", options=PARALLEL)(u, v)
+        g1 = torch.autograd.grad(y1.pow(2).sum(), wrt)
+    assert [s.direction for s in solves] == ["forward", "backward"] and not any(s.fell_back for s in solves)
+    torch.testing.assert_close(y1, y0, rtol=1e-8, atol=1e-10)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_wider_per_step_slice_is_declined_naming_the_slice():
+    report = pcr_compile.explain(SlicedInputLoop(width=2, steps=L).double(), torch.randn(3, L + 1, dtype=torch.float64),
+                                 torch.randn(L, 2, dtype=torch.float64), options=PARALLEL)
+    assert report.chains == [] and "slice bounds in argument" in report.declined[0].reason
+
+
+def test_unit_slice_rewrite_keeps_other_indexing():
+    from pcr_compile.passes.slices import unit_slices_as_indices
+
+    g = Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.zeros(2, 3, 4)
+    cases = [((slice(None), slice(1, 2)), (slice(None), 1, None)),  # the rewrite
+             ((0, slice(2, 3)), (0, 2, None)), (slice(0, 1), (0, None)), ((None, slice(1, 2)), (None, 1, None)),
+             ((slice(None), slice(3, 4)), None),  # beyond the dimension: an empty slice, kept
+             ((slice(None), slice(-1, 0)), None), ((slice(1, 3),), None), ((slice(0, 1, 2),), None),
+             ((Ellipsis, slice(0, 1)), None)]
+    nodes = [g.call_function(operator.getitem, (x, idx)) for idx, _ in cases]
+    assert unit_slices_as_indices(g) == sum(want is not None for _, want in cases)
+    for n, (idx, want) in zip(nodes, cases):
+        assert n.args[1] == (idx if want is None else want)
+    t = torch.randn(2, 3, 4)
+    for idx, want in cases:
+        if want is not None:
+            assert torch.equal(t[idx], t[want]) and t[idx].data_ptr() == t[want].data_ptr()

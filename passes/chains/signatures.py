@@ -27,6 +27,8 @@ def _leaf_sig(x) -> object:
         return repr(x)
     if isinstance(x, (int, float)):
         return type(x).__name__  # numbers may differ per step (lifted later)
+    if isinstance(x, slice):  # `x[:, t:t + 1]`: the bounds are numbers too (validation says if they can lift)
+        return ("slice", _leaf_sig(x.start), _leaf_sig(x.stop), _leaf_sig(x.step))
     return repr(x)
 
 

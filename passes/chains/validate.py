@@ -474,6 +474,10 @@ def _const_ref(node0: Node, li: int, differs: bool, values: tuple, inputs: _Inpu
     """A literal: the same in every step ("const"), or a number per step lifted to a per-step tensor."""
     if not differs:
         return ArgRef("const")
+    if any(isinstance(v, slice) for v in values):
+        raise Split([], f"the slice bounds in argument {li} of {node0.name} ({target_name(node0)}) differ between "
+                        "steps (a per-step slice, `x[:, t:t + 2]`); an index by the step's number (`x[:, t]`, "
+                        "`x[:, t, None]`) lifts to a per-step input")
     if not (_liftable(node0, li) and all(type(v) in (int, float) for v in values)):
         raise Split([], f"constant argument {li} of {node0.name} ({target_name(node0)}) differs between steps and "
                         "cannot be lifted to a tensor")
