@@ -386,6 +386,22 @@ def test_pipeline_with_an_unsupported_scheduler_runs_the_pipeline_itself(unet, p
     assert "sequential loop" in caplog.text
 
 
+def test_a_call_that_raises_leaves_no_stats_of_an_earlier_call(unet):
+    """last_stats describes the last call: one that raises (here in the wrapped pipeline's own loop, PNDM's step
+    taking no generator; or on a bad argument) leaves None, not the stats of the call before it."""
+    pipe, par = _pipeline_pair(unet, "DDPMPipeline", diffusers.DDPMScheduler())
+    par(num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert par.last_stats is not None and par.last_stats.evaluations >= 1
+    with pytest.raises(ValueError, match="generators"):
+        par(batch_size=2, num_inference_steps=3, generator=[torch.Generator()])
+    assert par.last_stats is None
+    par(num_inference_steps=3, output_type="np")
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(TypeError, match="generator"):
+        par(num_inference_steps=6, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert par.last_stats is None
+
+
 def test_condition_unet_kwargs_are_tiled_over_the_steps():
     """UNet2DConditionModel: encoder_hidden_states (batch-leading) reach every step of a batched round."""
     from pcr_compile.diffusion import parallel_sample, sampling_loop

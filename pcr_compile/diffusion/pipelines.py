@@ -11,7 +11,8 @@ rounds a solve takes). The stats of the last call are in `.last_stats`. The argu
 pipeline's own signature (DDPM's third positional argument is `num_inference_steps`, and it takes no `eta`), and
 the loop is the pipelines' own: no `scale_model_input` and no `init_noise_sigma`, whatever scheduler is swapped
 in. What `sampling_loop` declines (thresholding, ancestral Euler, PNDM, ...) runs the wrapped pipeline itself,
-sequentially and exactly, with a warning (`last_stats.fell_back`, `last_stats.reason`). Attributes read or set
+sequentially and exactly, with a warning (`last_stats.fell_back`, `last_stats.reason`); a call that raises leaves
+`last_stats` None. Attributes read or set
 on the wrapper are the pipeline's (`par.scheduler = ...` swaps the pipeline's scheduler), but for `last_stats`.
 
 `parallel_denoise(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale=7.5, ...)` is
@@ -122,6 +123,7 @@ class ParallelPipeline(PipelineWrapper):
 
         pipe = self.pipe
         name = type(pipe).__name__
+        self.last_stats = None  # a call that raises leaves no stats of an earlier call behind
         try:
             bound = inspect.signature(type(pipe).__call__).bind(pipe, *args, **kwargs)
         except TypeError as e:

@@ -82,6 +82,7 @@ class ParallelStableDiffusionPipeline(PipelineWrapper):
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe = self.pipe
+        self.last_stats = None  # a call that raises leaves no stats of an earlier call behind
         accepted = set(inspect.signature(type(pipe).__call__).parameters)
         unknown = sorted(k for k in extra if k not in _SEQUENTIAL_ONLY and k not in accepted
                          and k != "callback_on_step_end_tensor_inputs")
@@ -96,7 +97,6 @@ class ParallelStableDiffusionPipeline(PipelineWrapper):
         reason = self._sequential_reason(num_inference_steps, guidance_scale, guidance_rescale, eta, extra)
         if reason is not None:
             log.warning("deeppcr: running the Stable Diffusion pipeline sequentially: %s", reason)
-            self.last_stats = None
             return pipe(**args)
 
         # 0-1: the pipeline's default size and its input checks
