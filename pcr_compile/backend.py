@@ -19,7 +19,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
-from pcr_compile.passes.chains.validate import autocast_states
+from pcr_compile.passes.chains.validate import autocast_compute_dtype
 from pcr_compile.passes.fills import rewritable_fill
 from pcr_compile.passes.fx_utils import cleanup, mutates_in_place, node_value
 from pcr_compile.passes.pipeline import PREPARE, PassContext, run_passes
@@ -100,27 +100,13 @@ def chain_spec(match: ChainMatch) -> ChainSpec:
     t = build_template(match)
     # The op's schema version is part of its name: Inductor's on-disk cache stores compiled graphs that
     # call ops by name, and a cached graph must never call an op whose arguments have changed since.
-    name = "chain_" + hashlib.sha1(f"{t.key}/{ops.SCHEMA_KEY}".encode()).hexdigest()[:16]
+    # The compute dtype is too: the op's spec (its default tolerance) is the first one registered under the
+    # name, and one template's code serves a float32 state cast to bfloat16 and a float64 state autocast leaves.
+    compute = autocast_compute_dtype(match)
+    name = "chain_" + hashlib.sha1(f"{t.key}/{ops.SCHEMA_KEY}/{compute}".encode()).hexdigest()[:16]
     return ChainSpec(name=name, template=t.gm, n_state=t.n_state, n_per_step=t.n_per_step,
                      n_consts=t.n_consts, n_invariants=t.n_invariants, n_syms=t.n_syms, kind=match.kind,
-                     lp=linear_pointwise(t.gm, t.n_state, t.n_per_step), compute_dtype=autocast_dtype(match, t.gm))
-
-
-def autocast_dtype(match: ChainMatch, template: GraphModule) -> torch.dtype | None:
-    """The lowest precision torch.autocast computes any op of one step in, on the states' device (each op's
-    innermost autocast context for that device type, from the template's own region markers: the contexts
-    around the chain and those a step opens itself), None where autocast is off for all of them."""
-    state = node_value(match.initial[0]) if match.initial else None
-    device = state.device.type if isinstance(state, torch.Tensor) else "cpu"
-    found = None
-    for n, contexts in autocast_states(template.graph, ambient=False).items():
-        mine = [(dt, enabled) for dev, dt, enabled, *_ in contexts if dev == device]
-        if n.op not in ("call_function", "call_method", "call_module") or not mine or not mine[-1][1]:
-            continue
-        dt = mine[-1][0] if mine[-1][0] is not None else torch.get_autocast_dtype(device)
-        if found is None or torch.finfo(dt).eps > torch.finfo(found).eps:
-            found = dt
-    return found
+                     lp=linear_pointwise(t.gm, t.n_state, t.n_per_step), compute_dtype=compute)
 
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:

@@ -12,6 +12,7 @@ import torch
 from tabulate import tabulate
 
 from .passes.chains import Declined
+from .passes.chains.validate import autocast_compute_dtype
 
 SCHEMA_VERSION = 1
 
@@ -124,12 +125,6 @@ def chain_report(graph_index: int, planned) -> ChainReport:
 
 
 def _autocast_name(m) -> str:
-    """The dtype of the innermost autocast context around the steps for their state's device, by name."""
-    state = m.state_values()[0] if m.initial else None
-    device = state.device.type if isinstance(state, torch.Tensor) else "cpu"
-    name = ""
-    for dev, dtype, enabled, *_ in m.autocast:
-        if dev == device:
-            name = str(dtype if dtype is not None else torch.get_autocast_dtype(dev)).removeprefix("torch.") \
-                if enabled else ""
-    return name
+    """The lowest-precision dtype torch.autocast computes the steps' values in, by name ("" for none)."""
+    dtype = autocast_compute_dtype(m)
+    return str(dtype).removeprefix("torch.") if dtype is not None else ""

@@ -211,3 +211,77 @@ def test_explain_names_the_autocast_dtype():
     assert report.to_dict()["chains"][0]["autocast"] == "bfloat16"
     [plain] = pcr_compile.explain(ResidualStack(region=False), torch.randn(4, 8)).chains
     assert plain.autocast == ""
+
+
+class DisabledLinear(ResidualStack):
+    """Each step turns autocast off around its matmul: inside a bfloat16 region it still computes in float32
+    (tanh and add are not cast by CPU autocast)."""
+
+    def forward(self, x):
+        for lin in self.lins:
+            with torch.autocast("cpu", enabled=False):
+                h = lin(x)
+            x = x + self.scale * torch.tanh(h)
+        return x
+
+
+@pytest.mark.parametrize("case", ["float64", "autocast off"])
+def test_steps_autocast_does_not_cast_keep_their_dtypes_tolerance(case):
+    """Autocast leaves float64 alone, and ops inside `autocast(enabled=False)` uncast: those steps compute in
+    their state's dtype, and must match eager as closely as outside autocast. Their default tolerance was
+    bfloat16's (any op inside an enabled region counted), 1e-3 off eager's float64 or float32 answer; and a
+    float64 chain after a float32 one with the same template reused its op, tolerance included."""
+    torch.manual_seed(0)
+    model = ResidualStack(layers=16, region=False) if case == "float64" else DisabledLinear(layers=16)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        if case == "float64":  # the same template, cast to bfloat16, first: its op's name must differ
+            torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+            model, x = model.double(), x.double()
+            torch._dynamo.reset()
+        [chain] = find_chains(dynamo_graph(model, x).graph, min_length=8).chains
+        assert chain_spec(chain).compute_dtype is None
+        with pcr_compile.record_solves() as solves:
+            y = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
+        y0 = model(x)
+        report = pcr_compile.explain(model, x, options={"mode": "parallel"})
+    assert [s.converged for s in solves] == [True]
+    assert rel_err(y, y0) < (1e-9 if case == "float64" else 1e-5)
+    assert report.chains[0].autocast == ""
+
+
+class CheckpointedRegion(nn.Module):
+    """Each step is a checkpointed body that opens a bfloat16 region itself."""
+
+    def __init__(self, layers=16, width=8):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    @staticmethod
+    def body(lin, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return x + 0.3 * torch.tanh(lin(x))
+
+    def forward(self, x):
+        for lin in self.lins:
+            x = torch.utils.checkpoint.checkpoint(self.body, lin, x, use_reentrant=False)
+        return x
+
+
+def test_a_region_inside_a_checkpointed_body_sets_the_compute_dtype():
+    """The body's region was not seen (only the template's own markers were read): float32's tolerance,
+    and Newton crept one step an iteration (12 of 16)."""
+    torch.manual_seed(0)
+    model = CheckpointedRegion()
+    x = torch.randn(4, 8, requires_grad=True)
+    [chain] = find_chains(dynamo_graph(model, x).graph, min_length=8).chains
+    assert chain_spec(chain).compute_dtype == torch.bfloat16
+    assert pcr_compile.explain(model, x, options={"mode": "parallel"}).chains[0].autocast == "bfloat16"
+    solves, (y, gx, gp), (y0, gx0, gp0) = _train(model, torch.compile(model, backend="deeppcr", options=PARALLEL), x)
+    assert all(s.converged and s.iterations <= 6 for s in solves), solves
+    assert rel_err(y, y0) < BF16 and rel_err(gx, gx0) < BF16 and grads_rel_err(gp, gp0) < 4 * BF16
+
+
+def test_explain_names_the_dtype_of_a_region_each_step_opens():
+    [chain] = pcr_compile.explain(RegionPerStep(), torch.randn(4, 8), options={"mode": "parallel"}).chains
+    assert chain.autocast == "bfloat16"

@@ -162,6 +162,34 @@ def transform_nodes(graph: Graph) -> dict[Node, str]:
     return inside
 
 
+def autocast_compute_dtype(match: ChainMatch) -> torch.dtype | None:
+    """The lowest precision torch.autocast makes a step compute in: the dtype of an enabled autocast context
+    of the states' device (around the steps, or a region a step or its checkpointed body opens) that a value
+    of step 0 has. None where no value of a step has it: outside autocast, and under it for a float64 state
+    (autocast leaves float64 alone) or a step whose casting ops run with autocast turned off (a float32 step
+    then computes in float32, and keeps float32's tolerance)."""
+    state = node_value(match.initial[0]) if match.initial else None
+    if not isinstance(state, torch.Tensor) or not state.is_floating_point():
+        return None
+    device = state.device.type
+    owner = match.first.graph.owning_module
+    nodes = list(match.blocks[0])
+    for name in match.submodules:  # inlined bodies (activation checkpointing): their own nodes and regions
+        body = owner.get_submodule(name) if owner is not None else None
+        nodes += list(body.graph.nodes) if isinstance(body, torch.fx.GraphModule) else []
+    enter = getattr(torch.amp, "_enter_autocast", None)
+    contexts = list(match.autocast) + [tuple(n.args) for n in nodes if n.op == "call_function" and n.target is enter]
+    cast_to = {dt if dt is not None else torch.get_autocast_dtype(dev)
+               for dev, dt, enabled, *_ in (tuple(c) + (None,) * 3 for c in contexts) if dev == device and enabled}
+    found = None
+    for n in nodes:
+        for v in tree_flatten(node_value(n))[0]:
+            if isinstance(v, torch.Tensor) and v.dtype in cast_to and v.dtype.is_floating_point and \
+                    (found is None or torch.finfo(v.dtype).eps > torch.finfo(found).eps):
+                found = v.dtype
+    return found
+
+
 def validate(blocks: list[tuple[Node, ...]], autocast: dict[Node, tuple] | None = None,
              in_transform: dict[Node, str] | None = None) -> ChainMatch:
     """Validate blocks as a chain or raise :class:`Split` with the sub-ranges worth trying and the reason.
