@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from conftest import grads_rel_err, rel_err
 from helpers import PARALLEL, dynamo_graph, graph_fingerprint, run_both
-from test_integrators import RK4
+from test_integrators import RK4, Field
 
 import pcr_compile
 from pcr_compile.models import DDIMSampler, DeepMLP, MLPDenoiser, ResidualMLP
@@ -356,18 +356,19 @@ def test_a_declined_stack_is_one_line_with_its_sub_repeats_counted():
     assert [c.length for c in report.chains] == [8] and report.declined == []
 
 
-class NoisyRK4(RK4):
-    """The RK4 loop of test_integrators with a random draw in every step (a stochastic perturbation)."""
+class NoisyField(Field):
+    """test_integrators' field with a random perturbation in every evaluation."""
 
     def forward(self, y):
-        dt = self.dt
-        for _ in range(self.steps):
-            k1 = self.f(y)
-            k2 = self.f(y + dt / 2 * k1)
-            k3 = self.f(y + dt / 2 * k2)
-            k4 = self.f(y + dt * k3)
-            y = y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4) + 1e-3 * torch.randn_like(y)
-        return y
+        return super().forward(y) + 1e-3 * torch.randn_like(y)
+
+
+class NoisyRK4(RK4):
+    """The RK4 loop of test_integrators over a field that draws random numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = NoisyField()
 
 
 def test_a_declined_integrator_is_one_line():
