@@ -24,7 +24,7 @@ import torch
 from torch.fx import Graph, Node
 
 from .chains import Analysis, find_chains
-from .chains.validate import autocast_states
+from .chains.validate import autocast_states, cast_dtype
 from .fx_utils import node_value
 
 
@@ -53,9 +53,8 @@ def _casts_down(nodes: list[Node], states: dict) -> bool:
         v = node_value(n)
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             continue
-        for dev, dtype, enabled, *_ in (tuple(c) + (None,) * 3 for c in states.get(n, ())):
-            if enabled and dev == v.device.type and v.dtype == (dtype or torch.get_autocast_dtype(dev)):
-                return True
+        if any(cast_dtype(c, v.device.type) == v.dtype for c in states.get(n, ())):
+            return True
     return False
 
 
@@ -66,7 +65,7 @@ def defer_integer_states(graph: Graph, min_length: int = 8, analysis: Analysis |
     analysis = analysis if analysis is not None else find_chains(graph, min_length=min_length)
     changed = 0
     done: set[Node] = set()
-    states = autocast_states(graph)
+    states = autocast_states(graph) if analysis.integer_runs else {}
     for run in analysis.integer_runs:
         blocks = run.blocks
         if any(n in done for blk in blocks for n in blk):

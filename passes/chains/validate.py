@@ -113,13 +113,21 @@ def _ambient_autocast() -> tuple[AutocastContext, ...]:
     return tuple(out)
 
 
-def autocast_states(graph: Graph, ambient: bool = True) -> dict[Node, tuple[AutocastContext, ...]]:
+def cast_dtype(context: AutocastContext, device: str) -> torch.dtype | None:
+    """The dtype an autocast `context` casts to on `device` (its device's default where it names none), None
+    where it is for another device type or disabled."""
+    dev, dtype, enabled, *_ = tuple(context) + (None,) * 3
+    if dev != device or not enabled:
+        return None
+    return dtype if dtype is not None else torch.get_autocast_dtype(dev)
+
+
+def autocast_states(graph: Graph) -> dict[Node, tuple[AutocastContext, ...]]:
     """The autocast contexts each node of `graph` runs in, outermost first: those open around the compiled
-    call (with `ambient`), then the `torch.autocast` regions of the graph itself (Dynamo's _enter_autocast /
-    _exit_autocast nodes; an exit closes the region its argument entered). Nodes outside every region map
-    to ()."""
+    call, then the `torch.autocast` regions of the graph itself (Dynamo's _enter_autocast / _exit_autocast
+    nodes; an exit closes the region its argument entered). Nodes outside every region map to ()."""
     enter, exit_ = getattr(torch.amp, "_enter_autocast", None), getattr(torch.amp, "_exit_autocast", None)
-    ambient = _ambient_autocast() if ambient else ()
+    ambient = _ambient_autocast()
     stack: list[tuple[Node, AutocastContext]] = []
     states: dict[Node, tuple[AutocastContext, ...]] = {}
     for n in graph.nodes:
@@ -179,8 +187,7 @@ def autocast_compute_dtype(match: ChainMatch) -> torch.dtype | None:
         nodes += list(body.graph.nodes) if isinstance(body, torch.fx.GraphModule) else []
     enter = getattr(torch.amp, "_enter_autocast", None)
     contexts = list(match.autocast) + [tuple(n.args) for n in nodes if n.op == "call_function" and n.target is enter]
-    cast_to = {dt if dt is not None else torch.get_autocast_dtype(dev)
-               for dev, dt, enabled, *_ in (tuple(c) + (None,) * 3 for c in contexts) if dev == device and enabled}
+    cast_to = {cast_dtype(c, device) for c in contexts} - {None}
     found = None
     for n in nodes:
         for v in tree_flatten(node_value(n))[0]:

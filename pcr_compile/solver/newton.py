@@ -49,7 +49,7 @@ DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 1e-2, 
 # Half the compute dtype's unit roundoff bounds the solve's error by about half of eager's own rounding
 # (residual.py). Measured on 64-step residual MLPs (x + s tanh(W x + b), autocast to the dtype on CPU):
 # bfloat16, s = 0.3: 3 Newton iterations, 3.3e-3 error against float32 math, eager's autocast 3.0e-3
-# (float32's 1e-6: 39 iterations); s = 1: 11 iterations, 1.3e-2 (eager 1.6e-2). RESULTS.md.
+# (float32's 1e-6: 39 iterations); s = 1: 12 iterations, 1.5e-2 (eager 1.6e-2; 1e-6: 48). RESULTS.md.
 AUTOCAST_TOL = {dt: torch.finfo(dt).eps / 4 for dt in (torch.bfloat16, torch.float16)}
 
 
