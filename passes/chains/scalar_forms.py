@@ -68,6 +68,76 @@ def _hardtanh(g: Graph, a: dict) -> Node:
     return _fn(g, torch.where, inside, x, _fn(g, torch.Tensor.detach, clamped))
 
 
+def _softplus(g: Graph, a: dict) -> Node:
+    # softplus: x if beta * x > threshold else log1p(exp(beta * x)) / beta, forward and backward. The exp
+    # branch reads 0 where the linear one is taken: exp's overflow there would make its gradient 0 * inf
+    x, beta, threshold = a["input"], a["beta"], a["threshold"]
+    bx = _fn(g, operator.mul, x, beta)
+    linear = _fn(g, torch.gt, bx, threshold)
+    safe = _fn(g, torch.where, linear, 0.0, bx)
+    smooth = _fn(g, operator.truediv, _fn(g, torch.log1p, _fn(g, torch.exp, safe)), beta)
+    return _fn(g, torch.where, linear, x, smooth)
+
+
+def _softshrink(g: Graph, a: dict) -> Node:
+    # softshrink: x - l above l, x + l below -l, else 0 (x * 0: a NaN stays NaN, as aten's)
+    x, lambd = a["input"], a["lambd"]
+    inner = _fn(g, torch.where, _fn(g, torch.lt, x, _fn(g, operator.neg, lambd)), _fn(g, operator.add, x, lambd),
+                _fn(g, operator.mul, x, 0.0))
+    return _fn(g, torch.where, _fn(g, torch.gt, x, lambd), _fn(g, operator.sub, x, lambd), inner)
+
+
+def _hardshrink(g: Graph, a: dict) -> Node:
+    # hardshrink: 0 on [-l, l], else x (a NaN stays NaN); gradient 0 on [-l, l], bounds included
+    x, lambd = a["input"], a["lambd"]
+    inside = _fn(g, torch.logical_and, _fn(g, torch.ge, x, _fn(g, operator.neg, lambd)), _fn(g, torch.le, x, lambd))
+    return _fn(g, torch.where, inside, 0.0, x)
+
+
+def _threshold(g: Graph, a: dict) -> Node:
+    # threshold: value where x <= threshold, else x (a NaN stays NaN); gradient 0 at and below the threshold
+    x = a["input"]
+    return _fn(g, torch.where, _fn(g, torch.le, x, a["threshold"]), a["value"], x)
+
+
+def _masked_fill(g: Graph, a: dict) -> Node:
+    # masked_fill with a per-step 0-d value: vmap has no batching rule for a batched value (it loops)
+    return _fn(g, torch.where, a["mask"], a["value"], a["input"])
+
+
+def _rrelu_eval(g: Graph, a: dict) -> Node:
+    # rrelu outside training: leaky_relu with the slope (lower + upper) / 2, as aten's
+    slope = _fn(g, operator.truediv, _fn(g, operator.add, a["lower"], a["upper"]), 2)
+    return _leaky_relu(g, {"input": a["input"], "negative_slope": slope})
+
+
+def _normalize(g: Graph, a: dict) -> Node:
+    # F.normalize: x / max(||x||_p, eps) over `dim`, as torch.nn.functional spells it
+    x = a["input"]
+    norm = g.call_method("norm", (x, a["p"], a["dim"]), {"keepdim": True})
+    denom = g.call_method("expand_as", (g.call_method("clamp_min", (norm, a["eps"])), x))
+    return _fn(g, operator.truediv, x, denom)
+
+
+def _scaled(g: Graph, v, factor) -> Node | None:
+    # v * factor where factor may be a per-step 0-d tensor; a zero factor drops v (NaN included), as BLAS does
+    if not isinstance(factor, Node):
+        return v if factor == 1 else None if factor == 0 else _fn(g, operator.mul, v, factor)
+    return _fn(g, torch.where, _fn(g, torch.ne, factor, 0), _fn(g, operator.mul, v, factor), 0.0)
+
+
+def _addmm_like(names: tuple[str, str], product: Callable[[Graph, Node, Node], Node]) -> Callable[[Graph, dict], Node]:
+    # addmm / addmv / baddbmm / addbmm: beta * input + alpha * product(a, b), the product's shape throughout
+    def build(g: Graph, a: dict) -> Node:
+        prod = product(g, *(a[k] for k in names))
+        scaled_prod = _scaled(g, prod, a["alpha"])
+        scaled_in = _scaled(g, a["input"], a["beta"])
+        if scaled_prod is None:  # alpha == 0: the product's shape, none of its values
+            scaled_prod = _fn(g, torch.zeros_like, prod)
+        return scaled_prod if scaled_in is None else _fn(g, operator.add, scaled_in, scaled_prod)
+    return build
+
+
 # operator.* rather than torch.*: an operand may be a number (`torch.add(x, 2.0, alpha=dt)`)
 def _add_alpha(sign: int) -> Callable[[Graph, dict], Node]:
     def build(g: Graph, a: dict) -> Node:
@@ -90,6 +160,36 @@ _ADDCMUL = ScalarForm((("input", REQUIRED), ("tensor1", REQUIRED), ("tensor2", R
                       frozenset({"value"}), _addcmul)
 
 
+_SOFTPLUS = ScalarForm((("input", REQUIRED), ("beta", 1.0), ("threshold", 20.0)), frozenset({"beta", "threshold"}),
+                       _softplus)
+_SOFTSHRINK = ScalarForm((("input", REQUIRED), ("lambd", 0.5)), frozenset({"lambd"}), _softshrink)
+_HARDSHRINK = ScalarForm((("input", REQUIRED), ("lambd", 0.5)), frozenset({"lambd"}), _hardshrink)
+_THRESHOLD = ScalarForm((("input", REQUIRED), ("threshold", REQUIRED), ("value", REQUIRED)),
+                        frozenset({"threshold", "value"}), _threshold)
+_MASKED_FILL = ScalarForm((("input", REQUIRED), ("mask", REQUIRED), ("value", REQUIRED)), frozenset({"value"}),
+                          _masked_fill)
+_CLAMP_MIN = ScalarForm((("input", REQUIRED), ("min", REQUIRED)), frozenset({"min"}))  # take a 0-d tensor
+_CLAMP_MAX = ScalarForm((("input", REQUIRED), ("max", REQUIRED)), frozenset({"max"}))
+
+
+def _product(*ops) -> Callable[[Graph, Node, Node], Node]:
+    def product(g: Graph, m1: Node, m2: Node) -> Node:
+        out = _fn(g, ops[0], m1, m2)
+        return out if len(ops) == 1 else _fn(g, torch.sum, out, 0)
+    return product
+
+
+def _addmm_form(second: str, third: str, *ops) -> ScalarForm:
+    return ScalarForm((("input", REQUIRED), (second, REQUIRED), (third, REQUIRED), ("beta", 1), ("alpha", 1)),
+                      frozenset({"beta", "alpha"}), _addmm_like((second, third), _product(*ops)))
+
+
+_ADDMM = _addmm_form("mat1", "mat2", torch.mm)
+_ADDMV = _addmm_form("mat", "vec", torch.mv)
+_BADDBMM = _addmm_form("batch1", "batch2", torch.bmm)
+_ADDBMM = _addmm_form("batch1", "batch2", torch.bmm, "sum")
+
+
 def _functional(fn, liftable: set[str], build) -> ScalarForm:
     return ScalarForm(_signature(fn), frozenset(liftable), build, fixed=(("inplace", False),))
 
@@ -109,6 +209,23 @@ FORMS: dict[tuple[str, object], ScalarForm] = {
     ("call_function", F.elu): _functional(F.elu, {"alpha"}, _elu),
     ("call_function", F.celu): _functional(F.celu, {"alpha"}, _celu),
     ("call_function", F.hardtanh): _functional(F.hardtanh, {"min_val", "max_val"}, _hardtanh),
+    ("call_function", F.softplus): _SOFTPLUS,
+    ("call_function", F.softshrink): _SOFTSHRINK,
+    ("call_function", torch.hardshrink): _HARDSHRINK,
+    ("call_method", "hardshrink"): _HARDSHRINK,
+    ("call_function", torch.threshold): _THRESHOLD,
+    ("call_function", torch.masked_fill): _MASKED_FILL,
+    ("call_method", "masked_fill"): _MASKED_FILL,
+    **{(op, t): _CLAMP_MIN for op, t in (("call_function", torch.clamp_min), ("call_method", "clamp_min"))},
+    **{(op, t): _CLAMP_MAX for op, t in (("call_function", torch.clamp_max), ("call_method", "clamp_max"))},
+    ("call_function", F.rrelu): ScalarForm(_signature(F.rrelu), frozenset({"lower", "upper"}), _rrelu_eval,
+                                           fixed=(("training", False), ("inplace", False))),
+    ("call_function", F.normalize): ScalarForm(_signature(F.normalize), frozenset({"eps"}), _normalize,
+                                               fixed=(("out", None),)),
+    **{("call_function", t): f for t, f in ((torch.addmm, _ADDMM), (torch.addmv, _ADDMV),
+                                            (torch.baddbmm, _BADDBMM), (torch.addbmm, _ADDBMM))},
+    **{("call_method", t): f for t, f in (("addmm", _ADDMM), ("addmv", _ADDMV), ("baddbmm", _BADDBMM),
+                                          ("addbmm", _ADDBMM))},
 }
 
 
