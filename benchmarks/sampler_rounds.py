@@ -12,6 +12,7 @@ Iteration counts do not depend on the device; no timings here.
 
     python -m benchmarks.sampler_rounds [--quick] [--schedulers ddim,ddpm] [--steps 25,50] [--out FILE.md]
     python -m benchmarks.sampler_rounds --oracle      # dense-Jacobian Newton on DDIM 50 / 100 (a bound)
+    python -m benchmarks.sampler_rounds --oracle --steps 100 --approximations exact,trace,trace+rank32
     python -m benchmarks.sampler_rounds --compiled [--schedulers ddim,ddim-clip] [--steps 50,100]
 
 `--compiled`: the same loops through `torch.compile(loop, backend="deeppcr", options={"mode": "parallel",
@@ -113,13 +114,17 @@ def measure(schedulers=SCHEDULERS, steps=STEPS, settings=SETTINGS, batch: int = 
     return rows
 
 
-def dense_newton_oracle(steps: int = 100, tols=(1e-6, 1e-4, 1e-3), batch: int = 2, seed: int = 0) -> list[str]:
+def dense_newton_oracle(steps: int = 100, tols=(1e-6, 1e-4, 1e-3), batch: int = 2, seed: int = 0,
+                        approximations=("exact",)) -> list[str]:
     """Rounds of Newton with the *exact* per-step Jacobians of the converged trajectory (DDIM, clip off), a
     bound on what any Jacobian approximation (scalar, diagonal) of the sampler solve can reach on the fixture.
 
     The Jacobians `d f_l / d z_{l-1}` `(L, B, w, w)` are taken once at the sequential float32 trajectory by
     forward-mode AD (`torch.func.jvp`, all steps batched, one basis vector at a time); each round then solves
     `delta_l = g_l + J_l delta_{l-1}` densely, with the sampler solve's prefix acceptance and exact-step commit.
+
+    `approximations` replaces the exact Jacobians by what a cheaper update could carry (:func:`approximate`):
+    how much of the step Jacobian a method must know to reach the exact Newton's rounds.
     """
     from torch.func import jvp, vmap
 
@@ -153,7 +158,8 @@ def dense_newton_oracle(steps: int = 100, tols=(1e-6, 1e-4, 1e-3), batch: int = 
                 cols = vmap(lambda v: jvp(lambda Z: f(0, Z), (Zp,), (v,))[1])(V)  # (k, L, B, w)
                 J[:, b, :, i: i + k] = cols[:, :, b, :].permute(1, 2, 0)
     out = []
-    for tol in tols:
+    for name, tol in ((name, tol) for name in approximations for tol in tols):
+        Ja = approximate(J, name)
         with torch.no_grad():
             s, z_prev, Zw, rounds, Z = 0, z0, z0.unsqueeze(0).expand(L, *z0.shape).clone(), 0, torch.empty(L, *z0.shape)
             while s < L:
@@ -168,12 +174,40 @@ def dense_newton_oracle(steps: int = 100, tols=(1e-6, 1e-4, 1e-3), batch: int = 
                     break
                 Z[s + p] = z_prev = F[p]
                 g[:p] = 0
-                Zw = (Zw + linear_recurrence(J[s: s + n], g, structure="dense"))[p + 1:]
+                Zw = (Zw + linear_recurrence(Ja[s: s + n], g, structure="dense"))[p + 1:]
                 s += p + 1
         err = _rel(Z[-1].reshape(latents.shape), ref64)
-        out.append(f"| ddim | {steps} | dense Newton (exact Jacobians at the solution) | exact | {tol:g} | {rounds} "
-                   f"| {err:.1e} |")
+        update = "dense Newton (exact Jacobians at the solution)" if name == "exact" else \
+            f"Newton with `{name}` of the exact Jacobians"
+        out.append(f"| ddim | {steps} | {update} | exact | {tol:g} | {rounds} | {err:.1e} |")
     return out
+
+
+def approximate(J: torch.Tensor, name: str) -> torch.Tensor:
+    """An approximation of step Jacobians `J` `(L, B, w, w)`, dense: `exact`; `trace` (the scalar
+    `tr J / w` times I); `diagonal` (J's diagonal in the pixel basis); `trace+rankK` (the scalar plus the best
+    rank-K approximation of `J - scalar I`, per step and row); `trace+sharedK` (that remainder projected onto
+    one K-dimensional subspace of its rows shared by every step and row)."""
+    if name == "exact":
+        return J
+    w = J.shape[-1]
+    eye = torch.eye(w, dtype=J.dtype)
+    tr = torch.diagonal(J, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    if name == "trace":
+        return tr * eye
+    if name == "diagonal":
+        return torch.diag_embed(torch.diagonal(J, dim1=-2, dim2=-1))
+    rest = J - tr * eye
+    for prefix in ("trace+rank", "trace+shared"):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            k = int(name[len(prefix):])
+            if prefix == "trace+rank":
+                U, S, Vh = torch.linalg.svd(rest)
+                return tr * eye + (U[..., :k] * S[..., None, :k]) @ Vh[..., :k, :]
+            rows = rest.reshape(-1, w)  # every step's and batch row's Jacobian rows, stacked
+            basis = torch.linalg.svd(rows, full_matrices=False)[2][:k].T  # (w, k)
+            return tr * eye + rest @ basis @ basis.T
+    raise ValueError(f"approximation: unknown {name!r} (exact, trace, diagonal, trace+rankK, trace+sharedK)")
 
 
 COMPILED_SETTINGS = ("identity", "scalar", "auto")  # sampler_jacobian; "identity": the compiled path before 2026-12-03
@@ -224,6 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--oracle", action="store_true",
                    help="instead: Newton with the exact (dense) Jacobians of the converged trajectory, DDIM 50 / "
                         "100 steps, clip off (forward-mode AD over every step; minutes)")
+    p.add_argument("--approximations", default="exact",
+                   help="with --oracle: comma-separated Jacobian approximations (exact, trace, diagonal, "
+                        "trace+rankK, trace+sharedK), each solved in turn")
     p.add_argument("--compiled", action="store_true",
                    help="instead: through torch.compile(backend='deeppcr', mode='parallel'), once per "
                         "sampler_jacobian (defaults: --schedulers ddim,ddim-clip --steps 50,100)")
@@ -234,8 +271,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0 = time.time()
     if a.oracle:
+        for name in a.approximations.split(","):  # a bad name fails now, not after minutes of Jacobians
+            approximate(torch.zeros(1, 1, 2, 2), name)
         text = ("| scheduler | steps | update | rule | tol | rounds | err vs fp64 |\n|---|---|---|---|---|---|---|\n"
-                + "\n".join(line for n in (50, 100) for line in dense_newton_oracle(n)) + "\n")
+                + "\n".join(line for n in (tuple(int(s) for s in a.steps.split(",")) if a.steps else (50, 100))
+                            for line in dense_newton_oracle(n, approximations=tuple(a.approximations.split(","))))
+                + "\n")
     elif a.compiled:
         rows = measure_compiled(tuple((a.schedulers or "ddim,ddim-clip").split(",")),
                                 tuple(int(s) for s in (a.steps or "50,100").split(",")))

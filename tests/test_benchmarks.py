@@ -201,3 +201,22 @@ def test_providers_and_grids():
     wl = quick[0].build(torch.device("cpu"))
     again = quick[0].build(torch.device("cpu"))
     assert torch.equal(wl.inputs[0], again.inputs[0]) and wl.trainable  # same inputs for every provider
+
+
+def test_oracle_jacobian_approximations():
+    """`sampler_rounds.approximate`: full rank is the exact Jacobian, rank K leaves a remainder of rank K,
+    the shared subspace spans K directions; an unknown name is a clear error."""
+    from benchmarks.sampler_rounds import approximate
+
+    torch.manual_seed(0)
+    J = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    tr = torch.diagonal(J, dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(approximate(J, "exact"), J)
+    torch.testing.assert_close(approximate(J, "trace+rank6"), J)
+    torch.testing.assert_close(approximate(J, "trace"), tr)
+    assert (torch.linalg.matrix_rank(approximate(J, "trace+rank2") - tr) == 2).all()
+    assert torch.linalg.matrix_rank((approximate(J, "trace+shared3") - tr).reshape(-1, 6)) == 3
+    torch.testing.assert_close(torch.diagonal(approximate(J, "diagonal"), dim1=-2, dim2=-1),
+                               torch.diagonal(J, dim1=-2, dim2=-1))
+    with pytest.raises(ValueError, match="unknown 'rank2'"):
+        approximate(J, "rank2")
