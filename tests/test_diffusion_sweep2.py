@@ -72,3 +72,15 @@ def test_the_call_ends_with_maybe_free_model_hooks(unet, pipeline, scheduler):
     assert len(calls) == 2
     assert par.last_stats.fell_back == (scheduler == "EulerAncestralDiscreteScheduler")
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_an_integral_float_step_count_runs_as_the_pipeline_runs_it(unet):
+    """`num_inference_steps=3.0` (read from a config file): DDPMPipeline samples with it; the wrapper raised
+    "num_inference_steps must be a positive int". It is 3 steps, solved in parallel."""
+    pipe, par = _pair(unet, "DDPMPipeline", diffusers.DDPMScheduler())
+    kw = dict(batch_size=2, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=3.0, **kw).images
+    out = par(generator=torch.Generator().manual_seed(0), num_inference_steps=3.0, **kw).images
+    assert np.abs(out - ref).max() < 1e-4 and not par.last_stats.fell_back and par.last_stats.depth <= 3
+    with pytest.raises(ValueError, match="positive int"):
+        par(num_inference_steps=2.5, **kw)

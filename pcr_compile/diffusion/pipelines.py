@@ -133,6 +133,8 @@ class ParallelPipeline(PipelineWrapper):
         bound.apply_defaults()
         a = bound.arguments
         batch_size, generator, num_inference_steps = a["batch_size"], a["generator"], a["num_inference_steps"]
+        if isinstance(num_inference_steps, float) and num_inference_steps.is_integer() and num_inference_steps > 0:
+            num_inference_steps = int(num_inference_steps)  # 50.0 from a config file: DDPMPipeline takes it
         output_type, return_dict = a["output_type"], a["return_dict"]
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got a list of {len(generator)} generators for batch_size={batch_size}")
