@@ -1,7 +1,9 @@
 """A sweep of what diffusers users do with the pipeline wrappers and compiled loops (second round).
 
 Each test is one finding: a scheduler the pipeline's loop cannot pass its keywords to (a clear error naming the
-pipeline and the scheduler), the end of the pipelines' `__call__` (`maybe_free_model_hooks`), ... .
+pipeline and the scheduler), the end of the pipelines' `__call__` (`maybe_free_model_hooks`), an integral float
+step count. (Accumulations into a buffer in a compiled loop: test_functionalize.py; the Stable Diffusion
+pipeline's properties: test_diffusion_cfg.py.)
 """
 
 from __future__ import annotations
