@@ -86,3 +86,18 @@ def test_an_integral_float_step_count_runs_as_the_pipeline_runs_it(unet):
     assert np.abs(out - ref).max() < 1e-4 and not par.last_stats.fell_back and par.last_stats.depth <= 3
     with pytest.raises(ValueError, match="positive int"):
         par(num_inference_steps=2.5, **kw)
+
+
+def test_a_unet_whose_output_is_not_the_samples_shape_is_a_clear_error():
+    """A UNet2DModel with out_channels = 2 x in_channels (trained with a learned variance) under a fixed-variance
+    DDPMScheduler: the solve failed inside its first batched step ("shape '[2, 1, 1, 8, 8]' is invalid")."""
+    from pcr_compile.diffusion import parallel_sample, sampling_loop
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, add_attention=False,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    loop = sampling_loop(unet, diffusers.DDPMScheduler(), 2)
+    with pytest.raises(ValueError, match="outputs 2 channels for 1 input channels.*learned variance"):
+        parallel_sample(loop, torch.randn(1, 1, 8, 8))
