@@ -333,7 +333,7 @@ def _accumulation(w: Node, buf: Node) -> tuple[Node, Node] | None:
     if not (isinstance(v, Node) and v.op == "call_function" and v.target is operator.getitem and v.args[0] is buf
             and len(v.args) == 2 and not v.kwargs and v.args[1] == w.args[1] and set(v.users) == {a}):
         return None
-    if not isinstance(node_value(v), torch.Tensor) or not _same_dtype_reads(a, v):
+    if not all(isinstance(node_value(n), torch.Tensor) for n in (v, a)) or not _same_dtype_reads(a, v):
         return None
     return v, a
 
