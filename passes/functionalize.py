@@ -36,6 +36,7 @@ from .fx_utils import bound_arguments, mutates_in_place, node_value
 # (random_draws.py marks the draws it moves to the top so, too).
 KEPT_META = "pcr_kept_in_place"
 DEFERRED_META = "pcr_deferred"
+UPDATE_META = "pcr_slice_update"  # defer_slice_writes' undo record while it checks an accumulation's rewrite
 
 OUT_OF_PLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -278,17 +279,83 @@ def _is_slice_write(n: Node, buf: Node) -> bool:
     return n.op == "call_function" and n.target is operator.setitem and len(n.args) == 3 and n.args[0] is buf
 
 
+def _region(index, shape) -> list[tuple[int, int]] | None:
+    """The half-open interval `index` (basic indexing: ints, unit-step slices, None, one Ellipsis) selects in each
+    dimension of a tensor of `shape` (static ints); None where that cannot be told statically."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if any(isinstance(e, (Node, torch.Tensor, list, bool)) for e in index) or \
+            not all(type(d) is int for d in shape) or sum(e is Ellipsis for e in index) > 1:
+        return None
+    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
+    out, dim = [], 0
+    for e in index:
+        if e is None:
+            continue
+        if e is Ellipsis:
+            for _ in range(len(shape) - consumed):
+                out.append((0, shape[dim]))
+                dim += 1
+            continue
+        if dim >= len(shape):
+            return None
+        size = shape[dim]
+        if type(e) is int:
+            i = e + size if e < 0 else e
+            if not 0 <= i < size:
+                return None
+            out.append((i, i + 1))
+        elif isinstance(e, slice) and all(v is None or type(v) is int for v in (e.start, e.stop, e.step)) \
+                and e.step in (None, 1):
+            lo, hi, _ = e.indices(size)
+            out.append((lo, max(lo, hi)))
+        else:
+            return None
+        dim += 1
+    return out + [(0, d) for d in shape[dim:]]
+
+
+def _disjoint(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    return any(hi_a <= lo_b or hi_b <= lo_a or lo_a >= hi_a or lo_b >= hi_b
+               for (lo_a, hi_a), (lo_b, hi_b) in zip(a, b))
+
+
+def _accumulation(w: Node, buf: Node) -> tuple[Node, Node] | None:
+    """(view, update) when slice write `w` is the end of `buf[idx] += c` (`op=` any augmented operator), which
+    Dynamo records as `view = buf[idx]; update = iadd(view, c); buf[idx] = update`: the view read only by the
+    update, the update only by the write, right before it, and `c` (a 0-d tensor or one of the buffer's dtype)
+    giving the out-of-place op the in-place op's dtype. Else None."""
+    a = w.args[2]
+    if not (isinstance(a, Node) and a.op == "call_function" and a.target in OUT_OF_PLACE_OPERATORS
+            and a.next is w and set(a.users) == {w} and len(a.args) == 2 and not a.kwargs):
+        return None
+    v = a.args[0]
+    if not (isinstance(v, Node) and v.op == "call_function" and v.target is operator.getitem and v.args[0] is buf
+            and len(v.args) == 2 and not v.kwargs and v.args[1] == w.args[1] and set(v.users) == {a}):
+        return None
+    if not all(isinstance(node_value(n), torch.Tensor) for n in (v, a)) or not _same_dtype_reads(a, v):
+        return None
+    return v, a
+
+
 def defer_slice_writes(graph: Graph) -> int:
     """Move the writes into a preallocated output (`out[:, t] = h` in a loop over time) down to its first reader.
 
     A recurrent loop that fills a buffer made before the loop (`out = x.new_empty(B, T, H)`, then
     `out[:, t] = h` every step) writes it in place in every step, which makes every step ineligible. When
-    nothing reads the buffer between its first write and a later reader (a view of it, any other use, or the
-    graph's output), the writes can happen just before that reader, in their order: the steps then only compute
-    `h`, and a chain reads each step's `h` back from its solved trajectory for them. A buffer is moved only when
+    nothing reads the buffer between its first write and a later reader (a view of it, any other use, a use of
+    any view of it, also of one taken before the loop, or the graph's output), the writes can happen just
+    before that reader, in their order: the steps then only compute `h`, and a chain reads each step's `h`
+    back from its solved trajectory for them. A buffer is moved only when
     it is made in the graph and is no view of an earlier value, and only when no node between a write and the
     reader writes in place to a tensor the write reads (its value or index), so each write stores what it
-    stored before. Returns how many writes moved.
+    stored before.
+
+    An accumulation into a slice (`out[:, t] += h`, `_accumulation`) reads the buffer in its step; it becomes
+    `out[:, t] = out[:, t] + h` (the same values: nothing reads the buffer between the in-place op and the write
+    after it) and moves with the others when the slice it reads is disjoint from the slice of every earlier
+    write (static indices: ints and slices), so it reads, before the moved writes, what it read after them.
+    Returns how many writes moved.
     """
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
@@ -307,16 +374,71 @@ def defer_slice_writes(graph: Graph) -> int:
         if storage is None or groups[storage][0] is not buf:
             continue
         first = pos[writes[0]]
-        readers = [m for m in (*groups[storage], *buf.users) if pos[m] > first and not _is_slice_write(m, buf)]
+        acc = {w: va for w in writes if (va := _accumulation(w, buf)) is not None}
+        own = {m for va in acc.values() for m in va}  # the accumulations' views and updates
+        # every node that reads the buffer's memory: its views and what reads any of them (a view taken before
+        # the loop and read after it reads what the writes stored)
+        readers = [m for m in (*groups[storage], *(u for g in groups[storage] for u in g.users))
+                   if pos[m] > first and not _is_slice_write(m, buf) and m not in own]
         stop = min(readers, key=pos.__getitem__) if readers else next(n for n in reversed(nodes) if n.op == "output")
         batch = [w for w in writes if pos[w] < pos[stop]]
-        if len(batch) < 2 or not all(_keeps_reads(w, stop, pos, mutators) for w in batch):
+        if len(batch) < 2 or any(pos[m] > first and m not in {x for w in batch for x in acc.get(w, ())} for m in own
+                                 if pos[m] < pos[stop]):
             continue
+        shape = tuple(node_value(buf).shape)
+        if any(not _reads_before_writes(w, batch, shape, pos) for w in batch if w in acc):
+            continue
+        views = [acc[w][0] for w in batch if w in acc]
+        start = min([*views, writes[0]], key=pos.__getitem__)
+        if any(pos[start] < pos[m] < first and m not in own for m in groups[storage]):
+            continue  # something between the first accumulation's read and the first write touches the buffer
+        updates = [acc[w][1] for w in batch if w in acc]
+        for a in updates:  # out of place: a new tensor, no longer the buffer's
+            a.target, a.meta[UPDATE_META] = OUT_OF_PLACE_OPERATORS[a.target], (a.target, a.meta.get("example_value"))
+            a.meta.pop(KEPT_META, None)
+            a.meta["example_value"] = node_value(a).clone()
+        if not all(_keeps_reads(w, stop, pos, mutators) for w in batch):
+            for a in updates:  # as it was
+                a.target, a.meta["example_value"] = a.meta.pop(UPDATE_META)
+            continue
+        for a in updates:
+            del a.meta[UPDATE_META]
+        if updates:
+            # the copy goes right after the last node before the views that touches the buffer (before the loop)
+            last = max((m for m in groups[storage] if pos[m] < pos[start]), key=pos.__getitem__)
+            _read_initial_copy(graph, buf, last, views)
         for w in batch:
             stop.prepend(w)
             w.meta[DEFERRED_META] = True
         moved += len(batch)
     return moved
+
+
+def _read_initial_copy(graph: Graph, buf: Node, after: Node, views: list[Node]) -> None:
+    """Point the accumulations' views at a copy of `buf` taken right after `after`, the last node before them that
+    touches the buffer: they read only slices no earlier write touched, so the copy holds what they read, and the
+    buffer the moved writes then mutate is no input of the chain (whose backward would find it modified in
+    place)."""
+    with graph.inserting_after(after):
+        initial = graph.call_method("clone", (buf,))
+    initial.meta["example_value"] = node_value(buf).clone()
+    for v in views:
+        v.args = (initial, *v.args[1:])
+        v.meta["example_value"] = node_value(initial)[v.args[1]]
+
+
+def _reads_before_writes(w: Node, batch: list[Node], shape: tuple, pos: dict) -> bool:
+    """Whether the slice accumulation `w` reads is disjoint from the slice of every write of `batch` before it."""
+    mine = _region(w.args[1], shape)
+    if mine is None:
+        return False
+    for other in batch:
+        if pos[other] >= pos[w]:
+            break
+        theirs = _region(other.args[1], shape)
+        if theirs is None or not _disjoint(mine, theirs):
+            return False
+    return True
 
 
 def _keeps_reads(w: Node, stop: Node, pos: dict, mutators: list[Node]) -> bool:

@@ -17,8 +17,8 @@ analyse the graph twice).
 5. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
    end of the graph, out of the blocks;
 6. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
-7. ``defer_slice_writes`` (``functionalize.py``): writes into a preallocated output (`out[:, t] = h`) move
-   down to the output's first reader, out of the steps;
+7. ``defer_slice_writes`` (``functionalize.py``): writes into a preallocated output (`out[:, t] = h`, and
+   accumulations `out[:, t] += h` into disjoint slices) move down to the output's first reader, out of the steps;
 8. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
    tensors where their users take tensors (a chain's per-step scalars are then batched);
 9. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between;

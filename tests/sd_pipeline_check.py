@@ -152,6 +152,11 @@ def main() -> None:
     par(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=6, output_type="latent")
     results["bar"], results["bar_rounds"] = ticks, par.last_stats.evaluations
     results["errors"] = errors
+    fresh = pipe_with(diffusers.DDIMScheduler())  # never run sequentially: what the parallel call alone sets
+    parallel_pipeline(fresh)(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=3, guidance_scale=3.0,
+                             guidance_rescale=0.25, output_type="latent")
+    results["properties"] = {name: getattr(fresh, name, None) for name in (
+        "num_timesteps", "guidance_scale", "guidance_rescale", "do_classifier_free_guidance", "interrupt")}
     results["isinstance"] = isinstance(par, ParallelStableDiffusionPipeline)
     swapped = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     par.scheduler = swapped  # reaches the pipeline, as on the pipeline itself

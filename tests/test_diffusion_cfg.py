@@ -375,3 +375,6 @@ def test_parallel_pipeline_wraps_stable_diffusion_pipeline():
     assert res["bar"] == [["total", 6], *[1] * res["bar_rounds"], "closed"] and 1 <= res["bar_rounds"] <= 6
     assert res["errors"]["unknown"].startswith("TypeError") and "stepz" in res["errors"]["unknown"]
     assert res["errors"]["height"].startswith("ValueError") and "divisible by 8" in res["errors"]["height"]
+    # the pipeline's properties after a parallel call, as after its own (they raised AttributeError)
+    assert res["properties"] == {"num_timesteps": 3, "guidance_scale": 3.0, "guidance_rescale": 0.25,
+                                 "do_classifier_free_guidance": True, "interrupt": False}

@@ -109,6 +109,11 @@ def _check_latents(loop: SamplingLoop, latents: Any) -> None:
     if isinstance(channels, int) and (latents.dim() < 2 or latents.shape[1] != channels):
         raise ValueError(f"latents must be (batch, {channels}, ...) for this unet (config.in_channels={channels}), "
                          f"got shape {tuple(latents.shape)}")
+    out_channels = getattr(getattr(unet, "config", None), "out_channels", None)
+    if isinstance(channels, int) and isinstance(out_channels, int) and out_channels != channels:
+        raise ValueError(f"the unet outputs {out_channels} channels for {channels} input channels (config.out_channels"
+                         f"); the sampler steps take a model output of the sample's shape"
+                         f"{' (a learned variance: not supported)' if out_channels == 2 * channels else ''}")
     dtype = getattr(unet, "dtype", None)  # diffusers models: the parameters' dtype, which their input must match
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != latents.dtype:
         raise ValueError(f"latents are {latents.dtype} but the unet is {dtype}; pass latents of the unet's dtype")
@@ -150,7 +155,7 @@ def parallel_sample(loop: SamplingLoop, latents: torch.Tensor, *, generator: Any
     Raises:
         TypeError / ValueError, naming the argument: a bad option (tol must be finite and positive), noise of the
         wrong shape, latents that are not a floating-point tensor, or (a diffusers unet) whose channels or dtype
-        are not the unet's.
+        are not the unet's, or a unet whose output channels are not its input channels (a learned variance).
     """
     if not isinstance(loop, SamplingLoop):
         raise TypeError(f"loop must be a SamplingLoop (from sampling_loop), got {type(loop).__name__}")

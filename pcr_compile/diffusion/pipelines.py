@@ -11,8 +11,10 @@ rounds a solve takes). The stats of the last call are in `.last_stats`. The argu
 pipeline's own signature (DDPM's third positional argument is `num_inference_steps`, and it takes no `eta`), and
 the loop is the pipelines' own: no `scale_model_input` and no `init_noise_sigma`, whatever scheduler is swapped
 in. What `sampling_loop` declines (thresholding, ancestral Euler, PNDM, ...) runs the wrapped pipeline itself,
-sequentially and exactly, with a warning (`last_stats.fell_back`, `last_stats.reason`); a call that raises leaves
-`last_stats` None. Attributes read or set
+sequentially and exactly, with a warning (`last_stats.fell_back`, `last_stats.reason`); a scheduler whose `step`
+cannot take the keywords the pipeline's loop passes it (DDIM's `eta=`, DDPM's `generator=`: diffusers' own pipeline
+fails on its first step) raises a TypeError naming the pipeline and the scheduler; a call that raises leaves
+`last_stats` None. The call ends, as the pipelines' own do, with `maybe_free_model_hooks()`. Attributes read or set
 on the wrapper are the pipeline's (`par.scheduler = ...` swaps the pipeline's scheduler), but for `last_stats`.
 
 `parallel_denoise(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale=7.5, ...)` is
@@ -131,9 +133,12 @@ class ParallelPipeline(PipelineWrapper):
         bound.apply_defaults()
         a = bound.arguments
         batch_size, generator, num_inference_steps = a["batch_size"], a["generator"], a["num_inference_steps"]
+        if isinstance(num_inference_steps, float) and num_inference_steps.is_integer() and num_inference_steps > 0:
+            num_inference_steps = int(num_inference_steps)  # 50.0 from a config file: DDPMPipeline takes it
         output_type, return_dict = a["output_type"], a["return_dict"]
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got a list of {len(generator)} generators for batch_size={batch_size}")
+        _check_step_takes(pipe)
         # the scheduler keywords the pipeline's loop passes to step (DDIM: eta always, use_clipped_model_output
         # when not None; DDPM: none)
         step_kwargs = {k: a[k] for k in ("eta", "use_clipped_model_output") if a.get(k) is not None}
@@ -163,9 +168,41 @@ class ParallelPipeline(PipelineWrapper):
             image = image.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 image = pipe.numpy_to_pil(image)
+        pipe.maybe_free_model_hooks()  # as the pipelines' own __call__ ends (enable_model_cpu_offload's hooks)
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+# the keywords DDIMPipeline's / DDPMPipeline's loop passes to `scheduler.step` at every step
+_STEP_KEYWORDS = {"DDIMPipeline": ("eta", "use_clipped_model_output", "generator"), "DDPMPipeline": ("generator",)}
+
+
+def _check_step_takes(pipe: Any) -> None:
+    """Raise a TypeError naming the pipeline and the scheduler when the scheduler's `step` cannot take what the
+    pipeline's loop passes it (diffusers' own pipeline fails on its first step then, with
+    "step() got an unexpected keyword argument"): a scheduler swapped in after construction."""
+    name, sched = type(pipe).__name__, pipe.scheduler
+    try:
+        params = inspect.signature(sched.step).parameters
+    except (TypeError, ValueError, AttributeError):
+        return  # no step to read: left to the pipeline's own loop
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [k for k in _STEP_KEYWORDS[name] if k not in params]
+    if not missing:
+        return
+    cls = type(sched).__name__
+    if name == "DDIMPipeline":
+        hint = ("DDIMPipeline runs DDIMScheduler (its constructor converts any scheduler to one): set "
+                "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config), or wrap "
+                f"DDPMPipeline(unet=pipe.unet, scheduler=...) to sample with {cls}")
+    else:
+        hint = ("DDPMPipeline runs schedulers whose step takes a generator; DDPMScheduler, DDIMScheduler, "
+                "EulerDiscreteScheduler and DPMSolverMultistepScheduler are among them and are solved in parallel")
+    raise TypeError(f"parallel_pipeline: {name}'s loop passes {', '.join(k + '=' for k in missing)} to "
+                    f"scheduler.step, which {cls}.step does not take (diffusers' own {name} raises TypeError on its "
+                    f"first step with this scheduler too); {hint}")
 
 
 def parallel_pipeline(pipe: Any, **solver_options: Any) -> Any:

@@ -6,8 +6,9 @@ returns what it returns, running the pipeline's own steps around the loop: `chec
 (prompts or `prompt_embeds`, `num_images_per_prompt`, `clip_skip`, the LoRA scale of `cross_attention_kwargs`),
 the initial latents drawn as `prepare_latents` draws them, then the denoising loop (classifier-free guidance,
 `guidance_rescale`, `eta`) by `parallel_denoise`, then `vae.decode`, `run_safety_checker`,
-`image_processor.postprocess` and `maybe_free_model_hooks`. So the images equal the sequential pipeline's from
-the same generator, within the solve's tolerance.
+`image_processor.postprocess` and `maybe_free_model_hooks`, and setting the call's state its properties read
+(`guidance_scale`, `guidance_rescale`, `clip_skip`, `cross_attention_kwargs`, `num_timesteps`). So the images
+equal the sequential pipeline's from the same generator, within the solve's tolerance.
 
 What a parallel solve cannot take runs the pipeline itself instead, sequentially and exactly, with a warning
 naming the reason (`last_stats` is then None): a scheduler or scheduler config `sampling_loop` does not
@@ -106,6 +107,10 @@ class ParallelStableDiffusionPipeline(PipelineWrapper):
             height, width = size[0] * pipe.vae_scale_factor, size[1] * pipe.vae_scale_factor
         pipe.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           None, None, None)
+        # the call's state the pipeline's properties read (pipe.guidance_scale, .num_timesteps, ...), set as its
+        # own __call__ sets it
+        pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = guidance_scale, guidance_rescale, clip_skip
+        pipe._cross_attention_kwargs, pipe._interrupt = cross_attention_kwargs, False
         # 2-3: the prompts encoded as the pipeline encodes them
         if prompt is not None and isinstance(prompt, str):
             batch_size = 1
@@ -139,6 +144,7 @@ class ParallelStableDiffusionPipeline(PipelineWrapper):
                 num_inference_steps=num_inference_steps, generator=generator, eta=eta,
                 cross_attention_kwargs=cross_attention_kwargs, on_round=on_round, **self.options)
         pipe.scheduler.set_timesteps(num_inference_steps, device=device)  # as the sequential pipeline leaves it
+        pipe._num_timesteps = len(pipe.scheduler.timesteps)
         # 8: decode, safety check, postprocess, as the pipeline does
         if output_type != "latent":
             image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
