@@ -181,14 +181,16 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
 
 
 def solves_only(gm: GraphModule) -> bool:
-    """Whether every computation in `gm` is a deeppcr op (chain ops, their stacks) or an index of their
-    outputs: then there is nothing for Inductor to compile."""
+    """Whether every computation in `gm` is a deeppcr op (chain ops, their stacks), an index of their
+    outputs or a `detach` of an input they take without gradient: then there is nothing for Inductor to
+    compile."""
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
         if n.op != "call_function":
             return False
-        if n.target is not operator.getitem and getattr(n.target, "namespace", None) != ops.NAMESPACE:
+        if n.target not in (operator.getitem, torch.Tensor.detach) and \
+                getattr(n.target, "namespace", None) != ops.NAMESPACE:
             return False
     return True
 
