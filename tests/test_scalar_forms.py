@@ -31,6 +31,12 @@ STEPS = {
     "elu-alpha": lambda h, x, t, i: F.elu(h, alpha=t),
     "celu-alpha": lambda h, x, t, i: F.celu(h, alpha=t),
     "hardtanh-bounds": lambda h, x, t, i: F.hardtanh(h, -t, t),
+    "clamp-min": lambda h, x, t, i: torch.clamp_min(h, -t),
+    "clamp-min-method": lambda h, x, t, i: x + h.clamp_min(-t),
+    "clamp-max-method": lambda h, x, t, i: x + h.clamp_max(t),
+    # a per-layer rate outside training (linearly growing drop rates, in eval mode): the identity
+    "dropout-eval": lambda h, x, t, i: x + F.dropout(torch.tanh(h), 0.05 * i, training=False),
+    "dropout-module-eval": lambda h, x, t, i: x + torch.nn.Dropout(0.05 * i).eval()(torch.tanh(h)),
 }
 
 

@@ -83,11 +83,19 @@ def _addcmul(g: Graph, a: dict) -> Node:
 
 # Builtins (no Python signature to read): their parameters and defaults spelled out.
 _CLAMP = ScalarForm((("input", REQUIRED), ("min", None), ("max", None)), frozenset({"min", "max"}))
+# clamp_min / clamp_max take a tensor bound themselves (their .Tensor overloads: the same values and gradients)
+_CLAMP_MIN = ScalarForm((("input", REQUIRED), ("min", REQUIRED)), frozenset({"min"}))
+_CLAMP_MAX = ScalarForm((("input", REQUIRED), ("max", REQUIRED)), frozenset({"max"}))
 _LERP = ScalarForm((("input", REQUIRED), ("end", REQUIRED), ("weight", REQUIRED)), frozenset({"weight"}))
 _ADD, _SUB = (ScalarForm((("input", REQUIRED), ("other", REQUIRED), ("alpha", 1)), frozenset({"alpha"}),
                          _add_alpha(s)) for s in (1, -1))
 _ADDCMUL = ScalarForm((("input", REQUIRED), ("tensor1", REQUIRED), ("tensor2", REQUIRED), ("value", 1)),
                       frozenset({"value"}), _addcmul)
+
+
+def _eval_dropout(g: Graph, a: dict) -> Node:
+    # dropout outside training is its input, whatever its rate (a per-layer rate in eval mode)
+    return a["input"]
 
 
 def _functional(fn, liftable: set[str], build) -> ScalarForm:
@@ -98,6 +106,10 @@ def _functional(fn, liftable: set[str], build) -> ScalarForm:
 FORMS: dict[tuple[str, object], ScalarForm] = {
     **{("call_function", t): _CLAMP for t in (torch.clamp, torch.clip)},
     **{("call_method", t): _CLAMP for t in ("clamp", "clip")},
+    ("call_function", torch.clamp_min): _CLAMP_MIN,
+    ("call_method", "clamp_min"): _CLAMP_MIN,
+    ("call_function", torch.clamp_max): _CLAMP_MAX,
+    ("call_method", "clamp_max"): _CLAMP_MAX,
     ("call_function", torch.lerp): _LERP,
     ("call_method", "lerp"): _LERP,
     ("call_function", torch.add): _ADD,
@@ -109,6 +121,8 @@ FORMS: dict[tuple[str, object], ScalarForm] = {
     ("call_function", F.elu): _functional(F.elu, {"alpha"}, _elu),
     ("call_function", F.celu): _functional(F.celu, {"alpha"}, _celu),
     ("call_function", F.hardtanh): _functional(F.hardtanh, {"min_val", "max_val"}, _hardtanh),
+    ("call_function", F.dropout): ScalarForm(_signature(F.dropout), frozenset({"p"}), _eval_dropout,
+                                             fixed=(("training", False), ("inplace", False))),
 }
 
 
