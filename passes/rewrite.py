@@ -145,6 +145,8 @@ def _carries_gradient(n: Node) -> bool:
     and boolean tensors, sizes and other Python values never require grad)."""
     if (n.op == "call_method" and n.target == "detach") or (n.op == "call_function" and n.target in _DETACH):
         return False
+    if "example_value" not in n.meta and "val" not in n.meta:
+        return True  # a node a pass made without an example value: assume it differentiates
     return any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
                for v in tree_flatten(node_value(n))[0])
 
