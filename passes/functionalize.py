@@ -6,8 +6,10 @@ A block with an in-place op cannot be evaluated out of order, so the chain finde
 mutations are private to the block: the mutated tensor was created a few ops earlier, and no view of it
 exists. For those, the in-place op is the out-of-place op plus "later readers see the new value", and
 this pass rewrites it so: `relu(x, inplace=True)` -> `relu(x)`, `iadd(a, b)` -> `add(a, b)`,
-`a.mul_(b)` -> `a.mul(b)`, `torch.relu_(a)` -> `torch.relu(a)`; every node after the mutation that
-reads `a` (or the in-place op's own result, which is `a`) reads the new node instead.
+`a.mul_(b)` -> `a.mul(b)`, `torch.relu_(a)` -> `torch.relu(a)`, `a[idx] = v` -> `assign(a, idx, v)` (a copy
+with `v` written in); every node after the mutation that reads `a` (or the in-place op's own result, which is
+`a`) reads the new node instead. Item assignments into one tensor several times with no read between (a
+preallocated output written every step) are left to `defer_slice_writes`, which moves them after the loop.
 
 A mutation is rewritten only when it is provably private (else it is left alone and its block declined):
 - the mutated tensor was produced by an op of this graph (never a graph input, parameter or buffer);
@@ -53,6 +55,25 @@ _NOT_TWINS = {"resize_", "resize_as_", "set_", "requires_grad_", "share_memory_"
               "align_to_", "record_stream_", "pin_memory_", "sparse_resize_", "sparse_resize_and_clear_"}
 
 
+def assign(t: torch.Tensor, index, value) -> torch.Tensor:
+    """`t[index] = value` out of place: a copy of `t` with `value` written at `index` (the twin of
+    `operator.setitem` on a private tensor)."""
+    if isinstance(index, torch.Tensor) and index.dtype == torch.bool and index.shape == t.shape and (
+            isinstance(value, (int, float, bool)) or isinstance(value, torch.Tensor) and value.dim() == 0):
+        # a number at a full-shape mask (`h[h > 1] = 1`): where() batches under vmap, masked indexing does not
+        value = value.to(t.dtype) if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=t.dtype,
+                                                                                       device=t.device)
+        return torch.where(index, value, t)
+    out = t.clone()
+    out[index] = value
+    return out
+
+
+def _is_setitem(n: Node) -> bool:
+    return n.op == "call_function" and n.target is operator.setitem and len(n.args) == 3 \
+        and isinstance(n.args[0], Node) and not n.kwargs
+
+
 def _storages(n: Node) -> list:
     out = []
     for v in tree_flatten(node_value(n))[0]:
@@ -68,6 +89,8 @@ def _twin(n: Node):
     """(op, target, args, kwargs) of the out-of-place form of in-place node `n`, or None."""
     args, kwargs = tuple(n.args), dict(n.kwargs)
     if n.op == "call_function":
+        if _is_setitem(n):
+            return "call_function", assign, args, kwargs
         if n.target in OUT_OF_PLACE_OPERATORS:
             return "call_function", OUT_OF_PLACE_OPERATORS[n.target], args, kwargs
         bound = bound_arguments(n)
@@ -111,11 +134,23 @@ def _not_private(root: Node, rest: list[Node], members: list[Node]) -> str | Non
         return f"it writes {root.name}, an input, parameter or buffer of the graph"
     if root.op not in ("call_function", "call_method") or not isinstance(node_value(root), torch.Tensor):
         return f"it writes a value of {root.name} that is not a plain tensor"
+    writes = [m for m in rest if _is_setitem(m)]
+    if len(writes) > 1:
+        # Several item assignments with no read between (`out[:, t] = h` into a preallocated output, every step):
+        # defer_slice_writes moves those after the loop; written out of place each would copy the whole tensor.
+        pos = {n: i for i, n in enumerate(root.graph.nodes)}
+        reads = sorted(pos[u] for u in root.users if not _is_setitem(u))
+        if any(not any(pos[a] < r < pos[b] for r in reads) for a, b in zip(writes, writes[1:])):
+            return f"it assigns into {root.name} several times with no read between"
     for m in rest:
         if _twin(m) is None:
             if mutates_in_place(m):
                 return f"{m.name} has no out-of-place form"
             return f"{m.name} is a view of, or aliases, the written tensor"
+        if _is_setitem(m):  # returns nothing; writes (a cast of) its value into part of the tensor
+            if _mutated(m) not in members:
+                return f"{m.name} writes a tensor that other values alias"
+            continue
         if _mutated(m) not in members or not isinstance(node_value(m), torch.Tensor) or len(_storages(m)) != 1:
             return f"{m.name} writes a tensor that other values alias"
         if not _same_dtype_reads(m, _mutated(m)):
@@ -128,7 +163,8 @@ def functionalize_inplace(graph: Graph) -> int:
     nodes = list(graph.nodes)
     groups: dict[object, list[Node]] = defaultdict(list)
     for n in nodes:
-        for s in _storages(n):
+        # an item assignment (its value is None) belongs to the group of the tensor it writes
+        for s in _storages(n.args[0]) if _is_setitem(n) else _storages(n):
             if s is not None and n.op != "output":
                 groups[s].append(n)
     rewritable: set[Node] = set()  # in-place nodes of private groups
@@ -159,6 +195,8 @@ def functionalize_inplace(graph: Graph) -> int:
             with graph.inserting_before(n):
                 new = graph.create_node(op, target, args, kwargs)
             new.meta = dict(n.meta)
+            if _is_setitem(n):  # the copy has the written tensor's value
+                new.meta["example_value"] = node_value(n.args[0])
             latest[group_of[n]] = new
     for n in reversed(nodes):
         if n in rewritable and not n.users:

@@ -8,21 +8,23 @@ analyse the graph twice).
 
 1. ``unroll_scans`` (``scan.py``): `torch.ops.higher_order.scan` nodes become their steps, each reading its
    slice of the scanned tensors;
-2. ``rewrite_fills`` (``fills.py``): `full_like(x, t)` / `x.new_full(size, t)` become a zero fill plus `t`,
+2. ``detach_no_grad_regions`` (``grad_regions.py``): a `torch.no_grad()` region inside a step becomes its ops
+   plus a `detach` of each value read after it, so the grad-mode markers no longer decline the block;
+3. ``rewrite_fills`` (``fills.py``): `full_like(x, t)` / `x.new_full(size, t)` become a zero fill plus `t`,
    so a value that differs per step (an ODE's time) lifts like any other operand;
-3. ``unit_slices_as_indices`` (``slices.py``): `x[:, t:t + 1]` becomes `x[:, t, None]`, so a step's `t`
+4. ``unit_slices_as_indices`` (``slices.py``): `x[:, t:t + 1]` becomes `x[:, t, None]`, so a step's `t`
    lifts as an index does;
-4. ``hoist_random_draws`` (``random_draws.py``): noise drawn from shapes alone (`randn_like(x)` in a
+5. ``hoist_random_draws`` (``random_draws.py``): noise drawn from shapes alone (`randn_like(x)` in a
    stochastic sampler's step) moves to the top of the graph, in order, when every draw can;
-5. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
+6. ``defer_running_stat_updates`` (``functionalize.py``): BatchNorm's running-statistics writes move to the
    end of the graph, out of the blocks;
-6. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
-7. ``defer_slice_writes`` (``functionalize.py``): writes into a preallocated output (`out[:, t] = h`, and
+7. ``functionalize_inplace`` (``functionalize.py``): private in-place ops become out of place;
+8. ``defer_slice_writes`` (``functionalize.py``): writes into a preallocated output (`out[:, t] = h`, and
    accumulations `out[:, t] += h` into disjoint slices) move down to the output's first reader, out of the steps;
-8. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
+9. ``tensor_scalars`` (``scalars.py``): floats Dynamo passes as 0-d tensors and reads with `.item()` stay
    tensors where their users take tensors (a chain's per-step scalars are then batched);
-9. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between;
-10. ``defer_integer_states`` (``defer.py``): integer states counted beside a floating chain move after it.
+10. ``carry_lagged_values`` (``carry.py``): values read two steps back are carried through the step between;
+11. ``defer_integer_states`` (``defer.py``): integer states counted beside a floating chain move after it.
 
 After them the backend finds chains (``chains/``), decides (``pcr_compile.cost``), and replaces each chosen chain
 by its op (``rewrite.py``), then cleans up once (``fx_utils.cleanup``).
@@ -41,6 +43,7 @@ from .chains import Analysis
 from .defer import defer_integer_states
 from .fills import rewrite_fills
 from .functionalize import defer_running_stat_updates, defer_slice_writes, functionalize_inplace
+from .grad_regions import detach_no_grad_regions
 from .random_draws import hoist_random_draws
 from .scalars import tensor_scalars
 from .scan import unroll_scans
@@ -80,6 +83,7 @@ def _defer_integers(gm: GraphModule, ctx: PassContext) -> int:
 
 PREPARE: tuple[GraphPass, ...] = (
     on_graph("unroll_scans", unroll_scans),
+    on_graph("detach_no_grad_regions", detach_no_grad_regions),
     on_graph("rewrite_fills", rewrite_fills),
     on_graph("unit_slices_as_indices", unit_slices_as_indices),
     on_graph("hoist_random_draws", hoist_random_draws),

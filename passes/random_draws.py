@@ -121,7 +121,11 @@ def hoist_random_draws(graph: Graph) -> int:
             randoms.append((n, plan))
     if not randoms:
         return 0
-    first = next(n for n in graph.nodes if n.op != "placeholder")
+    moving = {n for n, _ in randoms}
+    # The first node that stays: the graph's first draw may be its first node (stochastic depth's
+    # `torch.rand(B, 1)` before the first layer), which is erased below; inserting before it would then put
+    # the later draws before a node no longer in the graph, out of the graph's order.
+    first = next(n for n in graph.nodes if n.op != "placeholder" and n not in moving)
     for n, (target, args, kwargs) in randoms:
         with graph.inserting_before(first):
             new = graph.call_function(target, args, kwargs)

@@ -137,6 +137,48 @@ def lifted_values(match: ChainMatch, device) -> list[torch.Tensor]:
     return out
 
 
+_DETACH = {torch.detach, torch.Tensor.detach, torch.ops.aten.detach.default}
+
+
+def _carries_gradient(n: Node) -> bool:
+    """Whether gradients can flow through `n`'s value: not a `detach`, and some floating tensor in it (integer
+    and boolean tensors, sizes and other Python values never require grad)."""
+    if (n.op == "call_method" and n.target == "detach") or (n.op == "call_function" and n.target in _DETACH):
+        return False
+    if "example_value" not in n.meta and "val" not in n.meta:
+        return True  # a node a pass made without an example value: assume it differentiates
+    return any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+               for v in tree_flatten(node_value(n))[0])
+
+
+def undifferentiated_inputs(match: ChainMatch) -> tuple[set[int], set[int], set[int]]:
+    """(per-step groups, stacked slices, invariants) of `match` that no carried state of a step reaches along a
+    path autograd could differentiate: every path from them to the states passes a `detach` (a gate computed
+    `.detach()`-ed) or a value with no floating tensor (a comparison). Eager leaves their gradients None; the
+    chain op would return zeros. Conservative: any other op counts as differentiable."""
+    reach: dict[int, set] = {}
+    sliced_at = {j: i for i, (j, _, _) in enumerate(match.sliced)}
+    for j, node in enumerate(match.blocks[0]):
+        if j in match.folded:
+            reach[j] = set()
+            continue
+        if j in sliced_at:
+            reach[j] = {("sliced", sliced_at[j])}
+            continue
+        got: set = set()
+        for ref in match.arg_refs[j]:
+            if ref.kind == "internal":
+                got |= reach[ref.index]
+            elif ref.kind in ("per_step", "invariant"):
+                got.add((ref.kind, ref.index))
+        reach[j] = got if _carries_gradient(node) else set()
+    used = set().union(*(reach[q] for q in match.state_positions))
+    unused = [{i for i in range(n) if (kind, i) not in used}
+              for kind, n in (("per_step", len(match.per_step)), ("sliced", len(match.sliced)),
+                              ("invariant", len(match.invariants)))]
+    return unused[0], unused[1], unused[2]
+
+
 def remap_match(match: ChainMatch, replaced: dict[Node, Node]) -> ChainMatch:
     """`match` with the outside nodes it names (initial states, per-step inputs, invariants, symbolic sizes,
     stacked sources) replaced per `replaced` (`rewrite_chain`'s record of an earlier rewrite in the graph)."""
@@ -204,25 +246,40 @@ def rewrite_chain(gm: GraphModule, match: ChainMatch, op, call_args, *, tol: flo
         with graph.inserting_after(anchor):
             anchor = graph.get_attr(name)
         const_nodes.append(anchor)
+    # Inputs no state reaches differentiably enter detached, so their gradients stay None, as eager's do (an
+    # optimizer skips a None gradient; a zero one still decays the weight and moves its momentum).
+    no_grad_groups, no_grad_slices, no_grad_invariants = undifferentiated_inputs(match)
+
+    def detached(n: Node) -> Node:
+        nonlocal anchor
+        value = node_value(n)
+        if isinstance(value, torch.Tensor) and not value.requires_grad:
+            return n  # a buffer, an integer index: nothing to detach
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(torch.Tensor.detach, (n,))
+        anchor.meta.update({k: v for k, v in n.meta.items() if k in ("example_value", "val", "tensor_meta")})
+        return anchor
+
+    invariants = [detached(n) if i in no_grad_invariants else n for i, n in enumerate(match.invariants)]
     stacked = []
     if match.per_step:  # every group by one call, then one (L, ...) input per group
-        flat = [n for group in match.per_step for n in group]
+        flat = [detached(n) if k in no_grad_groups else n for k, group in enumerate(match.per_step) for n in group]
         with graph.inserting_after(anchor):
             anchor = multi = graph.call_function(stack_groups, (flat, [len(g) for g in match.per_step]))
         for k in range(len(match.per_step)):
             with graph.inserting_after(anchor):
                 anchor = graph.call_function(operator.getitem, (multi, k))
             stacked.append(anchor)
-    for _, source, start in match.sliced:  # already stacked in the model: passed as it is (a view at most)
+    for k, (_, source, start) in enumerate(match.sliced):  # already stacked in the model: passed as it is
         if start == 0 and _rows(source) == L:
-            stacked.append(source)
+            stacked.append(detached(source) if k in no_grad_slices else source)
             continue
         with graph.inserting_after(anchor):
             anchor = graph.call_function(operator.getitem, (source, slice(start, start + L)))
-        stacked.append(anchor)
+        stacked.append(detached(anchor) if k in no_grad_slices else anchor)
     with graph.inserting_after(anchor):
         call = graph.call_function(op, call_args(
-            states=list(match.initial), stacked=stacked, consts=const_nodes, invariants=list(match.invariants),
+            states=list(match.initial), stacked=stacked, consts=const_nodes, invariants=invariants,
             syms=list(match.sym_invariants), length=L, tol=float(tol), max_iters=int(max_iters), jacobian=jacobian,
             window=int(window), sampler_jacobian=sampler_jacobian, kernels=kernels, save_trajectory=save_trajectory,
             adaptive=bool(adaptive)))

@@ -22,6 +22,7 @@ from pcr_compile.passes.chains import Analysis, ChainMatch, find_chains
 from pcr_compile.passes.chains.validate import autocast_compute_dtype
 from pcr_compile.passes.fills import rewritable_fill
 from pcr_compile.passes.fx_utils import cleanup, mutates_in_place, node_value
+from pcr_compile.passes.grad_regions import opens_no_grad
 from pcr_compile.passes.pipeline import PREPARE, PassContext, run_passes
 from pcr_compile.passes.random_draws import has_random_draws
 from pcr_compile.passes.rewrite import build_template, rewrite_chain
@@ -123,12 +124,13 @@ def prepared(gm: GraphModule, options: Options, copy: bool = True) -> tuple[Grap
     carried through the step between (`passes/carry.py`), integer states counted beside a chain moved after it
     (`passes/defer.py`), scan nodes unrolled (`passes/scan.py`), literal fills made adds (`passes/fills.py`),
     unit slices by a number made indices (`passes/slices.py`), shape-only random draws moved to the top
-    (`passes/random_draws.py`) and floats read back from 0-d tensors kept as tensors (`passes/scalars.py`): the
-    passes of `passes/pipeline.py`. With `copy=False`, a graph that none of those passes would change (no
-    in-place op, no scan node, no fill, no unit slice, no random draw, no `.item()` of a float, no read two steps
+    (`passes/random_draws.py`), floats read back from 0-d tensors kept as tensors (`passes/scalars.py`) and
+    `no_grad` regions made detaches (`passes/grad_regions.py`): the passes of `passes/pipeline.py`. With
+    `copy=False`, a graph that none of those passes would change (no in-place op, no scan node, no fill, no unit
+    slice, no random draw, no `no_grad` region, no `.item()` of a float, no read two steps
     back, no integer state beside a chain) is analysed where it is, read only, and returned itself: deciding to
     change nothing then costs no copy of the graph (half the backend's time on a 1,000-node graph)."""
-    rewritable = (mutates_in_place, rewritable_fill, rewritable_slice)
+    rewritable = (mutates_in_place, rewritable_fill, rewritable_slice, opens_no_grad)
     if not copy and not scan_nodes(gm.graph) and not has_random_draws(gm.graph) and not has_tensor_scalars(
             gm.graph) and not any(f(n) for n in gm.graph.nodes for f in rewritable):
         analysis = find_chains(gm.graph, min_length=options.min_chain_length)
@@ -181,14 +183,16 @@ def rewrite(gm: GraphModule, options: Options) -> tuple[GraphModule, GraphPlan, 
 
 
 def solves_only(gm: GraphModule) -> bool:
-    """Whether every computation in `gm` is a deeppcr op (chain ops, their stacks) or an index of their
-    outputs: then there is nothing for Inductor to compile."""
+    """Whether every computation in `gm` is a deeppcr op (chain ops, their stacks), an index of their
+    outputs or a `detach` of an input they take without gradient: then there is nothing for Inductor to
+    compile."""
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
         if n.op != "call_function":
             return False
-        if n.target is not operator.getitem and getattr(n.target, "namespace", None) != ops.NAMESPACE:
+        if n.target not in (operator.getitem, torch.Tensor.detach) and \
+                getattr(n.target, "namespace", None) != ops.NAMESPACE:
             return False
     return True
 

@@ -31,7 +31,8 @@ class InPlaceStack(nn.Module):
 
 
 def test_the_pipeline_is_declared_in_order_with_one_signature():
-    assert [p.name for p in PREPARE] == ["unroll_scans", "rewrite_fills", "unit_slices_as_indices",
+    assert [p.name for p in PREPARE] == ["unroll_scans", "detach_no_grad_regions", "rewrite_fills",
+                                       "unit_slices_as_indices",
                                        "hoist_random_draws", "defer_running_stat_updates", "functionalize_inplace",
                                        "defer_slice_writes", "tensor_scalars", "carry_lagged_values",
                                        "defer_integer_states"]

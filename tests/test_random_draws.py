@@ -150,3 +150,40 @@ def test_langevin_noise_sized_from_the_state_moves(dynamic):
             torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
     assert [(s.direction, s.length) for s in solves][-1] == ("forward", 12)
     assert all(not s.fell_back for s in solves)
+
+
+class StochasticDepth(nn.Module):
+    """Residual blocks dropped per sample in training (stochastic depth): each block's keep mask is a
+    `torch.rand(B, 1)` draw, and the model's first op is the first block's draw."""
+
+    def __init__(self, depth=10, p=0.3):
+        super().__init__()
+        self.layers, self.p = nn.ModuleList(nn.Linear(6, 6) for _ in range(depth)), p
+
+    def forward(self, x):
+        for layer in self.layers:
+            keep = (torch.rand(x.shape[0], 1) > self.p).to(x.dtype) / (1 - self.p)
+            x = x + keep * torch.tanh(layer(x))
+        return x
+
+
+def test_stochastic_depth_whose_first_op_is_a_draw_trains_as_a_chain():
+    """The first draw was the graph's first node, the one the draws were inserted before: once it had moved
+    (and been erased) the later draws went in before a node no longer in the graph, out of order, and the
+    rewrite failed the graph lint (Inductor compiled the original graph; `strict` raised)."""
+    torch.manual_seed(0)
+    model = StochasticDepth().double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    with torch._inductor.config.patch(fallback_random=True), pcr_compile.record_solves() as solves:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            ref = model(x)
+            want = torch.autograd.grad(ref.pow(2).sum(), [x, *model.parameters()])
+            torch.manual_seed(seed)
+            out = compiled(x)
+            got = torch.autograd.grad(out.pow(2).sum(), [x, *model.parameters()])
+            torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+    assert [(s.direction, s.length, s.converged) for s in solves] == [("forward", 10, True), ("backward", 10, True)] * 2

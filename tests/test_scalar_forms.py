@@ -47,6 +47,12 @@ STEPS = {
                                                                alpha=1 - t)),
     "baddbmm-alpha": lambda h, x, t, i: torch.tanh(torch.baddbmm(x[None], torch.tanh(h)[None],
                                                                  torch.eye(6, dtype=h.dtype)[None], alpha=t)[0]),
+    "clamp-min": lambda h, x, t, i: torch.clamp_min(h, -t),
+    "clamp-min-method-residual": lambda h, x, t, i: x + h.clamp_min(-t),
+    "clamp-max-method": lambda h, x, t, i: x + h.clamp_max(t),
+    # a per-layer rate outside training (linearly growing drop rates, in eval mode): the identity
+    "dropout-eval": lambda h, x, t, i: x + F.dropout(torch.tanh(h), 0.05 * i, training=False),
+    "dropout-module-eval": lambda h, x, t, i: x + torch.nn.Dropout(0.05 * i).eval()(torch.tanh(h)),
 }
 
 

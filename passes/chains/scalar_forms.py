@@ -153,6 +153,9 @@ def _addcmul(g: Graph, a: dict) -> Node:
 
 # Builtins (no Python signature to read): their parameters and defaults spelled out.
 _CLAMP = ScalarForm((("input", REQUIRED), ("min", None), ("max", None)), frozenset({"min", "max"}))
+# clamp_min / clamp_max take a tensor bound themselves (their .Tensor overloads: the same values and gradients)
+_CLAMP_MIN = ScalarForm((("input", REQUIRED), ("min", REQUIRED)), frozenset({"min"}))
+_CLAMP_MAX = ScalarForm((("input", REQUIRED), ("max", REQUIRED)), frozenset({"max"}))
 _LERP = ScalarForm((("input", REQUIRED), ("end", REQUIRED), ("weight", REQUIRED)), frozenset({"weight"}))
 _ADD, _SUB = (ScalarForm((("input", REQUIRED), ("other", REQUIRED), ("alpha", 1)), frozenset({"alpha"}),
                          _add_alpha(s)) for s in (1, -1))
@@ -168,8 +171,6 @@ _THRESHOLD = ScalarForm((("input", REQUIRED), ("threshold", REQUIRED), ("value",
                         frozenset({"threshold", "value"}), _threshold)
 _MASKED_FILL = ScalarForm((("input", REQUIRED), ("mask", REQUIRED), ("value", REQUIRED)), frozenset({"value"}),
                           _masked_fill)
-_CLAMP_MIN = ScalarForm((("input", REQUIRED), ("min", REQUIRED)), frozenset({"min"}))  # take a 0-d tensor
-_CLAMP_MAX = ScalarForm((("input", REQUIRED), ("max", REQUIRED)), frozenset({"max"}))
 
 
 def _product(*ops) -> Callable[[Graph, Node, Node], Node]:
@@ -190,6 +191,11 @@ _BADDBMM = _addmm_form("batch1", "batch2", torch.bmm)
 _ADDBMM = _addmm_form("batch1", "batch2", torch.bmm, "sum")
 
 
+def _eval_dropout(g: Graph, a: dict) -> Node:
+    # dropout outside training is its input, whatever its rate (a per-layer rate in eval mode)
+    return a["input"]
+
+
 def _functional(fn, liftable: set[str], build) -> ScalarForm:
     return ScalarForm(_signature(fn), frozenset(liftable), build, fixed=(("inplace", False),))
 
@@ -198,6 +204,10 @@ def _functional(fn, liftable: set[str], build) -> ScalarForm:
 FORMS: dict[tuple[str, object], ScalarForm] = {
     **{("call_function", t): _CLAMP for t in (torch.clamp, torch.clip)},
     **{("call_method", t): _CLAMP for t in ("clamp", "clip")},
+    ("call_function", torch.clamp_min): _CLAMP_MIN,
+    ("call_method", "clamp_min"): _CLAMP_MIN,
+    ("call_function", torch.clamp_max): _CLAMP_MAX,
+    ("call_method", "clamp_max"): _CLAMP_MAX,
     ("call_function", torch.lerp): _LERP,
     ("call_method", "lerp"): _LERP,
     ("call_function", torch.add): _ADD,
@@ -216,8 +226,6 @@ FORMS: dict[tuple[str, object], ScalarForm] = {
     ("call_function", torch.threshold): _THRESHOLD,
     ("call_function", torch.masked_fill): _MASKED_FILL,
     ("call_method", "masked_fill"): _MASKED_FILL,
-    **{(op, t): _CLAMP_MIN for op, t in (("call_function", torch.clamp_min), ("call_method", "clamp_min"))},
-    **{(op, t): _CLAMP_MAX for op, t in (("call_function", torch.clamp_max), ("call_method", "clamp_max"))},
     ("call_function", F.rrelu): ScalarForm(_signature(F.rrelu), frozenset({"lower", "upper"}), _rrelu_eval,
                                            fixed=(("training", False), ("inplace", False))),
     ("call_function", F.normalize): ScalarForm(_signature(F.normalize), frozenset({"eps"}), _normalize,
@@ -226,6 +234,8 @@ FORMS: dict[tuple[str, object], ScalarForm] = {
                                             (torch.baddbmm, _BADDBMM), (torch.addbmm, _ADDBMM))},
     **{("call_method", t): f for t, f in (("addmm", _ADDMM), ("addmv", _ADDMV), ("baddbmm", _BADDBMM),
                                           ("addbmm", _ADDBMM))},
+    ("call_function", F.dropout): ScalarForm(_signature(F.dropout), frozenset({"p"}), _eval_dropout,
+                                             fixed=(("training", False), ("inplace", False))),
 }
 
 
