@@ -54,3 +54,34 @@ def test_overflowing_chain_has_eagers_nan_pattern_in_its_gradients(jacobian):
     assert back and back[0].fell_back and "non-finite" in back[0].reason, solves
 
 
+
+class _TwoStates(nn.Module):
+    """A chain carrying two states (as an LSTM carries h and c)."""
+
+    def __init__(self, L: int = 8, w: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(w, w) for _ in range(L))
+
+    def forward(self, h):
+        v = torch.zeros_like(h)
+        for lin in self.layers:
+            h, v = torch.tanh(lin(h) + v), 0.5 * v + h
+        return h + v
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_empty_batch_of_a_chain_with_two_states(grad):
+    """Batch 0 (an LSTM cell over an empty batch): the states' trajectories are views of one packed tensor, and
+    the op's copy of outputs that share a storage skipped empty tensors, which the custom op's own alias check
+    does not: a RuntimeError ("may not alias any inputs ... or other returns") at run time."""
+    torch.manual_seed(0)
+    model = _TwoStates()
+    x = torch.randn(0, 4, requires_grad=grad)
+    compiled = torch.compile(model, backend="deeppcr", options=PARALLEL)
+    with pcr_compile.record_solves() as solves:
+        y = compiled(x)
+        if grad:
+            y.sum().backward()
+    assert y.shape == (0, 4) and [s.direction for s in solves] == ["forward", "backward"][: 1 + grad]
+    if grad:
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
