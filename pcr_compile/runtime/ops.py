@@ -177,7 +177,7 @@ def _fresh(outputs: list[Tensor], inputs: list) -> list[Tensor]:
     out = []
     for t in outputs:
         key = t.untyped_storage()._cdata
-        if key in seen and t.numel():
+        if key in seen:  # empty tensors too: the op's alias check compares their storages as well
             t = t.clone()
             key = t.untyped_storage()._cdata
         seen.add(key)

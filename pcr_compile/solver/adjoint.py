@@ -128,6 +128,9 @@ def _parallel_adjoint(spec, call, Zprev, Z, cot, full_map, primals, diff_stacked
     """The adjoint by refinement over all steps at once (or step by step where the template cannot be
     batched): (the pullback's outputs, stats, the strategy that ran)."""
     try:
+        if not all_finite([Z, cot]):
+            return _nonfinite_adjoint(call, Zprev, cot, diff_stacked, diff_inv, length, structure,
+                                      "trajectory or cotangent")
         _, pullback = vjp(full_map, *primals)
         last: dict = {}
 
@@ -136,8 +139,7 @@ def _parallel_adjoint(spec, call, Zprev, Z, cot, full_map, primals, diff_stacked
             last["lam"], last["out"] = lam, out
             return out[0]
 
-        ok = all_finite([Z, cot])
-        A = call.approx_jacobian(Zprev, structure) if ok else None
+        A = call.approx_jacobian(Zprev, structure)
         if A is None and structure in ("dense", "diagonal"):
             structure = "identity"
 
@@ -148,13 +150,26 @@ def _parallel_adjoint(spec, call, Zprev, Z, cot, full_map, primals, diff_stacked
 
         with torch.no_grad():
             lam, stats = newton.adjoint_solve(cot, apply_vjp, A, step_vjp, structure=structure, tol=tol,
-                                              max_iters=max_iters if ok else 0, impl=impl, parts=parts)
+                                              max_iters=max_iters, impl=impl, parts=parts)
+            # (a converged adjoint is finite: a step with NaN or inf in it has a NaN residual)
+            if stats.fell_back and not all_finite([lam]):
+                return _nonfinite_adjoint(call, Zprev, cot, diff_stacked, diff_inv, length, structure, "adjoint")
             out = last["out"] if last.get("lam") is lam else pullback(lam)
     except Exception as e:  # a template that cannot be batched, say: the exact adjoint step by step instead
         log.warning("deeppcr: parallel adjoint of %s failed (%s: %s); evaluating sequentially",
                     spec.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         out = _sequential_adjoint(call, Zprev, cot, diff_stacked, diff_inv)
         stats = newton.SolveStats(fell_back=True, reason=f"{type(e).__name__}: {e}", sequential_steps=length)
+    return out, stats, structure
+
+
+def _nonfinite_adjoint(call, Zprev, cot, diff_stacked, diff_inv, length, structure, what):
+    """The exact adjoint step by step, for a trajectory, cotangent or adjoint with NaN or inf in it: the batched
+    pullback re-evaluates the steps with batched kernels, whose summation order can overflow where eager's did not
+    (or not where it did), turning eager's NaN gradients into zeros; each step's own VJP runs eager's kernels, so
+    the gradients have eager's NaN / inf pattern."""
+    out = _sequential_adjoint(call, Zprev, cot, diff_stacked, diff_inv)
+    stats = newton.SolveStats(fell_back=True, reason=f"non-finite {what}", sequential_steps=length)
     return out, stats, structure
 
 
