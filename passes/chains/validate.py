@@ -24,7 +24,7 @@ import torch
 from torch.fx import Graph, Node
 from torch.utils._pytree import tree_flatten
 
-from ..fx_utils import arg_leaves, is_tensor_node, node_value
+from ..fx_utils import arg_leaves, bound_arguments, is_tensor_node, node_value
 from . import scalar_forms
 from .eligibility import body_structure, ineligibility, inlinable_body, is_autocast_marker, target_name
 from .match import ArgRef, ChainMatch
@@ -505,6 +505,19 @@ def _outside_ref(blocks, j: int, li: int, nodes: tuple[Node, ...], inputs: _Inpu
     return ArgRef("per_step", inputs.index(inputs.per_step, nodes))
 
 
+def _leaf_name(n: Node, li: int) -> str:
+    """` (`name`)` for argument leaf `li` of `n` where it is a whole keyword or a whole positional argument of an
+    op with a Python signature; else ''."""
+    n_pos = len(tree_flatten(n.args)[0])
+    if li >= n_pos:
+        keys = [k for k, v in n.kwargs.items() for _ in tree_flatten(v)[0]]
+        return f" (`{keys[li - n_pos]}`)" if li - n_pos < len(keys) else ""
+    if len(n.args) != n_pos or (bound := bound_arguments(n)) is None:  # a nested argument, or no signature
+        return ""
+    names = list(bound.signature.parameters)
+    return f" (`{names[li]}`)" if li < len(names) and names[li] not in ("args", "kwargs") else ""
+
+
 def _const_ref(node0: Node, li: int, differs: bool, values: tuple, inputs: _Inputs) -> ArgRef:
     """A literal: the same in every step ("const"), or a number per step lifted to a per-step tensor."""
     if not differs:
@@ -514,6 +527,7 @@ def _const_ref(node0: Node, li: int, differs: bool, values: tuple, inputs: _Inpu
                         "steps (a per-step slice, `x[:, t:t + 2]`); an index by the step's number (`x[:, t]`, "
                         "`x[:, t, None]`) lifts to a per-step input")
     if not (_liftable(node0, li) and all(type(v) in (int, float) for v in values)):
-        raise Split([], f"constant argument {li} of {node0.name} ({target_name(node0)}) differs between steps and "
-                        "cannot be lifted to a tensor")
+        shown = ", ".join(map(repr, values[:3])) + (", ..." if len(values) > 3 else "")
+        raise Split([], f"constant argument {li}{_leaf_name(node0, li)} of {node0.name} ({target_name(node0)}) "
+                        f"differs between steps ({shown}) and cannot be lifted to a tensor")
     return ArgRef("lifted", inputs.index(inputs.lifted, values))
