@@ -314,7 +314,7 @@ def _retake(graph: Graph, b: Node) -> Node:
 
 
 def _is_slice_write(n: Node, buf: Node) -> bool:
-    return n.op == "call_function" and n.target is operator.setitem and len(n.args) == 3 and n.args[0] is buf
+    return _is_setitem(n) and n.args[0] is buf
 
 
 def _region(index, shape) -> list[tuple[int, int]] | None:

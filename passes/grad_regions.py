@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch.fx import Graph, Node
+from torch.utils._pytree import tree_flatten
 
 from .fx_utils import mutates_in_place, node_value
 
@@ -44,7 +45,7 @@ def _rewritable(region: list[Node]) -> bool:
         if any(u not in inside for u in n.users):
             v = node_value(n)
             if not isinstance(v, torch.Tensor) and any(isinstance(x, torch.Tensor)
-                                                       for x in torch.utils._pytree.tree_flatten(v)[0]):
+                                                       for x in tree_flatten(v)[0]):
                 return False
     return True
 

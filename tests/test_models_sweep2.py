@@ -47,11 +47,7 @@ def test_parameters_no_state_reaches_keep_none_gradients(form):
     model = DetachedGates(form).double()
     x = torch.randn(B, W, dtype=torch.float64, requires_grad=True)
     ref = model(x)
-    ref.pow(2).sum().backward()
-    want = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-    want_x = x.grad.clone()
-    model.zero_grad(set_to_none=True)
-    x.grad = None
+    want, want_x = _eager_grads(model, x, ref)
     with pcr_compile.record_solves() as solves:
         out = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
         out.pow(2).sum().backward()
@@ -93,11 +89,7 @@ def test_a_no_grad_region_inside_a_step_is_a_chain_with_eager_gradients():
     assert [(c.length, c.decision) for c in report.chains] == [(L, "parallel")], report
     ref, ref_gate = model(x)
     assert not ref_gate.requires_grad
-    ref.pow(2).sum().backward()
-    want = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-    want_x = x.grad.clone()
-    model.zero_grad(set_to_none=True)
-    x.grad = None
+    want, want_x = _eager_grads(model, x, ref)
     with pcr_compile.record_solves() as solves:
         out, gate = torch.compile(model, backend="deeppcr", options=PARALLEL)(x)
         out.pow(2).sum().backward()
@@ -122,3 +114,14 @@ def _assert_grads_as_eager(model, want):
             assert p.grad is None, name
         else:
             torch.testing.assert_close(p.grad, want[name], rtol=1e-8, atol=1e-9, msg=name)
+
+
+def _eager_grads(model, x, ref):
+    """Eager's parameter gradients (None where eager's are None) and input gradient of `ref.pow(2).sum()`, with
+    the model's and the input's gradients then cleared."""
+    ref.pow(2).sum().backward()
+    want = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    want_x = x.grad.clone()
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    return want, want_x

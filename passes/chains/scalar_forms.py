@@ -173,22 +173,19 @@ _MASKED_FILL = ScalarForm((("input", REQUIRED), ("mask", REQUIRED), ("value", RE
                           _masked_fill)
 
 
-def _product(*ops) -> Callable[[Graph, Node, Node], Node]:
+def _addmm_form(second: str, third: str, op, summed: bool = False) -> ScalarForm:
+    """addmm's family: `op(second, third)`, summed over its first dimension for addbmm."""
     def product(g: Graph, m1: Node, m2: Node) -> Node:
-        out = _fn(g, ops[0], m1, m2)
-        return out if len(ops) == 1 else _fn(g, torch.sum, out, 0)
-    return product
-
-
-def _addmm_form(second: str, third: str, *ops) -> ScalarForm:
+        out = _fn(g, op, m1, m2)
+        return _fn(g, torch.sum, out, 0) if summed else out
     return ScalarForm((("input", REQUIRED), (second, REQUIRED), (third, REQUIRED), ("beta", 1), ("alpha", 1)),
-                      frozenset({"beta", "alpha"}), _addmm_like((second, third), _product(*ops)))
+                      frozenset({"beta", "alpha"}), _addmm_like((second, third), product))
 
 
 _ADDMM = _addmm_form("mat1", "mat2", torch.mm)
 _ADDMV = _addmm_form("mat", "vec", torch.mv)
 _BADDBMM = _addmm_form("batch1", "batch2", torch.bmm)
-_ADDBMM = _addmm_form("batch1", "batch2", torch.bmm, "sum")
+_ADDBMM = _addmm_form("batch1", "batch2", torch.bmm, summed=True)
 
 
 def _eval_dropout(g: Graph, a: dict) -> Node:
