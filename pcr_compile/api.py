@@ -14,7 +14,7 @@ from .backend import chain_spec, prepared
 from .options import Options
 from .reports import ChainReport, DeclinedReport, GraphSummary, Report, chain_report, op_counts
 
-__all__ = ["explain", "report_graph", "Report", "ChainReport", "DeclinedReport", "GraphSummary"]
+__all__ = ["explain", "dynamo_explain", "report_graph", "Report", "ChainReport", "DeclinedReport", "GraphSummary"]
 
 
 def _with_run_time_switch(report: ChainReport, planned, options: Options) -> ChainReport:
@@ -39,6 +39,25 @@ def report_graph(report: Report, index: int, gm: torch.fx.GraphModule, options: 
     return plan
 
 
+def dynamo_explain(model, args: tuple, kwargs: dict):
+    """`torch._dynamo.explain(model)(*args, **kwargs)` and the messages of the frames Dynamo skipped meanwhile.
+
+    A skipped frame runs eagerly and leaves no graph and no break reason in the explain output (torch 2.13: a
+    graph break inside a `for` loop skips the whole frame, "graph breaks in loops are not supported"); its
+    message is in Dynamo's `unimplemented` counter. Returned are the messages this call added there that say
+    a frame was skipped, and, when no graph was captured at all, every message it added (none that another
+    one contains: a chained message repeats the break it started from)."""
+    from torch._dynamo.utils import counters
+
+    before = dict(counters["unimplemented"])
+    out = torch._dynamo.explain(model)(*args, **kwargs)
+    added = [m for m, n in counters["unimplemented"].items() if n > before.get(m, 0)]
+    breaks = {str(r.reason) for r in out.break_reasons}
+    skipped = [m for m in added if m not in breaks
+               and (not out.graphs or "Skipping the frame" in m or "frame skipped" in m)]
+    return out, [m for m in skipped if not any(m != other and m in other for other in skipped)]
+
+
 def explain(model, *example_inputs, options: dict | None = None, **example_kwargs) -> Report:
     """Trace `model(*example_inputs, **example_kwargs)` with Dynamo and report the chains the deeppcr backend
     would find.
@@ -55,8 +74,8 @@ def explain(model, *example_inputs, options: dict | None = None, **example_kwarg
     if not callable(model):
         raise TypeError(f"explain: model must be callable (an nn.Module or a function), got {type(model).__name__}")
     opts = Options.parse(options)
-    out = torch._dynamo.explain(model)(*example_inputs, **example_kwargs)
-    report = Report(options=opts.as_dict())
+    out, skipped = dynamo_explain(model, example_inputs, example_kwargs)
+    report = Report(options=opts.as_dict(), skipped_frames=skipped)
     report.graph_breaks = [str(r.reason) for r in out.break_reasons]
     for i, gm in enumerate(out.graphs):
         report_graph(report, i, gm, opts)

@@ -59,6 +59,9 @@ class Report:
 
     graphs: list[GraphSummary] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
+    # Why Dynamo ran a frame eagerly, uncompiled (torch 2.13 skips a whole frame on a graph break inside a
+    # loop): its messages, as `torch._dynamo.utils.counters["unimplemented"]` holds them.
+    skipped_frames: list[str] = field(default_factory=list)
     chains: list[ChainReport] = field(default_factory=list)
     declined: list[DeclinedReport] = field(default_factory=list)
     options: dict = field(default_factory=dict)
@@ -70,6 +73,7 @@ class Report:
             "graph_count": len(self.graphs),
             "graph_break_count": len(self.graph_breaks),
             "graph_breaks": list(self.graph_breaks),
+            "skipped_frames": list(self.skipped_frames),
             "graphs": [asdict(g) for g in self.graphs],
             "chains": [asdict(c) for c in self.chains],
             "declined": [asdict(d) for d in self.declined],
@@ -100,8 +104,22 @@ class Report:
                  f"Chains: {len(self.chains)}   Declined: {len(self.declined)}"]
         for i, reason in enumerate(self.graph_breaks, 1):
             lines.append(f"  break {i}: {reason}")
+        for reason in self.skipped_frames:
+            lines.append(f"  run eagerly, not compiled: {skip_summary(reason)}")
         lines += ["", "Chains:", self.chain_table(), "", "Declined candidates:", self.declined_table()]
         return "\n".join(lines)
+
+
+def skip_summary(message: str) -> str:
+    """One line of a frame-skip message of Dynamo's: each chained break's first line and explanation."""
+    parts = []
+    for part in message.split("*** While handling this graph break, another graph break occurred: ***"):
+        lines = [ln.strip() for ln in part.splitlines() if ln.strip()]
+        if not lines:
+            continue
+        why = next((ln.removeprefix("Explanation:").strip() for ln in lines[1:] if ln.startswith("Explanation:")), "")
+        parts.append(f"{lines[0]} ({why})" if why else lines[0])
+    return "; then ".join(parts)
 
 
 def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:

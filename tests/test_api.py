@@ -40,6 +40,43 @@ def test_explain_reports_sampler_kind_and_graph_breaks():
 
     report = pcr_compile.explain(Breaks(), torch.randn(2))
     assert len(report.graph_breaks) == 1 and len(report.graphs) == 2 and report.chains == []
+    assert report.skipped_frames == []
+
+
+class BreakInTheLoop(torch.nn.Module):
+    """A graph break inside the loop over the layers: torch 2.13's Dynamo skips the whole frame ("graph breaks in
+    loops are not supported") and runs it eagerly, leaving no graph and no break reason in its explain output."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(12))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = torch.tanh(layer(x))
+            if i == 5:
+                torch._dynamo.graph_break()
+        return x
+
+
+def test_explain_names_a_frame_dynamo_ran_eagerly():
+    """explain reported "Graphs: 0   Graph breaks: 0 ... no chains found" for this model, and nothing else:
+    nothing said why nothing was compiled. The report now carries Dynamo's message (to_dict too), and `pcr-compile
+    inspect`'s summary and note name it."""
+    from pcr_compile.inspection import Target, analyse, render_summary
+
+    model, x = BreakInTheLoop(), torch.randn(2, 4)
+    report = pcr_compile.explain(model, x)
+    if report.graphs:
+        pytest.skip("this torch's Dynamo compiles around a graph break inside a loop")
+    assert report.chains == [] and report.graph_breaks == []
+    [message] = report.skipped_frames
+    assert "graph break in loop" in message and "graph_break()" in message
+    assert "run eagerly, not compiled: Call to `torch._dynamo.graph_break()`" in str(report)
+    assert json.loads(report.to_json())["skipped_frames"] == [message]
+    summary = render_summary(analyse(Target("m", "BreakInTheLoop", model, (x,)), Options.parse(None)))
+    assert "Frames Run Eagerly (not compiled):" in summary and "graph break in loop" in summary
+    assert "Dynamo captured no graph and ran the call eagerly" in summary
 
 
 def test_record_solves_collects_per_block_and_thread():

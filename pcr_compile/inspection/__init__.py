@@ -25,7 +25,8 @@ changed). The JSON schema:
              "kwargs": {name: {"shape": [int], "dtype": str} | {"value": str}}},   # keyword inputs
   "options": {...},              # every backend option, after Options.parse (defaults filled in)
   "report": {...},               # pcr_compile.explain's Report.to_dict() (its own schema_version):
-                                 #   graph_count, graph_break_count, graph_breaks [str], graphs [{index, nodes,
+                                 #   graph_count, graph_break_count, graph_breaks [str], skipped_frames [str]
+                                 #   (Dynamo's messages for frames it ran eagerly), graphs [{index, nodes,
                                  #   ops {op: count}}], chains [{graph, first, last, length, nodes_per_step, kind,
                                  #   state_shape, state_shapes, per_step_inputs, lifted_constants,
                                  #   invariant_inputs, jacobian, decision, reason, exposed_values, autocast}],

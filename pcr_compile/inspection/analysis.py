@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..api import report_graph
+from ..api import dynamo_explain, report_graph
 from ..options import Options
-from ..reports import Report
+from ..reports import Report, skip_summary
 from .targets import Target
 
 CHAIN_MARK = ">> "
@@ -58,8 +58,8 @@ def analyse(target: Target, options: Options) -> Inspection:
     from ..backend import rewrite
 
     torch._dynamo.reset()
-    out = torch._dynamo.explain(target.model)(*target.inputs, **target.kwargs)
-    report = Report(options=options.as_dict())
+    out, skipped = dynamo_explain(target.model, target.inputs, target.kwargs)
+    report = Report(options=options.as_dict(), skipped_frames=skipped)
     report.graph_breaks = [str(r.reason) for r in out.break_reasons]
     locations = []
     for r in out.break_reasons:
@@ -85,6 +85,10 @@ def nothing_rewritten_note(ins: Inspection) -> str | None:
     if errors:
         return (f"nothing rewritten: the rewrite of graph {errors[0].graph} failed ({errors[0].error}); the backend "
                 "compiles the original graph with Inductor")
+    if not ins.rewrites and ins.report.skipped_frames:
+        return (f"nothing rewritten: Dynamo captured no graph and ran the call eagerly "
+                f"({skip_summary(ins.report.skipped_frames[0])}); the backend never sees this model's code, so "
+                "torch.compile(model, backend='deeppcr') runs it as eager PyTorch")
     tail = "the graph after the rewrite is the graph before; Inductor compiles it as torch.compile(model) would"
     if not ins.report.chains:
         return f"nothing rewritten: no chains found; {tail}"

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from ..reports import skip_summary
 from .analysis import CHAIN_MARK, Inspection, mark_chain_ops, nothing_rewritten_note
 from .run import LOSS, short_name
 from .targets import Target
@@ -90,6 +91,9 @@ def render_summary(ins: Inspection) -> str:
             if where:
                 lines.append(f"    at {where}")
             lines += [f"    {ln.strip()}" for ln in text[1:]]
+    if r.skipped_frames:
+        lines.append("Frames Run Eagerly (not compiled):")
+        lines += [f"  {skip_summary(m)}" for m in r.skipped_frames]
     lines.append("Ops per Graph:")
     for g in r.graphs:
         ops = ", ".join(f"{k}\0x{v}" for k, v in g.ops.items())  # \0: a space the wrap keeps
