@@ -117,7 +117,10 @@ def main() -> None:
                     "max_abs_diff": float((out["parallel"].double() - out["sequential"].double()).abs().max()),
                     "scale": float(out["sequential"].double().abs().max()),
                     "rounds": None if stats is None else stats.evaluations,
-                    "converged": None if stats is None else bool(stats.converged)}
+                    "converged": None if stats is None else bool(stats.converged),
+                    "fell_back": None if stats is None else bool(stats.fell_back),
+                    "reason": None if stats is None else stats.reason,
+                    "depth": None if stats is None else stats.depth}
     pipe = pipe_with(diffusers.DDIMScheduler())
     par = parallel_pipeline(pipe)
     errors = {}
@@ -130,7 +133,10 @@ def main() -> None:
     calls = []
     par(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=3, output_type="latent",
         callback_on_step_end=lambda p, i, t, kw: calls.append(i) or {})
-    results["callback_calls"], results["callback_stats"] = calls, par.last_stats
+    st = par.last_stats
+    results["callback_calls"] = calls
+    results["callback_stats"] = None if st is None else {"fell_back": st.fell_back, "reason": st.reason,
+                                                         "depth": st.depth}
     ticks = []
 
     class Bar:  # the pipeline's progress bar, recorded

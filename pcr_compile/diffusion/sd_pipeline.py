@@ -11,7 +11,8 @@ the initial latents drawn as `prepare_latents` draws them, then the denoising lo
 equal the sequential pipeline's from the same generator, within the solve's tolerance.
 
 What a parallel solve cannot take runs the pipeline itself instead, sequentially and exactly, with a warning
-naming the reason (`last_stats` is then None): a scheduler or scheduler config `sampling_loop` does not
+naming the reason (`last_stats.fell_back` is then True and `.reason` names it, as for
+`parallel_pipeline`'s other wrappers): a scheduler or scheduler config `sampling_loop` does not
 support (SD 1.x checkpoints default to `PNDMScheduler`: swap in `DDIMScheduler` / `EulerDiscreteScheduler` /
 `DPMSolverMultistepScheduler` `.from_config(pipe.scheduler.config)` for the parallel solve), custom
 `timesteps` / `sigmas`, IP-Adapter images, per-step callbacks (`callback_on_step_end`, the deprecated
@@ -32,6 +33,7 @@ import torch
 from pcr_compile.diffusion.loop import sampling_loop
 from pcr_compile.diffusion.pipelines import PipelineWrapper, _check_solver_options, parallel_denoise, rounds_bar
 from pcr_compile.diffusion.plans import SCHEDULERS, _scheduler_name
+from pcr_compile.solver.sampler import SamplerStats
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,11 @@ class ParallelStableDiffusionPipeline(PipelineWrapper):
         reason = self._sequential_reason(num_inference_steps, guidance_scale, guidance_rescale, eta, extra)
         if reason is not None:
             log.warning("deeppcr: running the Stable Diffusion pipeline sequentially: %s", reason)
-            return pipe(**args)
+            out = pipe(**args)
+            steps = len(pipe.scheduler.timesteps)
+            self.last_stats = SamplerStats(fell_back=True, reason=f"sequential pipeline: {reason}",
+                                           sequential_steps=steps, step_evaluations=steps)
+            return out
 
         # 0-1: the pipeline's default size and its input checks
         if not height or not width:
